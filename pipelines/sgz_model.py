@@ -1,0 +1,415 @@
+"""SGZ (Semantic-Guided Zero-shot) low-light enhancement: the network and its full-resolution math.
+
+Two parts, as in the paper (sections 3.1 and 3.2):
+
+* the Enhancement Factor Estimator (EFE), a tiny depthwise-separable CNN that runs on the image downscaled by
+  ``downscale`` (12 by default) and predicts a per-pixel, per-channel factor ``x_r`` in -1..1;
+* the Recurrent Image Enhancement (RIE) ``x_t = x_{t-1} + x_r * (x_{t-1}^2 - x_{t-1})`` applied ``recurrences``
+  times at full resolution, with ``x_r`` upsampled bilinearly (align_corners=True) to the image size.
+
+The full-resolution part is memory-bound, so :func:`enhance` does the upsampling, all recurrences and the dtype
+conversion tile by tile (a few rows at a time, in cache) instead of one pass over the frame per operation.
+:func:`apply_recurrence_reference` is the straightforward loop, kept for tests, benchmarks and autograd.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "lora_weights" / "sgz_lowlight.safetensors"
+
+# Elements (per tile buffer) processed at once by the fused path: 4 float32 buffers of this size stay in L2.
+_TILE_ELEMENTS = 1 << 16
+
+PathLike = Union[str, os.PathLike]
+
+
+class DepthwiseSeparableConv(nn.Module):
+    """3x3 depthwise conv (with bias) followed by a 1x1 pointwise conv (with bias); the official ``CSDN_Tem``."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.depth_conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1, groups=in_channels)
+        self.point_conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.point_conv(self.depth_conv(x))
+
+
+class EnhancementFactorEstimator(nn.Module):
+    """The EFE: 7 depthwise-separable blocks with U-Net-like concatenation skips and a tanh head.
+
+    State-dict keys match the official checkpoint (``e_conv{1..7}.{depth,point}_conv.{weight,bias}``);
+    with ``channels=32`` it has 10,561 parameters.
+
+    ``forward(x)``: ``[B, 3, h, w]`` image in 0..1 -> ``[B, 3, h, w]`` factor ``x_r`` in -1..1, at whatever
+    resolution it is given (callers downscale first, see :func:`estimate_factor_lowres`).
+    """
+
+    def __init__(self, channels: int = 32):
+        super().__init__()
+        self.channels = channels
+        self.e_conv1 = DepthwiseSeparableConv(3, channels)
+        self.e_conv2 = DepthwiseSeparableConv(channels, channels)
+        self.e_conv3 = DepthwiseSeparableConv(channels, channels)
+        self.e_conv4 = DepthwiseSeparableConv(channels, channels)
+        self.e_conv5 = DepthwiseSeparableConv(channels * 2, channels)
+        self.e_conv6 = DepthwiseSeparableConv(channels * 2, channels)
+        self.e_conv7 = DepthwiseSeparableConv(channels * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = F.relu(self.e_conv1(x))
+        x2 = F.relu(self.e_conv2(x1))
+        x3 = F.relu(self.e_conv3(x2))
+        x4 = F.relu(self.e_conv4(x3))
+        x5 = F.relu(self.e_conv5(torch.cat([x3, x4], dim=1)))
+        x6 = F.relu(self.e_conv6(torch.cat([x2, x5], dim=1)))
+        return torch.tanh(self.e_conv7(torch.cat([x1, x6], dim=1)))
+
+
+def init_weights_for_training(model: EnhancementFactorEstimator, generator: Optional[torch.Generator] = None) -> None:
+    """Initialise every conv weight from N(0, 0.02) as the official training code does (biases keep the default)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.normal_(0.0, 0.02, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights IO
+
+
+def _expected_shapes(channels: int = 32) -> Dict[str, torch.Size]:
+    return {k: v.shape for k, v in EnhancementFactorEstimator(channels).state_dict().items()}
+
+
+def _describe_expected(expected: Dict[str, torch.Size]) -> str:
+    return ", ".join(f"{k} {tuple(s)}" for k, s in expected.items())
+
+
+def _infer_channels(state_dict: Dict[str, torch.Tensor]) -> int:
+    weight = state_dict.get("e_conv1.point_conv.weight")
+    return int(weight.shape[0]) if weight is not None and weight.ndim == 4 else 32
+
+
+def load_sgz_weights(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> EnhancementFactorEstimator:
+    """Load an EFE from the official ``.pth`` state dict or from our ``.safetensors``.
+
+    ``.pth`` files are read with ``torch.load(weights_only=True)`` (never executing pickles); a ``module.`` prefix
+    (DataParallel) is accepted. Raises ``FileNotFoundError`` naming the path, or ``ValueError`` naming the file and
+    the expected keys/shapes when the content does not match. Returns a float32 model in eval mode.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SGZ weights not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state_dict = load_file(str(path), device=str(map_location))
+        else:
+            state_dict = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt file, foreign pickle, ...: say which file
+        raise ValueError(f"could not read SGZ weights from {path}: {exc}") from exc
+    if isinstance(state_dict, dict) and "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
+        state_dict = state_dict["state_dict"]
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors for the SGZ EFE")
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+    channels = _infer_channels(state_dict)
+    expected = _expected_shapes(channels)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} (expected {tuple(s)})"
+        for k, s in expected.items()
+        if k in state_dict and state_dict[k].shape != s
+    ]
+    if missing or unexpected or wrong:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+        if wrong:
+            problems.append(f"wrong shapes {wrong}")
+        raise ValueError(
+            f"{path} is not an SGZ EFE checkpoint: {'; '.join(problems)}. "
+            f"Expected exactly: {_describe_expected(expected)}"
+        )
+    model = EnhancementFactorEstimator(channels)
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    return model.eval()
+
+
+def save_sgz_weights(
+    model: EnhancementFactorEstimator, path: PathLike, metadata: Optional[Dict[str, str]] = None
+) -> Path:
+    """Write the EFE weights as float32 safetensors, atomically (temp file in the same folder + ``os.replace``).
+
+    ``metadata``: optional ``dict[str, str]`` stored in the safetensors header (e.g. training data and steps).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("metadata: expected dict[str, str]")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Factor estimation (low resolution)
+
+
+def _check_image(image: torch.Tensor, name: str = "image") -> None:
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{name}: expected a tensor [B, 3, H, W], got {shape}")
+    if image.shape[0] == 0 or image.shape[2] == 0 or image.shape[3] == 0:
+        raise ValueError(f"{name}: empty tensor {tuple(image.shape)}")
+
+
+def lowres_size(height: int, width: int, downscale: float) -> tuple:
+    """Size the EFE runs at: ``round(H / s) x round(W / s)``, at least 1x1 (exactly ``H/s x W/s`` when divisible)."""
+    if not (isinstance(downscale, (int, float)) and math.isfinite(downscale) and downscale >= 1):
+        raise ValueError(f"downscale: expected a number >= 1, got {downscale!r}")
+    return max(1, int(round(height / downscale))), max(1, int(round(width / downscale)))
+
+
+def estimate_factor_lowres(model: nn.Module, image: torch.Tensor, downscale: float = 12) -> torch.Tensor:
+    """Run the EFE on the downscaled image.
+
+    Args:
+        model: the EFE (its parameters' dtype/device decide where and in which precision it runs).
+        image: ``[B, 3, H, W]`` in 0..1, any float dtype (uint8 0..255 also accepted).
+        downscale: the image is resized (bilinear, align_corners=False, like the official code) to
+            :func:`lowres_size`; 1 means full resolution.
+    Returns:
+        ``[B, 3, h, w]`` factor ``x_r`` in -1..1, in the model's dtype.
+    """
+    _check_image(image)
+    param = next(model.parameters())
+    height, width = image.shape[-2:]
+    small_size = lowres_size(height, width, downscale)
+    x = image.to(device=param.device)
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    if small_size != (height, width):
+        # Resize in float32 (CPU half lacks some kernels); the result is tiny.
+        x = F.interpolate(x.float(), size=small_size, mode="bilinear", align_corners=False)
+    return model(x.to(param.dtype))
+
+
+def upsample_factor(factor_lowres: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Bilinear upsampling with align_corners=True (the official ``UpsamplingBilinear2d``) to ``size = (H, W)``."""
+    if tuple(factor_lowres.shape[-2:]) == tuple(size):
+        return factor_lowres
+    return F.interpolate(factor_lowres.float(), size=tuple(size), mode="bilinear", align_corners=True).to(
+        factor_lowres.dtype
+    )
+
+
+def estimate_factor(model: nn.Module, image: torch.Tensor, downscale: float = 12) -> torch.Tensor:
+    """Full-resolution factor: :func:`estimate_factor_lowres` then :func:`upsample_factor`. ``[B, 3, H, W]``, -1..1."""
+    return upsample_factor(estimate_factor_lowres(model, image, downscale), image.shape[-2:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recurrent enhancement (full resolution)
+
+
+def apply_recurrence_reference(image: torch.Tensor, factor: torch.Tensor, recurrences: int = 8) -> torch.Tensor:
+    """The straightforward RIE loop ``x = x + factor * (x**2 - x)``, one pass per operation (autograd friendly).
+
+    ``image``: ``[B, 3, H, W]`` in 0..1; ``factor``: broadcastable to it, in -1..1. Returns ``[B, 3, H, W]``.
+    """
+    x = image
+    for _ in range(recurrences):
+        x = x + factor * (torch.pow(x, 2) - x)
+    return x
+
+
+def _check_recurrences(recurrences: int) -> None:
+    if not isinstance(recurrences, int) or isinstance(recurrences, bool) or recurrences < 0:
+        raise ValueError(f"recurrences: expected an integer >= 0, got {recurrences!r}")
+
+
+def _row_interpolation(out_size: int, in_size: int, device: torch.device):
+    """Source rows and weights of an align_corners=True bilinear resize along one axis."""
+    if out_size > 1 and in_size > 1:
+        scale = (in_size - 1) / (out_size - 1)
+        src = torch.arange(out_size, device=device, dtype=torch.float32) * scale
+    else:
+        src = torch.zeros(out_size, device=device, dtype=torch.float32)
+    lower = src.floor().long().clamp_(0, in_size - 1)
+    upper = (lower + 1).clamp_(max=in_size - 1)
+    return lower, upper, src - lower.float()
+
+
+def _fused_rows(
+    image: torch.Tensor,
+    factor_rows: Callable[[int, int, int, torch.Tensor, torch.Tensor], None],
+    recurrences: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Shared tile loop: for each image and block of rows, build the factor tile, run all recurrences, store.
+
+    Works in the memory layout of ``image``/``out`` (NCHW or channels-last): tiles are slices along H of the
+    layout's own dims, so every buffer is contiguous. ``factor_rows(b, r0, n, f_out, scratch)`` fills the factor
+    tile. The recurrence is rewritten as ``x <- x * ((1 - f) + f * x)`` (the same polynomial), 2 in-place ops.
+    """
+    batch, _, height, width = image.shape
+    channels_last = _is_channels_last(image, out)
+    if channels_last:
+        src, dst = image.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)  # [B, H, W, 3]
+
+        def tile(t, b, r0, n):
+            return t[b, r0 : r0 + n]
+    else:
+        src, dst = image, out
+
+        def tile(t, b, r0, n):
+            return t[b, :, r0 : r0 + n]
+
+    rows = max(1, min(height, _TILE_ELEMENTS // (3 * width)))
+    kw = dict(device=image.device, dtype=torch.float32)
+    shape = (rows, width, 3) if channels_last else (3, rows, width)
+    x_buf, f_buf, g_buf, t_buf = (torch.empty(shape, **kw) for _ in range(4))
+    direct = out.dtype == torch.float32  # compute straight in the output tensor
+    for b in range(batch):
+        for r0 in range(0, height, rows):
+            n = min(rows, height - r0)
+            view = (lambda t: t[:n]) if channels_last else (lambda t: t[:, :n])
+            f, g, t = view(f_buf), view(g_buf), view(t_buf)
+            x = tile(dst, b, r0, n) if direct else view(x_buf)
+            x.copy_(tile(src, b, r0, n))
+            if image.dtype == torch.uint8:
+                x.mul_(1.0 / 255.0)
+            factor_rows(b, r0, n, f, t)
+            torch.sub(1.0, f, out=g)
+            for _ in range(recurrences):
+                torch.addcmul(g, f, x, out=t)
+                x.mul_(t)
+            if not direct:
+                if out.dtype == torch.uint8:
+                    x.clamp_(0.0, 1.0).mul_(255.0).round_()
+                tile(dst, b, r0, n).copy_(x)
+    return out
+
+
+def _new_output(image: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return torch.empty_like(image, dtype=dtype or image.dtype)  # keeps the memory layout (NCHW / channels-last)
+
+
+def _is_channels_last(image: torch.Tensor, out: torch.Tensor) -> bool:
+    return image.stride(1) == 1 and out.stride(1) == 1
+
+
+@torch.no_grad()
+def _apply_recurrence_fused(image, factor, recurrences, out_dtype):
+    out = _new_output(image, out_dtype)
+    factor = factor.expand_as(image)
+    if _is_channels_last(image, out):
+        factor_layout = factor.permute(0, 2, 3, 1)
+
+        def factor_rows(b, r0, n, f, scratch):
+            f.copy_(factor_layout[b, r0 : r0 + n])
+    else:
+
+        def factor_rows(b, r0, n, f, scratch):
+            f.copy_(factor[b, :, r0 : r0 + n])
+
+    return _fused_rows(image, factor_rows, recurrences, out)
+
+
+def apply_recurrence(
+    image: torch.Tensor, factor: torch.Tensor, recurrences: int = 8, out_dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """RIE at full resolution: ``recurrences`` times ``x = x + factor * (x^2 - x)``.
+
+    Args:
+        image: ``[B, 3, H, W]`` in 0..1 (float of any dtype, or uint8 0..255).
+        factor: ``[B, 3, H, W]`` (or broadcastable) in -1..1.
+        recurrences: number of steps (8 in the paper).
+        out_dtype: output dtype (default: the image's; uint8 gives rounded 0..255).
+    Returns:
+        ``[B, 3, H, W]``. When autograd needs it (training), this is the reference loop and is differentiable;
+        otherwise a fused, tiled, in-place pass computed in float32.
+    """
+    _check_image(image)
+    _check_recurrences(recurrences)
+    if torch.is_grad_enabled() and (image.requires_grad or factor.requires_grad):
+        x = apply_recurrence_reference(image, factor, recurrences)
+        return x if out_dtype is None else x.to(out_dtype)
+    return _apply_recurrence_fused(image, factor.to(image.device), recurrences, out_dtype)
+
+
+@torch.no_grad()
+def enhance(
+    image: torch.Tensor,
+    factor_lowres: torch.Tensor,
+    recurrences: int = 8,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Fused full-resolution pass: upsample ``factor_lowres`` (align_corners=True) and run the RIE, tile by tile.
+
+    Equal (within float32 rounding) to
+    ``apply_recurrence_reference(image, upsample_factor(factor_lowres, (H, W)), recurrences)`` but reads the image
+    once and writes the output once.
+
+    Args:
+        image: ``[B, 3, H, W]`` in 0..1 (float of any dtype, or uint8 0..255; NCHW or channels-last).
+        factor_lowres: ``[B, 3, h, w]`` factor in -1..1 (e.g. from :func:`estimate_factor_lowres`).
+        recurrences: number of RIE steps.
+        out_dtype: output dtype (default: the image's; uint8 gives rounded 0..255). Same memory layout as image.
+    Returns:
+        ``[B, 3, H, W]`` enhanced image.
+    """
+    _check_image(image)
+    _check_image(factor_lowres, "factor_lowres")
+    _check_recurrences(recurrences)
+    if factor_lowres.shape[0] != image.shape[0]:
+        raise ValueError(
+            f"factor_lowres: batch {factor_lowres.shape[0]} does not match the image batch {image.shape[0]}"
+        )
+    height, width = image.shape[-2:]
+    small_h = factor_lowres.shape[2]
+    out = _new_output(image, out_dtype)
+    channels_last = _is_channels_last(image, out)
+    # Resize along W first at low resolution (cheap), then interpolate rows tile by tile.
+    wide = F.interpolate(
+        factor_lowres.to(device=image.device, dtype=torch.float32), size=(small_h, width), mode="bilinear",
+        align_corners=True,
+    )
+    wide = wide.permute(0, 2, 3, 1).contiguous() if channels_last else wide.contiguous()  # rows on dim 1 / 2
+    lower, upper, weight = _row_interpolation(height, small_h, image.device)
+    row_dim = 0 if channels_last else 1
+    weight_shape = (-1, 1, 1) if channels_last else (1, -1, 1)
+
+    def factor_rows(b, r0, n, f, scratch):
+        rows = wide[b]
+        torch.index_select(rows, row_dim, lower[r0 : r0 + n], out=f)
+        torch.index_select(rows, row_dim, upper[r0 : r0 + n], out=scratch)
+        f.lerp_(scratch, weight[r0 : r0 + n].view(weight_shape))
+
+    return _fused_rows(image, factor_rows, recurrences, out)
