@@ -1,0 +1,294 @@
+"""Robust image file reading and atomic writing, shared by the CLI and the SCUF tools.
+
+``read_image`` turns any common still image into RGB pixels plus an optional alpha channel:
+
+- 8-bit files (JPEG, PNG, BMP, TIFF, WebP, ...) through Pillow -> ``uint8``;
+- 16-bit PNG (grey, grey+alpha, RGB, RGBA) through FFmpeg's PNG codec in PyAV -> ``uint16``, because Pillow
+  truncates 16-bit colour PNGs to 8 bits; ``write_image`` writes ``uint16`` pixels back as 16-bit PNG, so the
+  precision survives a read -> enhance -> write round trip;
+- grayscale is expanded to RGB (``LoadedImage.grayscale`` remembers it so the output can be grey again);
+- palette images are expanded, transparency becomes alpha; RGBA keeps its alpha;
+- CMYK (e.g. print JPEGs) is converted to sRGB, through the embedded ICC profile when there is one;
+- the EXIF orientation tag is applied, so the pixels are upright and the tag is not written back.
+
+Writes are atomic: the file is written under a hidden temporary name in the destination folder and renamed
+over the destination with ``os.replace``, so an interrupted run never leaves a partial image under the real name.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_EXIF_ORIENTATION = 0x0112
+# Formats that can store an alpha channel when Pillow writes them.
+_ALPHA_FORMATS = frozenset({"PNG", "TIFF", "WEBP"})
+
+
+class ImageFileError(ValueError):
+    """An image file could not be read or written; the message names the file."""
+
+
+@dataclass
+class LoadedImage:
+    """An upright RGB image read from a file.
+
+    Attributes:
+        pixels: ``[H, W, 3]`` RGB, ``uint8`` (0..255) or ``uint16`` (0..65535, 16-bit PNG only).
+        alpha: ``[H, W]`` of the same dtype, or ``None`` when the file has no transparency.
+        grayscale: the file had a single colour channel (``pixels`` then holds three equal channels).
+        icc_profile: the embedded ICC profile of an RGB/grey file (``None`` for CMYK, which is converted to sRGB).
+    """
+
+    pixels: np.ndarray
+    alpha: np.ndarray | None = None
+    grayscale: bool = False
+    icc_profile: bytes | None = None
+
+    @property
+    def bit_depth(self) -> int:
+        """8 or 16 bits per channel."""
+        return 16 if self.pixels.dtype == np.uint16 else 8
+
+    def to_float(self) -> np.ndarray:
+        """``[H, W, 3]`` float32 RGB in 0..1."""
+        return self.pixels.astype(np.float32) / float(np.iinfo(self.pixels.dtype).max)
+
+
+def read_image(path: str | os.PathLike) -> LoadedImage:
+    """Read an image file as upright RGB (+ alpha), see the module docstring for the conversions.
+
+    Raises:
+        ImageFileError: the file cannot be opened, is not an image, is truncated/corrupt, or has a pixel format
+            with no RGB meaning (e.g. 32-bit float); the message names the file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(33)
+    except OSError as error:
+        raise ImageFileError(f"{path}: cannot open ({error.strerror or error})") from error
+    try:
+        if header.startswith(_PNG_SIGNATURE) and len(header) >= 26 and header[24] == 16:
+            return _read_png16(path, colour_type=header[25])
+        return _read_with_pillow(path)
+    except ImageFileError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        # Pillow reports corrupt data as OSError/SyntaxError/ValueError depending on the codec; PyAV as OSError.
+        raise ImageFileError(f"{path}: not a readable image ({error})") from error
+
+
+def _read_with_pillow(path: Path) -> LoadedImage:
+    with Image.open(path) as image:
+        image.load()  # decode now: truncated or corrupt data fails here, not later
+        image = ImageOps.exif_transpose(image)
+    icc_profile = image.info.get("icc_profile")
+    mode = image.mode
+    if mode == "CMYK":
+        return LoadedImage(_cmyk_to_srgb(image, icc_profile), grayscale=False)
+    if mode in ("I;16", "I;16L", "I;16B", "I"):
+        # 16-bit grey from TIFF/PGM (16-bit PNG takes the PyAV path); "I" is Pillow's 32-bit container for it.
+        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
+        return LoadedImage(np.repeat(grey[..., None], 3, axis=2), grayscale=True, icc_profile=icc_profile)
+    if mode == "F":
+        raise ImageFileError(f"{path}: 32-bit float images are not supported (expected 8 or 16 bits per channel)")
+    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in image.info
+    grayscale = mode in ("1", "L", "LA", "La")
+    rgba = np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+    pixels = np.ascontiguousarray(rgba[..., :3])
+    alpha = np.ascontiguousarray(rgba[..., 3]) if has_alpha else None
+    return LoadedImage(pixels, alpha, grayscale, icc_profile)
+
+
+def _cmyk_to_srgb(image: Image.Image, icc_profile: bytes | None) -> np.ndarray:
+    if icc_profile:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+            converted = ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+            return np.asarray(converted)
+        except (ImageCms.PyCMSError, OSError):
+            pass  # a broken embedded profile: fall back to the naive conversion below
+    return np.asarray(image.convert("RGB"))
+
+
+def _read_png16(path: Path, colour_type: int) -> LoadedImage:
+    import av  # PyAV bundles FFmpeg's PNG codec, which keeps all 16 bits of every channel
+
+    decoder = av.CodecContext.create("png", "r")
+    try:
+        frames = list(decoder.decode(av.Packet(path.read_bytes()))) + list(decoder.decode(None))
+    except av.FFmpegError as error:
+        raise ImageFileError(f"{path}: not a readable image ({error})") from error
+    if not frames:
+        raise ImageFileError(f"{path}: not a readable image (16-bit PNG with no decodable frame)")
+    has_alpha = colour_type in (4, 6)  # grey+alpha, RGBA
+    array = frames[0].to_ndarray(format="rgba64le" if has_alpha else "rgb48le")
+    with Image.open(path) as header_only:  # Pillow reads the eXIf chunk without decoding pixels
+        orientation = header_only.getexif().get(_EXIF_ORIENTATION, 1)
+        icc_profile = header_only.info.get("icc_profile")
+    array = _apply_exif_orientation(array, orientation)
+    pixels = np.ascontiguousarray(array[..., :3])
+    alpha = np.ascontiguousarray(array[..., 3]) if has_alpha else None
+    return LoadedImage(pixels, alpha, grayscale=colour_type in (0, 4), icc_profile=icc_profile)
+
+
+def _apply_exif_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Same transforms as ``PIL.ImageOps.exif_transpose`` on an ``[H, W, C]`` array."""
+    transforms = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.transpose(1, 0, 2),
+        6: lambda a: np.rot90(a, k=-1),
+        7: lambda a: np.rot90(a, k=1)[::-1],
+        8: lambda a: np.rot90(a, k=1),
+    }
+    return transforms[orientation](array) if orientation in transforms else array
+
+
+def to_integer_pixels(image: np.ndarray, bit_depth: int = 8) -> np.ndarray:
+    """Quantise float pixels in 0..1 (any shape) to ``uint8`` or ``uint16`` with rounding and clipping."""
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth: expected 8 or 16, got {bit_depth}")
+    dtype = np.uint8 if bit_depth == 8 else np.uint16
+    maximum = float(np.iinfo(dtype).max)
+    return np.clip(np.asarray(image, dtype=np.float32) * maximum + 0.5, 0.0, maximum).astype(dtype)
+
+
+def temporary_path_for(path: str | os.PathLike) -> Path:
+    """A unique hidden path beside ``path`` that keeps its extension (writers infer the format from it).
+
+    The leading dot makes folder scans skip leftovers of a killed run.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.part{path.suffix}")
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    On any error (or interrupt) the temporary file is removed and ``path`` is untouched.
+    """
+    temporary = temporary_path_for(path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_image(
+    path: str | os.PathLike,
+    pixels: np.ndarray,
+    alpha: np.ndarray | None = None,
+    *,
+    grayscale: bool = False,
+    icc_profile: bytes | None = None,
+    quality: int = 95,
+) -> Path:
+    """Write RGB pixels (+ alpha) atomically; the format follows the file extension.
+
+    Args:
+        path: destination; its folder must exist. An existing file is replaced (callers decide about overwriting).
+        pixels: ``[H, W, 3]`` RGB, ``uint8``, ``uint16`` or float in 0..1 (quantised to 8 bits).
+            ``uint16`` is written as 16-bit PNG for ``.png``; other formats store 8 bits.
+        alpha: ``[H, W]`` of the same kind as ``pixels``, or ``None``. Formats without alpha (JPEG, BMP) raise.
+        grayscale: write a single grey channel (the mean of R, G, B).
+        icc_profile: embedded in formats that carry one (JPEG, PNG, TIFF, WebP).
+        quality: JPEG/WebP quality.
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    pixels = _as_integer(pixels, "pixels", path)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ImageFileError(f"{path}: pixels must be [H, W, 3], got {pixels.shape}")
+    if alpha is not None:
+        alpha = _as_integer(alpha, "alpha", path, bit_depth=8 * pixels.itemsize)
+        if alpha.shape != pixels.shape[:2]:
+            raise ImageFileError(f"{path}: alpha must be {pixels.shape[:2]}, got {alpha.shape}")
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ImageFileError(f"{path}: unknown image extension {path.suffix!r} (expected one of {sorted(IMAGE_EXTENSIONS)})")
+    if alpha is not None and image_format not in _ALPHA_FORMATS:
+        raise ImageFileError(f"{path}: {image_format} cannot store an alpha channel (use .png, .tif or .webp)")
+    if grayscale:
+        # Mean of the three enhanced channels (the model may tint a grey input slightly), kept as [H, W, 3].
+        mean = pixels.astype(np.float32).mean(axis=2, keepdims=True)
+        grey = np.clip(mean + 0.5, 0, np.iinfo(pixels.dtype).max).astype(pixels.dtype)
+        pixels = np.repeat(grey, 3, axis=2)
+    if pixels.dtype == np.uint16 and image_format != "PNG":
+        pixels, alpha = (_to_8bit(pixels), None if alpha is None else _to_8bit(alpha))
+    with atomic_output(path) as temporary:
+        if pixels.dtype == np.uint16:
+            _write_png16(temporary, pixels, alpha, grayscale)
+        else:
+            _write_with_pillow(temporary, image_format, pixels, alpha, grayscale, icc_profile, quality)
+    return path
+
+
+def _as_integer(array: np.ndarray, name: str, path: Path, bit_depth: int = 8) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype in (np.uint8, np.uint16):
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageFileError(f"{path}: {name} contains NaN or inf")
+        return to_integer_pixels(array, bit_depth)
+    raise ImageFileError(f"{path}: {name} must be uint8, uint16 or float in 0..1, got {array.dtype}")
+
+
+def _to_8bit(array: np.ndarray) -> np.ndarray:
+    return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _write_with_pillow(path, image_format, pixels, alpha, grayscale, icc_profile, quality) -> None:
+    if grayscale:
+        image = Image.fromarray(pixels[..., 0], "L")
+        if alpha is not None:
+            image = Image.merge("LA", (image, Image.fromarray(alpha, "L")))
+    elif alpha is not None:
+        image = Image.fromarray(np.dstack([pixels, alpha]), "RGBA")
+    else:
+        image = Image.fromarray(pixels, "RGB")
+    options = {}
+    if icc_profile:
+        options["icc_profile"] = icc_profile
+    if image_format in ("JPEG", "WEBP"):
+        options["quality"] = quality
+    image.save(path, format=image_format, **options)
+
+
+def _write_png16(path: Path, pixels: np.ndarray, alpha: np.ndarray | None, grayscale: bool) -> None:
+    import av
+
+    if alpha is not None:
+        # Grey + alpha is written as RGBA: FFmpeg's RGB -> grey+alpha conversion is not exact at 16 bits.
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.dstack([pixels, alpha])), format="rgba64le")
+        png_format = "rgba64be"
+    elif grayscale:
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels[..., 0]), format="gray16le")
+        png_format = "gray16be"
+    else:
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb48le")
+        png_format = "rgb48be"
+    encoder = av.CodecContext.create("png", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = pixels.shape[1], pixels.shape[0], png_format
+    # PNG stores big-endian samples; this reformat is a byte swap, exact.
+    packets = list(encoder.encode(frame.reformat(format=png_format))) + list(encoder.encode(None))
+    with open(path, "wb") as handle:
+        for packet in packets:
+            handle.write(bytes(packet))
