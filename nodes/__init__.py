@@ -1,4 +1,20 @@
-"""ComfyUI node adapters. Thin: the math lives in ``pipelines``."""
+"""ComfyUI node adapters. Thin: the math lives in ``pipelines``.
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+Each node module contributes its classes here; the keys are the node type names saved in workflows, so they
+never change once released (``LowLight`` prefix: node type names are global across all installed packs).
+"""
+
+from .illumination_nodes import IlluminationPrompt
+from .model_folders import register_model_folders
+from .sgz_nodes import SGZEnhance
+
+register_model_folders()
+
+NODE_CLASS_MAPPINGS: dict = {
+    "LowLightSGZEnhance": SGZEnhance,
+    "LowLightIlluminationPrompt": IlluminationPrompt,
+}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {
+    "LowLightSGZEnhance": "SGZ Enhance",
+    "LowLightIlluminationPrompt": "Illumination Prompt",
+}

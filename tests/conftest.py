@@ -1,8 +1,12 @@
 """Shared test fixtures: paths to the read-only shared material beside the repository."""
 
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helpers (comfy_host) importable by test modules
+from comfy_host import comfy_server  # noqa: E402,F401  session fixture: one real ComfyUI server for all modules
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"

@@ -1,0 +1,197 @@
+"""Node classes outside ComfyUI, with stub ``comfy`` / ``folder_paths`` modules (fast; the real server is in
+test_comfy_server.py)."""
+
+import re
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_lowlight import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from comfyui_lowlight.nodes import model_folders, sgz_nodes
+from comfyui_lowlight.nodes.illumination_nodes import IlluminationPrompt
+from comfyui_lowlight.nodes.sgz_nodes import SGZEnhance
+
+OFFICIAL_PTH = Path("reference/sgz/Epoch99.pth")
+
+
+class StubProgressBar:
+    instances: list = []
+
+    def __init__(self, total):
+        self.total, self.current = total, 0
+        StubProgressBar.instances.append(self)
+
+    def update(self, value):
+        self.current += value
+
+
+@pytest.fixture
+def comfy_stubs(monkeypatch, tmp_path):
+    """Minimal ``comfy.model_management``, ``comfy.utils`` and ``folder_paths`` with ``models_dir = tmp_path``."""
+    calls = {"interrupt_checks": 0, "interrupt_after": None}
+
+    def throw_exception_if_processing_interrupted():
+        calls["interrupt_checks"] += 1
+        if calls["interrupt_after"] is not None and calls["interrupt_checks"] > calls["interrupt_after"]:
+            raise RuntimeError("interrupted")
+
+    model_management = types.SimpleNamespace(
+        get_torch_device=lambda: torch.device("cpu"),
+        throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
+    )
+    utils = types.SimpleNamespace(ProgressBar=StubProgressBar)
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.utils = model_management, utils
+
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.models_dir = str(tmp_path)
+    folder_paths.folder_names_and_paths = {}
+
+    def get_filename_list(name):
+        return sorted(p.name for d in folder_paths.folder_names_and_paths[name][0] for p in Path(d).glob("*"))
+
+    def get_full_path(name, filename):
+        for d in folder_paths.folder_names_and_paths[name][0]:
+            if (Path(d) / filename).is_file():
+                return str(Path(d) / filename)
+        return None
+
+    folder_paths.get_filename_list, folder_paths.get_full_path = get_filename_list, get_full_path
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", model_management)
+    monkeypatch.setitem(sys.modules, "comfy.utils", utils)
+    monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
+    StubProgressBar.instances.clear()
+    return types.SimpleNamespace(folder_paths=folder_paths, calls=calls, models_dir=tmp_path)
+
+
+@pytest.fixture
+def night_frames(shared_dir):
+    """Three small real low-light frames, ComfyUI IMAGE ``[3, 48, 72, 3]`` float32 0..1."""
+    frames = []
+    for name in ("1.png", "111.png", "146.png"):
+        image = Image.open(shared_dir / "data" / "lol_eval15" / "low" / name).convert("RGB").resize((72, 48))
+        frames.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0))
+    return torch.stack(frames)
+
+
+@pytest.fixture
+def official_in_models(comfy_stubs, shared_dir):
+    model_folders.register_model_folders()
+    sgz_dir = comfy_stubs.models_dir / "sgz"
+    sgz_dir.mkdir()
+    (sgz_dir / "Epoch99.pth").symlink_to(shared_dir / OFFICIAL_PTH)
+    sgz_nodes._PIPELINE_CACHE.clear()
+    return "Epoch99.pth"
+
+
+def test_every_node_is_documented_and_categorised():
+    assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS)
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        assert cls.DESCRIPTION.strip(), name
+        assert cls.CATEGORY == "image/lowlight", name
+        assert callable(getattr(cls, cls.FUNCTION))
+        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS), name
+        for section in cls.INPUT_TYPES().values():
+            for input_name, spec in section.items():
+                assert spec[1]["tooltip"].strip(), f"{name}.{input_name} has no tooltip"
+
+
+def test_illumination_prompt_maps_and_masks():
+    image = torch.rand(2, 5, 7, 4)  # RGBA: alpha must not count as a colour
+    image[..., 3] = 1.0
+    value_image, value_mask, inverse_image, inverse_mask = IlluminationPrompt().compute(image)
+    expected = image[..., :3].amax(dim=-1)
+    assert value_image.shape == inverse_image.shape == (2, 5, 7, 3)
+    assert value_mask.shape == inverse_mask.shape == (2, 5, 7)
+    torch.testing.assert_close(value_mask, expected)
+    torch.testing.assert_close(inverse_mask, 1.0 - expected)
+    torch.testing.assert_close(value_image, expected[..., None].expand(-1, -1, -1, 3))
+    torch.testing.assert_close(inverse_image[..., 1], 1.0 - expected)
+    assert value_image.dtype == torch.float32 and value_image.device.type == "cpu"
+
+
+def test_illumination_prompt_rejects_non_images():
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+        IlluminationPrompt().compute(torch.rand(5, 7, 3))
+
+
+def test_model_folders_keep_extra_model_paths_entries(comfy_stubs, tmp_path):
+    yaml_dir = str(tmp_path / "from_yaml")
+    comfy_stubs.folder_paths.folder_names_and_paths["sgz"] = ([yaml_dir], set())  # what a yaml `sgz:` line makes
+    assert model_folders.register_model_folders()
+    sgz_paths, sgz_ext = comfy_stubs.folder_paths.folder_names_and_paths["sgz"]
+    assert sgz_paths == [yaml_dir, str(tmp_path / "sgz")]
+    assert {".safetensors", ".pth"} <= sgz_ext
+    scuf_paths, _ = comfy_stubs.folder_paths.folder_names_and_paths["scuf"]
+    assert scuf_paths == [str(tmp_path / "scuf")]
+    model_folders.register_model_folders()  # idempotent (ComfyUI may import the pack twice)
+    assert comfy_stubs.folder_paths.folder_names_and_paths["sgz"][0] == [yaml_dir, str(tmp_path / "sgz")]
+
+
+def test_weight_choices_and_resolution(official_in_models, comfy_stubs):
+    choices = SGZEnhance.INPUT_TYPES()["required"]["weights"][0]
+    assert choices[0] == "lora_weights/sgz_lowlight.safetensors"
+    assert official_in_models in choices
+    resolved = model_folders.resolve_weights("sgz", official_in_models)
+    assert resolved == comfy_stubs.models_dir / "sgz" / "Epoch99.pth"
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth.*" + re.escape(str(comfy_stubs.models_dir / "sgz"))):
+        model_folders.resolve_weights("sgz", "missing.pth")
+
+
+def test_weight_choices_outside_comfyui_list_the_shipped_file(monkeypatch):
+    monkeypatch.setitem(sys.modules, "folder_paths", None)  # import fails as outside ComfyUI
+    assert model_folders.weight_choices("sgz", "sgz*.safetensors", "sgz_lowlight.safetensors") == [
+        "lora_weights/sgz_lowlight.safetensors"
+    ]
+    assert not model_folders.register_model_folders()
+
+
+def test_sgz_enhance_matches_the_pipeline_with_progress_and_cache(official_in_models, comfy_stubs, night_frames):
+    from comfyui_lowlight.pipelines import SGZPipeline
+
+    node = SGZEnhance()
+    args = dict(weights=official_in_models, recurrences=8, downscale=4, strength=1.0, temporal_smoothing=0.5)
+    image, factor = node.enhance(night_frames, **args)
+    assert image.shape == factor.shape == night_frames.shape
+    assert image.dtype == torch.float32 and image.device.type == "cpu"
+    assert image.mean() > night_frames.mean() + 0.1
+    assert 0.0 <= float(factor.min()) and float(factor.max()) <= 1.0
+    assert StubProgressBar.instances[-1].current == 3
+    assert comfy_stubs.calls["interrupt_checks"] == 3
+
+    pipe = SGZPipeline.from_pretrained(comfy_stubs.models_dir / "sgz" / "Epoch99.pth", device="cpu")
+    expected, expected_factor = pipe(
+        night_frames.permute(0, 3, 1, 2).contiguous(), downscale=4, recurrences=8, strength=1.0,
+        temporal_smoothing=0.5, return_factor=True,
+    )
+    torch.testing.assert_close(image, expected.clamp(0, 1).permute(0, 2, 3, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(factor, ((expected_factor + 1) / 2).permute(0, 2, 3, 1), atol=1e-5, rtol=0)
+
+    cached = sgz_nodes._PIPELINE_CACHE["pipe"]
+    node.enhance(night_frames[:1], **args)
+    assert sgz_nodes._PIPELINE_CACHE["pipe"] is cached
+
+
+def test_sgz_enhance_strength_zero_is_identity(official_in_models, comfy_stubs, night_frames):
+    image, _ = SGZEnhance().enhance(night_frames[:1], official_in_models, 8, 12, 0.0, 0.0)
+    torch.testing.assert_close(image, night_frames[:1], atol=1e-6, rtol=0)
+
+
+def test_sgz_enhance_stops_between_frames_when_interrupted(official_in_models, comfy_stubs, night_frames):
+    comfy_stubs.calls["interrupt_after"] = 1
+    with pytest.raises(RuntimeError, match="interrupted"):
+        SGZEnhance().enhance(night_frames, official_in_models, 8, 12, 1.0, 0.0)
+    assert StubProgressBar.instances[-1].current == 1
+
+
+def test_sgz_enhance_unreadable_weights_names_the_file(comfy_stubs, official_in_models, night_frames):
+    broken = comfy_stubs.models_dir / "sgz" / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="broken.pth"):
+        SGZEnhance().enhance(night_frames[:1], "broken.pth", 8, 12, 1.0, 0.0)
