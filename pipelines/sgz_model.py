@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
@@ -26,8 +28,9 @@ import torch.nn.functional as F
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "lora_weights" / "sgz_lowlight.safetensors"
 
-# Elements (per tile buffer) processed at once by the fused path: 4 float32 buffers of this size stay in L2.
-_TILE_ELEMENTS = 1 << 16
+# Elements per tile of the fused CPU path: below torch's intra-op grain size (32768), so each op runs on its
+# thread, and the 4 float32 tile buffers (4 x 128 KB) stay in L2.
+_TILE_ELEMENTS = 32000
 
 PathLike = Union[str, os.PathLike]
 
@@ -277,6 +280,10 @@ def _fused_rows(
     Works in the memory layout of ``image``/``out`` (NCHW or channels-last): tiles are slices along H of the
     layout's own dims, so every buffer is contiguous. ``factor_rows(b, r0, n, f_out, scratch)`` fills the factor
     tile. The recurrence is rewritten as ``x <- x * ((1 - f) + f * x)`` (the same polynomial), 2 in-place ops.
+
+    On CPU the tiles are small enough (< torch's intra-op grain size) that each op runs on the calling thread and
+    its buffers stay in L2; the tiles are shared among ``torch.get_num_threads()`` Python threads instead (torch
+    releases the GIL inside ops). Other devices get one tile per image.
     """
     batch, _, height, width = image.shape
     channels_last = _is_channels_last(image, out)
@@ -291,19 +298,29 @@ def _fused_rows(
         def tile(t, b, r0, n):
             return t[b, :, r0 : r0 + n]
 
-    rows = max(1, min(height, _TILE_ELEMENTS // (3 * width)))
-    kw = dict(device=image.device, dtype=torch.float32)
-    shape = (rows, width, 3) if channels_last else (3, rows, width)
-    x_buf, f_buf, g_buf, t_buf = (torch.empty(shape, **kw) for _ in range(4))
+    on_cpu = image.device.type == "cpu"
+    rows = max(1, min(height, _TILE_ELEMENTS // (3 * width))) if on_cpu else height
+    tasks = [(b, r0, min(rows, height - r0)) for b in range(batch) for r0 in range(0, height, rows)]
     direct = out.dtype == torch.float32  # compute straight in the output tensor
-    for b in range(batch):
-        for r0 in range(0, height, rows):
-            n = min(rows, height - r0)
-            view = (lambda t: t[:n]) if channels_last else (lambda t: t[:, :n])
-            f, g, t = view(f_buf), view(g_buf), view(t_buf)
-            x = tile(dst, b, r0, n) if direct else view(x_buf)
+    from_uint8 = image.dtype == torch.uint8
+    to_uint8 = out.dtype == torch.uint8
+
+    pending = iter(tasks)
+    lock = threading.Lock()
+
+    def run():
+        shape = (rows, width, 3) if channels_last else (3, rows, width)
+        x_buf, f_buf, g_buf, t_buf = (torch.empty(shape, device=image.device, dtype=torch.float32) for _ in range(4))
+        while True:
+            with lock:
+                b, r0, n = next(pending, (None, None, None))
+            if b is None:
+                return
+            f, g, t, x = (buf[:n] if channels_last else buf[:, :n] for buf in (f_buf, g_buf, t_buf, x_buf))
+            if direct:
+                x = tile(dst, b, r0, n)
             x.copy_(tile(src, b, r0, n))
-            if image.dtype == torch.uint8:
+            if from_uint8:
                 x.mul_(1.0 / 255.0)
             factor_rows(b, r0, n, f, t)
             torch.sub(1.0, f, out=g)
@@ -311,9 +328,18 @@ def _fused_rows(
                 torch.addcmul(g, f, x, out=t)
                 x.mul_(t)
             if not direct:
-                if out.dtype == torch.uint8:
+                if to_uint8:
                     x.clamp_(0.0, 1.0).mul_(255.0).round_()
                 tile(dst, b, r0, n).copy_(x)
+
+    workers = min(len(tasks), torch.get_num_threads()) if on_cpu else 1
+    if workers <= 1:
+        run()
+    else:
+        # Tiles are handed out one at a time, so a worker slowed down by other processes does not hold up the rest.
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(run) for _ in range(workers)]:
+                future.result()
     return out
 
 
