@@ -1,0 +1,543 @@
+"""SCUFPipeline: one-step SD-Turbo low-light enhancement with SCUF's illumination-aware image prompt (ICCV 2025).
+
+Computes what the official GEFU ``src/inference.py`` computes (direction a2b), step by step as described in the
+conformance fixture ``../shared/reference/scuf/README.md`` section 8:
+
+1. resize to a multiple of 8 (PIL LANCZOS, like the official code); network input ``x = 2 * img - 1``;
+2. illumination prompt ``1 - V`` (V = max(R, G, B)) -> CLIP image embedding (no resize/mean-std/positional
+   embedding, L2-normalised) -> projector -> 4 tokens appended to the text embedding of the prompt;
+3. VAE encoder (with LoRA) keeping the skip activations; latent = posterior mean (default) or a sample, x 0.18215;
+4. one UNet step at timestep 999 with the cycle-attention adapter; x0 = (z - sqrt(1 - a) eps) / sqrt(a);
+5. VAE decoder with the skip convs, clamp to -1..1, ``out * 0.5 + 0.5``, resized back to the input size.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.loaders import FromSingleFileMixin
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .clip_image_encoder import clip_image_embedding, load_clip_image_encoder
+from .illumination import inverted_value_channel
+from .scuf_modules import (
+    ImagePromptProjector,
+    SCUFConfig,
+    add_cycle_attn_processors,
+    add_scuf_vae_modules,
+    cycle_attn_processors,
+    decode_with_skips,
+    encode_with_skips,
+    has_scuf_vae_modules,
+    set_adapter_scale,
+)
+from .scuf_weights import (
+    SCUFWeightsError,
+    check_compatible,
+    copy_into,
+    load_scuf_file,
+    save_scuf_file,
+    scuf_parameters,
+)
+
+#: The paper's / official README lighten prompt (``data/unpaired_data/fixed_prompt_b.txt``).
+DEFAULT_PROMPT = (
+    "natural light, bright lighting, soft illumination, high light, evenly lit, clear visibility, daylight, "
+    "bright atmosphere, well-lit photo."
+)
+#: The darken prompt (``fixed_prompt_a.txt``), for training scripts.
+DARKEN_PROMPT = (
+    "low light, dim lighting, low illumination, underexposed, ambient shadows, subdued light, silhouetted, "
+    "dark atmosphere photo."
+)
+SCUF_WEIGHTS_NAME = "scuf_weights.safetensors"
+BASE_MODEL_ID = "stabilityai/sd-turbo"
+CLIP_MODEL_ID = "openai/clip-vit-base-patch32"
+BASE_MODEL_HELP = (
+    f"Download the SD-Turbo base model: `huggingface-cli download {BASE_MODEL_ID}` (diffusers folder, use "
+    f"SCUFPipeline.from_pretrained('{BASE_MODEL_ID}' or that folder)), or the single file sd_turbo.safetensors "
+    "from the same repository into ComfyUI's models/checkpoints/ folder and use SCUFPipeline.from_single_file(path)."
+)
+_RESIZE_MULTIPLE = 8
+
+
+def shipped_config_dir() -> str:
+    """Folder of the SD-Turbo diffusers configs shipped with the package (for offline ``from_single_file``)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sd-turbo")
+
+
+# ------------------------------------------------------------------------------------------ image input
+
+
+def _check_finite(array: np.ndarray, what: str) -> None:
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what}: contains NaN or infinite values")
+
+
+def _split_images(image) -> list:
+    """A batch argument -> list of single images (PIL, HxW[xC] array, or [C, H, W] tensor)."""
+    if isinstance(image, (list, tuple)):
+        out = []
+        for item in image:
+            out.extend(_split_images(item))
+        return out
+    if isinstance(image, torch.Tensor) and image.ndim == 4:
+        return list(image.unbind(0))
+    if isinstance(image, np.ndarray) and image.ndim == 4:
+        return list(image)
+    return [image]
+
+
+def _to_hwc(image, what: str) -> np.ndarray:
+    """One image -> ``HxWx3`` array, uint8 (exact official path) or float32 clamped to 0..1. Alpha is dropped."""
+    if isinstance(image, PIL.Image.Image):
+        if image.mode in ("I", "I;16", "I;16B", "F"):
+            array = np.asarray(image, dtype=np.float32)
+            scale = 65535.0 if image.mode.startswith("I") else 1.0
+            array = array / scale
+        else:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    elif isinstance(image, torch.Tensor):
+        if image.ndim == 2:
+            image = image[None]
+        if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+            raise ValueError(f"{what}: expected a [C, H, W] or [B, C, H, W] tensor with C in 1/3/4, got "
+                             f"{tuple(image.shape)}")
+        array = image.detach().to("cpu").permute(1, 2, 0).numpy()
+        if array.dtype != np.uint8:
+            array = array.astype(np.float32)
+    elif isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+            raise ValueError(f"{what}: expected an HxW or HxWxC array with C in 1/3/4, got {array.shape}")
+    else:
+        raise TypeError(f"{what}: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.shape[2] == 4:
+        array = array[:, :, :3]
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if array.dtype == np.uint16:
+        array = array.astype(np.float32) / 65535.0
+    array = array.astype(np.float32)
+    _check_finite(array, what)
+    return np.clip(array, 0.0, 1.0)
+
+
+def _resize_float(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``HxWxC`` float32 -> ``size`` = (W, H) with PIL LANCZOS per channel (the official filter, without uint8)."""
+    channels = [
+        np.asarray(PIL.Image.fromarray(array[:, :, c], mode="F").resize(size, PIL.Image.Resampling.LANCZOS))
+        for c in range(array.shape[2])
+    ]
+    return np.stack(channels, axis=2)
+
+
+def _round_up(value: int) -> int:
+    return -(-value // _RESIZE_MULTIPLE) * _RESIZE_MULTIPLE
+
+
+def prepare_image(image, what: str = "image") -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image -> (``[3, H8, W8]`` float32 in 0..1, original ``(H, W)``), resized like the official code.
+
+    uint8 images (PIL, uint8 arrays/tensors) take the exact official path: PIL LANCZOS on uint8 to the next
+    multiple of 8 (a no-op copy when already a multiple), then ``/ 255``. Float images are resized per channel with
+    the same filter in float.
+    """
+    array = _to_hwc(image, what)
+    h, w = array.shape[:2]
+    if h < 1 or w < 1:
+        raise ValueError(f"{what}: empty image {array.shape}")
+    size = (_round_up(w), _round_up(h))
+    if size != (w, h):
+        if array.dtype == np.uint8:
+            array = np.asarray(PIL.Image.fromarray(array).resize(size, PIL.Image.Resampling.LANCZOS))
+        else:
+            array = np.clip(_resize_float(array, size), 0.0, 1.0)
+    tensor = torch.from_numpy(np.array(array)).permute(2, 0, 1)
+    tensor = tensor.float().div(255) if tensor.dtype == torch.uint8 else tensor.float()
+    return tensor, (h, w)
+
+
+def prepare_illumination(illumination, size8: tuple[int, int], size: tuple[int, int], what: str) -> torch.Tensor:
+    """A user illumination map (0..1, one channel, at the input or the resized size) -> ``[1, H8, W8]`` float32."""
+    if isinstance(illumination, PIL.Image.Image):
+        array = np.asarray(illumination.convert("L"), dtype=np.float32) / 255.0
+    elif isinstance(illumination, torch.Tensor):
+        array = illumination.detach().to("cpu").float().numpy()
+    elif isinstance(illumination, np.ndarray):
+        array = illumination.astype(np.float32) / (255.0 if illumination.dtype == np.uint8 else 1.0)
+    else:
+        raise TypeError(f"{what}: expected a PIL image, numpy array or tensor, got {type(illumination).__name__}")
+    array = np.squeeze(array)
+    if array.ndim != 2:
+        raise ValueError(f"{what}: expected a single-channel HxW map, got shape {array.shape}")
+    _check_finite(array, what)
+    if array.shape == tuple(size) and tuple(size) != tuple(size8):
+        array = _resize_float(array[:, :, None], (size8[1], size8[0]))[:, :, 0]
+    elif array.shape != tuple(size8):
+        raise ValueError(f"{what}: size {array.shape} matches neither the image {size} nor {size8}")
+    return torch.from_numpy(np.clip(array, 0.0, 1.0)).float()[None]
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+
+class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
+    r"""SCUF low-light enhancement: SD-Turbo in one step, lightened by the illumination-aware image prompt.
+
+    Components: ``vae`` (``AutoencoderKL``; SCUF skip convs + LoRA are added to it when weights are loaded),
+    ``text_encoder``/``tokenizer`` (CLIP text), ``unet`` (``UNet2DConditionModel``; cross-attention layers get
+    :class:`~.scuf_modules.CycleAttnProcessor`), ``scheduler`` (SD-Turbo's; only its ``alphas_cumprod`` and
+    ``num_train_timesteps`` are used), ``image_encoder`` (CLIP ViT-B/32 ``CLIPVisionModelWithProjection``) and
+    ``image_proj`` (:class:`~.scuf_modules.ImagePromptProjector`, created when weights are loaded).
+
+    Load: ``SCUFPipeline.from_pretrained("stabilityai/sd-turbo", image_encoder=..., scuf_weights=...)`` or
+    ``from_single_file("sd_turbo.safetensors", image_encoder=..., scuf_weights=...)``, or
+    :meth:`load_scuf_weights` later.
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->image_proj->unet->vae"
+    _optional_components = ["image_proj"]
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, image_encoder, image_proj=None):
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            image_encoder=image_encoder, image_proj=image_proj,
+        )
+        self.scuf_config: SCUFConfig | None = None
+
+    # ---------------------------------------------------------------------------------- loading
+
+    @staticmethod
+    def _resolve_image_encoder(kwargs: dict, required: bool) -> None:
+        source = kwargs.get("image_encoder")
+        if source is None:
+            if required:
+                raise ValueError(
+                    "image_encoder is required: pass a transformers CLIPVisionModelWithProjection, a hub id/folder "
+                    f"('{CLIP_MODEL_ID}') or an OpenAI CLIP ViT-B/32 state-dict file"
+                )
+            return
+        kwargs["image_encoder"] = load_clip_image_encoder(source, local_files_only=kwargs.get("local_files_only"))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, scuf_weights=None, **kwargs):
+        """Load SD-Turbo (hub id or diffusers folder) + CLIP image encoder (+ SCUF weights).
+
+        Args:
+            pretrained_model_name_or_path: ``"stabilityai/sd-turbo"``, a local copy, or a folder written by
+                :meth:`save_pretrained` (its ``scuf_weights.safetensors`` is loaded automatically).
+            scuf_weights: optional path (ours or the official checkpoint), see :meth:`load_scuf_weights`.
+            image_encoder: model, hub id/folder or OpenAI-format file (required unless the folder has one).
+            **kwargs: forwarded to ``DiffusionPipeline.from_pretrained`` (``torch_dtype``, ``local_files_only``...).
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1 or os.path.exists(path)
+        if looks_local and not os.path.isdir(path):
+            raise FileNotFoundError(f"SD-Turbo base model folder not found: {path}. {BASE_MODEL_HELP}")
+        has_encoder = os.path.isfile(os.path.join(path, "image_encoder", "config.json"))
+        cls._resolve_image_encoder(kwargs, required=not has_encoder)
+        try:
+            pipe = super().from_pretrained(path, **kwargs)
+        except (OSError, EnvironmentError) as exc:
+            raise OSError(f"could not load the SD-Turbo base model from {path!r}: {exc}\n{BASE_MODEL_HELP}") from exc
+        saved = os.path.join(path, SCUF_WEIGHTS_NAME)
+        if scuf_weights is None and os.path.isfile(saved):
+            scuf_weights = saved
+        if scuf_weights is not None:
+            pipe.load_scuf_weights(scuf_weights)
+        return pipe
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path, scuf_weights=None, **kwargs):
+        """Load the single-file SD-Turbo checkpoint ComfyUI users have (``models/checkpoints/sd_turbo.safetensors``).
+
+        Works offline: the diffusers configs ship in ``pipelines/configs/sd-turbo`` (``config=`` overrides). The
+        CLIP BPE vocabulary is not shipped: pass ``tokenizer=``, or it is taken from ComfyUI's bundled CLIP
+        tokenizer or the local Hugging Face cache of ``stabilityai/sd-turbo`` / ``openai/clip-vit-base-patch32``.
+        """
+        path = os.fspath(pretrained_model_link_or_path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"SD-Turbo checkpoint not found: {path}. {BASE_MODEL_HELP}")
+        kwargs.setdefault("config", shipped_config_dir())
+        cls._resolve_image_encoder(kwargs, required=True)
+        if "tokenizer" not in kwargs:
+            kwargs["tokenizer"] = find_clip_tokenizer(kwargs["config"])
+        pipe = super().from_single_file(path, **kwargs)
+        if scuf_weights is not None:
+            pipe.load_scuf_weights(scuf_weights)
+        return pipe
+
+    # ------------------------------------------------------------------------------ SCUF modules
+
+    def init_scuf_modules(self, config: SCUFConfig | None = None, init: str = "official") -> SCUFConfig:
+        """Attach fresh SCUF modules (skip convs + VAE LoRA, projector, cycle-attention processors).
+
+        For training from scratch (``init="official"`` = the official initialisation) or before loading weights
+        (``init="none"``). Trainable parameters: :meth:`scuf_trainable_parameters`.
+        """
+        config = config or SCUFConfig()
+        if self.scuf_config is not None or has_scuf_vae_modules(self.vae) or cycle_attn_processors(self.unet):
+            raise ValueError(
+                "SCUF modules are already attached; load a fresh base model to change their configuration"
+            )
+        add_scuf_vae_modules(self.vae, config.lora_rank, config.lora_alpha, config.lora_target_modules)
+        add_cycle_attn_processors(self.unet, config.num_image_tokens, init=init)
+        ref = next(self.unet.parameters())
+        projector = ImagePromptProjector(
+            self.unet.config.cross_attention_dim, config.clip_embedding_dim, config.num_image_tokens
+        ).to(ref.device)
+        if ref.dtype != projector.dtype:
+            projector.to(ref.dtype)
+        self.register_modules(image_proj=projector)
+        self.scuf_config = config
+        return config
+
+    def scuf_parameters(self) -> dict[str, torch.Tensor]:
+        """``{key in our weights format: live parameter}`` of every SCUF tensor."""
+        return scuf_parameters(self.vae, self.image_proj, self.unet)
+
+    def load_scuf_weights(self, path, direction: str = "a2b") -> SCUFConfig:
+        """Load SCUF weights: our ``.safetensors`` or the official GEFU checkpoint (read with weights_only).
+
+        Args:
+            path: weights file.
+            direction: for official checkpoints, which VAE to use: ``"a2b"`` (lighten, default) or ``"b2a"``.
+        Raises:
+            SCUFWeightsError: unsafe/malformed file, or weights for another base model (lists keys and shapes).
+        """
+        layer_names = [name[: -len(".processor")] for name in self.unet.attn_processors]
+        tensors, config, base_shapes, _ = load_scuf_file(path, direction, layer_names)
+        if self.scuf_config is None:
+            self.init_scuf_modules(config, init="none")
+        elif self.scuf_config != config:
+            raise SCUFWeightsError(
+                f"{path}: SCUF configuration {config.to_json()} differs from the attached modules "
+                f"{self.scuf_config.to_json()}; load a fresh base model first"
+            )
+        expected = self.scuf_parameters()
+        check_compatible(os.fspath(path), expected, tensors, base_shapes, self.vae.state_dict())
+        copy_into(expected, tensors)
+        return config
+
+    def save_scuf_weights(self, path, direction: str = "a2b") -> None:
+        """Write the SCUF tensors in our safetensors format (atomic)."""
+        if self.scuf_config is None:
+            raise ValueError("no SCUF modules attached: load or initialise SCUF weights first")
+        save_scuf_file(path, self.scuf_parameters(), self.scuf_config, direction)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save the plain base components (diffusers layout) and ``scuf_weights.safetensors`` beside them."""
+        from diffusers import AutoencoderKL
+
+        if self.scuf_config is None:
+            return super().save_pretrained(save_directory, **kwargs)
+        vae, image_proj, processors = self.vae, self.image_proj, self.unet.attn_processors
+        clean = {}
+        for key, value in vae.state_dict().items():
+            if ".lora_" in key or key.startswith("decoder.skip_conv_"):
+                continue
+            clean[key.replace(".base_layer.", ".")] = value
+        with torch.device("meta"):
+            plain_vae = AutoencoderKL.from_config(vae.config)
+        plain_vae.load_state_dict(clean, assign=True, strict=True)
+        try:
+            self.unet.set_default_attn_processor()
+            self.register_modules(vae=plain_vae, image_proj=None)
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.unet.set_attn_processor(processors)
+            self.register_modules(vae=vae, image_proj=image_proj)
+        self.save_scuf_weights(os.path.join(save_directory, SCUF_WEIGHTS_NAME))
+
+    # ----------------------------------------------------------------------------------- compute
+
+    def encode_prompt(self, prompt: str, device) -> torch.Tensor:
+        """``[1, 77, D]`` CLIP text embedding (last hidden state), official tokenisation (pad to 77)."""
+        ids = self.tokenizer(
+            prompt, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        return self.text_encoder(ids)[0]
+
+    def encode_image_prompt(self, illumination: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, H, W]`` illumination prompt (0..1) -> ``[B, num_tokens, D]`` image-prompt tokens."""
+        emb = clip_image_embedding(self.image_encoder, illumination.repeat(1, 3, 1, 1))
+        proj_dtype = next(self.image_proj.parameters()).dtype
+        return self.image_proj(emb.to(proj_dtype))
+
+    def _one_step(self, latents: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        # Official: DDPMScheduler.step at t = 999 with one trailing step -> x0 exactly (prev alpha = 1), float32.
+        t = self.scheduler.config.num_train_timesteps - 1
+        alpha = self.scheduler.alphas_cumprod[t].to(device=latents.device, dtype=torch.float32)
+        beta = 1 - alpha
+        return (latents.float() - beta ** 0.5 * eps.float()) / alpha ** 0.5
+
+    def _run_group(self, images, illum, prompts, generator, sample_latent, device):
+        vae_dtype = next(self.vae.parameters()).dtype
+        unet_dtype = self.unet.dtype
+        x = (images.to(device) - 0.5) / 0.5
+        tokens = self.encode_image_prompt(illum.to(device))
+        cache: dict[str, torch.Tensor] = {}
+        for p in prompts:
+            if p not in cache:
+                cache[p] = self.encode_prompt(p, device)
+        text = torch.cat([cache[p] for p in prompts])
+        context = torch.cat([text.to(unet_dtype), tokens.to(unet_dtype)], dim=1)
+
+        posterior, skips = encode_with_skips(self.vae, x.to(vae_dtype))
+        if sample_latent:
+            mean = posterior.mean
+            noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            latents = mean + posterior.std * noise
+        else:
+            latents = posterior.mean
+        sf = self.vae.config.scaling_factor
+        latents = latents * sf
+        t = torch.tensor([self.scheduler.config.num_train_timesteps - 1], device=device, dtype=torch.long)
+        eps = self.unet(latents.to(unet_dtype), t, encoder_hidden_states=context).sample
+        x0 = self._one_step(latents, eps)
+        gamma = self.scuf_config.skip_gamma
+        decoded = decode_with_skips(self.vae, (x0 / sf).to(vae_dtype), skips, gamma).clamp(-1, 1)
+        return decoded.float() * 0.5 + 0.5
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        prompt: str | list[str] | None = None,
+        illumination=None,
+        adapter_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        sample_latent: bool = False,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        r"""Enhance low-light images.
+
+        Args:
+            image: PIL image, ``HxW[xC]`` numpy array (uint8 or float 0..1), ``[C, H, W]``/``[B, C, H, W]`` tensor
+                (float 0..1 or uint8), or a list of these. Grayscale is repeated to RGB, alpha is dropped; any size
+                (resized to a multiple of 8 with LANCZOS and back, as the official code).
+            prompt: text prompt, one per image or shared; default :data:`DEFAULT_PROMPT` (the paper's lighten prompt).
+            illumination: the image prompt, one-channel 0..1 map(s) at input size; default ``1 - V`` of the input.
+            adapter_scale: weight of the image-prompt (cycle-attention) branch; 1 = official, 0 = text only.
+            generator: for ``sample_latent=True``.
+            sample_latent: sample the VAE posterior like the official code (default: its mean, deterministic).
+            output_type: ``"pil"`` (uint8 = floor(255 x), official), ``"np"`` (float32 ``[B, H, W, 3]`` in 0..1,
+                before quantisation) or ``"pt"`` (float32 ``[B, 3, H, W]``). Images of different sizes give lists.
+        Returns:
+            ``ImagePipelineOutput`` (or a tuple with the images if ``return_dict=False``).
+        """
+        if self.scuf_config is None or self.image_proj is None:
+            raise RuntimeError("SCUF weights are not loaded: call pipe.load_scuf_weights(path) first")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type: expected 'pil', 'np' or 'pt', got {output_type!r}")
+        items = _split_images(image)
+        if not items:
+            raise ValueError("image: empty batch")
+        n = len(items)
+        prompts = [DEFAULT_PROMPT] * n if prompt is None else [prompt] * n if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != n:
+            raise ValueError(f"prompt: got {len(prompts)} prompts for {n} images")
+        illums = [None] * n if illumination is None else _split_images(illumination)
+        if len(illums) != n:
+            raise ValueError(f"illumination: got {len(illums)} maps for {n} images")
+        if isinstance(generator, list) and len(generator) != n:
+            raise ValueError(f"generator: got {len(generator)} generators for {n} images")
+
+        prepared, sizes, maps = [], [], []
+        for i, item in enumerate(items):
+            tensor, size = prepare_image(item, f"image[{i}]")
+            prepared.append(tensor)
+            sizes.append(size)
+            if illums[i] is None:
+                maps.append(inverted_value_channel(tensor[None])[0])
+            else:
+                maps.append(prepare_illumination(illums[i], tuple(tensor.shape[1:]), size, f"illumination[{i}]"))
+
+        device = self._execution_device
+        set_adapter_scale(self.unet, adapter_scale)
+        outputs: list[torch.Tensor | None] = [None] * n
+        groups: dict[tuple, list[int]] = {}
+        for i, tensor in enumerate(prepared):
+            groups.setdefault(tuple(tensor.shape), []).append(i)
+        for indices in groups.values():
+            gen = [generator[i] for i in indices] if isinstance(generator, list) else generator
+            result = self._run_group(
+                torch.stack([prepared[i] for i in indices]), torch.stack([maps[i] for i in indices]),
+                [prompts[i] for i in indices], gen, sample_latent, device,
+            )
+            for j, i in enumerate(indices):
+                outputs[i] = result[j].cpu()
+        images = [self._postprocess(out, size, output_type) for out, size in zip(outputs, sizes)]
+        if output_type in ("np", "pt") and len({tuple(im.shape) for im in images}) == 1:
+            images = np.stack(images) if output_type == "np" else torch.stack(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    @staticmethod
+    def _postprocess(out: torch.Tensor, size: tuple[int, int], output_type: str):
+        """``[3, H8, W8]`` float in 0..1 -> the requested type at the original ``size`` = (H, W)."""
+        h, w = size
+        if output_type == "pil":
+            u8 = out.mul(255).byte().permute(1, 2, 0).numpy()  # truncation, as torchvision's ToPILImage
+            pil = PIL.Image.fromarray(u8)
+            return pil if pil.size == (w, h) else pil.resize((w, h), PIL.Image.Resampling.LANCZOS)
+        array = out.permute(1, 2, 0).numpy().astype(np.float32)
+        if array.shape[:2] != (h, w):
+            array = np.clip(_resize_float(array, (w, h)), 0.0, 1.0)
+        return array if output_type == "np" else torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+
+
+def find_clip_tokenizer(config_dir: str | None = None):
+    """A CLIP tokenizer with SD-Turbo's settings (pad "!") without network access.
+
+    Search order: ``<config_dir>/tokenizer`` if it has a vocabulary; ComfyUI's bundled ``comfy/sd1_tokenizer``;
+    the local Hugging Face cache of ``stabilityai/sd-turbo`` (tokenizer subfolder) and of
+    ``openai/clip-vit-base-patch32`` (same BPE vocabulary). ``pad_token`` is forced to "!" as in SD 2.x/SD-Turbo.
+    """
+    from transformers import CLIPTokenizer
+
+    candidates: list[tuple[str, dict[str, Any]]] = []
+    if config_dir and os.path.isfile(os.path.join(config_dir, "tokenizer", "vocab.json")):
+        candidates.append((os.path.join(config_dir, "tokenizer"), {}))
+    try:
+        import comfy  # noqa: F401  (only present inside ComfyUI)
+
+        folder = os.path.join(os.path.dirname(comfy.__file__), "sd1_tokenizer")
+        if os.path.isfile(os.path.join(folder, "vocab.json")):
+            candidates.append((folder, {}))
+    except ImportError:
+        pass
+    candidates.append((BASE_MODEL_ID, {"subfolder": "tokenizer", "local_files_only": True}))
+    candidates.append((CLIP_MODEL_ID, {"local_files_only": True}))
+    errors = []
+    for source, extra in candidates:
+        try:
+            return CLIPTokenizer.from_pretrained(source, pad_token="!", **extra)
+        except (OSError, ValueError) as exc:
+            errors.append(f"{source}: {str(exc).splitlines()[0]}")
+    raise OSError(
+        "no CLIP tokenizer vocabulary found offline (it is not shipped with this package). Pass tokenizer=..., or "
+        f"download it once: `huggingface-cli download {BASE_MODEL_ID} --include 'tokenizer/*'`. Tried:\n  "
+        + "\n  ".join(errors)
+    )
