@@ -308,7 +308,15 @@ def _fused_rows(
     pending = iter(tasks)
     lock = threading.Lock()
 
+    # Inference mode is thread-local: workers must inherit the caller's (ComfyUI runs nodes inside it, and then
+    # `out` is an inference tensor that only inference-mode code may write).
+    inference_mode = torch.is_inference_mode_enabled()
+
     def run():
+        with torch.inference_mode(inference_mode):
+            run_tiles()
+
+    def run_tiles():
         shape = (rows, width, 3) if channels_last else (3, rows, width)
         x_buf, f_buf, g_buf, t_buf = (torch.empty(shape, device=image.device, dtype=torch.float32) for _ in range(4))
         while True:

@@ -195,3 +195,19 @@ def test_sgz_enhance_unreadable_weights_names_the_file(comfy_stubs, official_in_
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="broken.pth"):
         SGZEnhance().enhance(night_frames[:1], "broken.pth", 8, 12, 1.0, 0.0)
+
+
+def test_sgz_enhance_runs_inside_inference_mode_like_comfyui(official_in_models, comfy_stubs, shared_dir):
+    # ComfyUI executes nodes under torch.inference_mode(); the fused pass splits a full-size frame into tiles run on
+    # several threads, which must still be allowed to write the (inference-mode) output tensor.
+    image = Image.open(shared_dir / "data" / "lol_eval15" / "low" / "111.png").convert("RGB")
+    frame = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            enhanced, _ = SGZEnhance().enhance(frame, official_in_models, 8, 12, 1.0, 0.0)
+    finally:
+        torch.set_num_threads(threads)
+    expected, _ = SGZEnhance().enhance(frame, official_in_models, 8, 12, 1.0, 0.0)
+    torch.testing.assert_close(enhanced, expected)
