@@ -96,7 +96,7 @@ def _read_with_pillow(path: Path) -> LoadedImage:
     icc_profile = image.info.get("icc_profile")
     mode = image.mode
     if mode == "CMYK":
-        return LoadedImage(_cmyk_to_srgb(image, icc_profile), grayscale=False)
+        return LoadedImage(np.array(_cmyk_to_srgb(image, icc_profile)), grayscale=False)
     if mode in ("I;16", "I;16L", "I;16B", "I"):
         # 16-bit grey from TIFF/PGM (16-bit PNG takes the PyAV path); "I" is Pillow's 32-bit container for it.
         grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
@@ -105,7 +105,8 @@ def _read_with_pillow(path: Path) -> LoadedImage:
         raise ImageFileError(f"{path}: 32-bit float images are not supported (expected 8 or 16 bits per channel)")
     has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in image.info
     grayscale = mode in ("1", "L", "LA", "La")
-    rgba = np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+    # np.array copies: Pillow's buffers are read-only, and callers (torch.from_numpy) want writable arrays.
+    rgba = np.array(image.convert("RGBA" if has_alpha else "RGB"))
     pixels = np.ascontiguousarray(rgba[..., :3])
     alpha = np.ascontiguousarray(rgba[..., 3]) if has_alpha else None
     return LoadedImage(pixels, alpha, grayscale, icc_profile)

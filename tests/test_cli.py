@@ -1,0 +1,276 @@
+"""The ``lowlight enhance`` command line on images, folders, videos and bad input."""
+
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfyui_lowlight.cli import main
+from comfyui_lowlight.pipelines import video_io
+from comfyui_lowlight.pipelines.image_io import read_image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def official_weights(shared_dir) -> Path:
+    return shared_dir / "reference" / "sgz" / "Epoch99.pth"
+
+
+@pytest.fixture
+def run(official_weights, capsys):
+    """Run the CLI in-process with the official weights on CPU; returns (exit code, stdout, stderr)."""
+
+    def _run(*args):
+        code = main(["enhance", *map(str, args), "--weights", str(official_weights), "--device", "cpu"])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return _run
+
+
+def _dark_image(path: Path, size=(40, 30), seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(5, 60, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
+    return path
+
+
+def _summary(out: str) -> str:
+    return out.strip().splitlines()[-1]
+
+
+def _no_hidden_files(folder: Path) -> bool:
+    return not any(p.name.startswith(".") for p in folder.rglob("*"))
+
+
+def test_images_are_enhanced_with_their_size_and_format(tmp_path, run):
+    inputs = [_dark_image(tmp_path / "a.jpg"), _dark_image(tmp_path / "b.png", size=(33, 17), seed=1)]
+    code, out, _ = run(*inputs, "-o", tmp_path / "out")
+    assert code == 0 and _summary(out) == "lowlight: 2 written, 0 skipped, 0 failed"
+    for source in inputs:
+        before, after = read_image(source).pixels, read_image(tmp_path / "out" / source.name).pixels
+        assert after.shape == before.shape
+        assert after.mean() > before.mean() + 10  # the official weights brighten dark images a lot
+    with Image.open(tmp_path / "out" / "b.png") as written:
+        assert written.format == "PNG"
+
+
+def test_single_input_may_name_the_output_file(tmp_path, run):
+    source = _dark_image(tmp_path / "a.jpg")
+    code, _, _ = run(source, "-o", tmp_path / "result.png")
+    assert code == 0
+    with Image.open(tmp_path / "result.png") as written:
+        assert written.format == "PNG" and written.size == (40, 30)
+
+
+def test_folder_is_searched_recursively_and_relative_paths_kept(tmp_path, run):
+    folder = tmp_path / "photos"
+    (folder / "trip" / "day2").mkdir(parents=True)
+    _dark_image(folder / "top.jpg")
+    _dark_image(folder / "trip" / "x.png")
+    _dark_image(folder / "trip" / "day2" / "y.bmp")
+    (folder / "notes.txt").write_text("not an image")
+    _dark_image(folder / ".hidden.jpg")  # e.g. a temporary file of an interrupted run
+    out = tmp_path / "out"
+    code, stdout, _ = run(folder, "-o", out)
+    assert code == 0 and _summary(stdout) == "lowlight: 3 written, 0 skipped, 0 failed"
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["top.jpg", "trip/day2/y.bmp", "trip/x.png"]
+
+
+def test_output_folder_inside_the_input_folder_is_not_rescanned(tmp_path, run):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _dark_image(folder / "a.jpg")
+    assert run(folder, "-o", folder / "enhanced")[0] == 0
+    code, out, _ = run(folder, "-o", folder / "enhanced")
+    assert code == 0 and _summary(out).startswith("lowlight: 0 written, 1 skipped")
+    assert not (folder / "enhanced" / "enhanced").exists()
+
+
+def test_corrupt_file_fails_alone_and_is_reported(tmp_path, run):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _dark_image(folder / "good1.jpg")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    _dark_image(folder / "good2.png")
+    code, out, err = run(folder, tmp_path / "missing.jpg", "-o", tmp_path / "out")
+    assert code == 1
+    assert _summary(out) == "lowlight: 2 written, 0 skipped, 2 failed"
+    assert "corrupt.jpg" in err and "missing.jpg" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good1.jpg", "good2.png"]
+
+
+def test_unusual_pixel_formats_come_out_in_kind(tmp_path, run):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _dark_image(folder / "grey.png", mode="L")
+    rgba = np.dstack([np.full((20, 24, 3), 30, np.uint8), np.tile(np.arange(24, dtype=np.uint8) * 10, (20, 1))])
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    grey16 = np.tile(np.arange(0, 4000, 100, dtype=np.uint16), (10, 1))  # dark 16-bit ramp
+    Image.fromarray(grey16).save(folder / "deep.png")
+    Image.new("CMYK", (16, 12), (40, 40, 40, 200)).save(folder / "print.jpg")
+    stored = np.full((10, 30, 3), 25, np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(folder / "phone.jpg", exif=exif.tobytes())
+
+    code, out, err = run(folder, "-o", tmp_path / "out")
+    assert code == 0, err
+    result = tmp_path / "out"
+    with Image.open(result / "grey.png") as grey:
+        assert grey.mode == "L"
+    rgba_out = read_image(result / "rgba.png")
+    assert (rgba_out.alpha == rgba[..., 3]).all() and rgba_out.pixels.mean() > 30
+    deep = read_image(result / "deep.png")
+    assert deep.bit_depth == 16 and deep.grayscale and deep.pixels.mean() > grey16.mean()
+    # 16-bit precision survives: far more distinct levels than an 8-bit file could hold
+    assert len(np.unique(deep.pixels)) == len(np.unique(grey16))
+    with Image.open(result / "print.jpg") as printed:
+        assert printed.mode == "RGB" and printed.size == (16, 12)
+    with Image.open(result / "phone.jpg") as phone:
+        assert phone.size == (10, 30)  # upright, and no orientation tag left to rotate it again
+        assert phone.getexif().get(0x0112) in (None, 1)
+
+
+def test_inputs_are_never_overwritten(tmp_path, run):
+    source = _dark_image(tmp_path / "a.jpg")
+    original = source.read_bytes()
+    code, out, err = run(source, "-o", tmp_path, "--overwrite")
+    assert code == 1 and "refusing to overwrite the input" in err
+    code, out, err = run(tmp_path, "-o", tmp_path, "--overwrite")
+    assert code == 1 and "refusing to overwrite the input" in err
+    assert source.read_bytes() == original
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, run):
+    source = _dark_image(tmp_path / "a.png")
+    out = tmp_path / "out"
+    assert run(source, "-o", out)[0] == 0
+    first = (out / "a.png").read_bytes()
+    first_mean = read_image(out / "a.png").pixels.mean()
+    code, stdout, _ = run(source, "-o", out, "--strength", "0.3")
+    assert code == 0 and _summary(stdout).startswith("lowlight: 0 written, 1 skipped")
+    assert (out / "a.png").read_bytes() == first
+    code, stdout, _ = run(source, "-o", out, "--strength", "0.3", "--overwrite")
+    assert code == 0 and _summary(stdout) == "lowlight: 1 written, 0 skipped, 0 failed"
+    assert read_image(out / "a.png").pixels.mean() < first_mean - 5  # weaker strength really was applied
+    assert (out / "a.png").read_bytes() != first
+    assert _no_hidden_files(tmp_path)
+
+
+def test_bad_weights_exit_2_naming_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"nonsense")
+    code = main(["enhance", str(_dark_image(tmp_path / "a.jpg")), "-o", str(tmp_path / "out"), "--weights", str(bad)])
+    assert code == 2 and "bad.pth" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "a.jpg").exists()
+
+
+def test_invalid_options_are_usage_errors(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["enhance", str(tmp_path), "-o", str(tmp_path / "o"), "--temporal-smoothing", "1.5"])
+    assert exit_info.value.code == 2
+
+
+def _decoded(path: Path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [(f.pts, f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+        audio = len(container.streams.audio)
+        rate = stream.average_rate
+    return frames, audio, rate
+
+
+def test_video_keeps_timestamps_and_audio_and_brightens(shared_dir, tmp_path, run):
+    source = shared_dir / "data" / "video" / "night_street.mp4"
+    out = tmp_path / "out"
+    code, stdout, err = run(source, "-o", out, "--max-frames", "6", "--chunk-size", "4")
+    assert code == 0, err
+    enhanced, audio_tracks, _ = _decoded(out / "night_street.mp4")
+    with av.open(str(source)) as container:
+        original = [(f.pts, f.to_ndarray(format="rgb24")) for _, f in zip(range(6), container.decode(video=0))]
+    assert [pts for pts, _ in enhanced] == [pts for pts, _ in original]
+    assert enhanced[0][1].shape == original[0][1].shape == (850, 478, 3)
+    assert audio_tracks == 1
+    assert np.mean([f.mean() for _, f in enhanced]) > np.mean([f.mean() for _, f in original]) + 5
+    assert _no_hidden_files(out)
+
+
+def test_temporal_smoothing_carries_across_chunks(shared_dir, tmp_path, run):
+    source = shared_dir / "data" / "video" / "night_street.mp4"
+    for chunk_size in (2, 6):
+        assert run(source, "-o", tmp_path / f"c{chunk_size}", "--max-frames", "6", "--chunk-size", chunk_size)[0] == 0
+    small, _, _ = _decoded(tmp_path / "c2" / "night_street.mp4")
+    large, _, _ = _decoded(tmp_path / "c6" / "night_street.mp4")
+    difference = np.mean([np.abs(a.astype(float) - b.astype(float)).mean() for (_, a), (_, b) in zip(small, large)])
+    assert difference < 0.5  # same frames up to encoder noise: the smoothing state is not reset per chunk
+
+
+def _synthetic_clip(path: Path, codec: str, frames: int = 8, with_audio: bool = False):
+    """A small dark clip with a gradient, optionally with a sine tone, written with PyAV."""
+    with av.open(str(path), "w") as container:
+        video = container.add_stream(codec, rate=Fraction(24))
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = None
+        if with_audio:
+            audio = container.add_stream("aac", rate=44100)
+            audio.layout = "mono"
+        for index in range(frames):
+            pixels = np.full((48, 64, 3), 20 + index, np.uint8)
+            pixels[:, :32] += 15
+            container.mux(video.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(video.encode(None))
+        if audio is not None:
+            samples = frames * 44100 // 24
+            tone = (0.2 * np.sin(np.arange(samples) * 2 * np.pi * 440 / 44100)).astype(np.float32)[None]
+            sound = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+            sound.sample_rate, sound.pts = 44100, 0
+            container.mux(audio.encode(sound))
+            container.mux(audio.encode(None))
+    return path
+
+
+@pytest.mark.parametrize("name, codec, with_audio", [("clip.mov", "libx264", True), ("clip.avi", "mpeg4", False)])
+def test_mov_and_avi_round_trip_with_fps_kept(tmp_path, run, name, codec, with_audio):
+    source = _synthetic_clip(tmp_path / name, codec, with_audio=with_audio)
+    code, _, err = run(source, "-o", tmp_path / "out", "--no-temporal-smoothing")
+    assert code == 0, err
+    frames, audio_tracks, rate = _decoded(tmp_path / "out" / name)
+    assert len(frames) == 8 and frames[0][1].shape == (48, 64, 3)
+    assert rate == 24 and audio_tracks == int(with_audio)
+
+
+def test_failure_in_the_middle_of_a_video_leaves_no_file(shared_dir, tmp_path, run, monkeypatch):
+    calls = []
+    original_write = video_io.VideoWriter.write
+
+    def failing_write(self, chunk):
+        calls.append(len(chunk.pts))
+        if len(calls) == 2:
+            raise RuntimeError("simulated encoder failure")
+        original_write(self, chunk)
+
+    monkeypatch.setattr(video_io.VideoWriter, "write", failing_write)
+    source = shared_dir / "data" / "video" / "night_street.mp4"
+    code, out, err = run(source, "-o", tmp_path / "out", "--max-frames", "4", "--chunk-size", "2")
+    assert code == 1 and "simulated encoder failure" in err and "night_street.mp4" in err
+    assert _summary(out) == "lowlight: 0 written, 0 skipped, 1 failed"
+    assert list((tmp_path / "out").iterdir()) == []  # neither the output nor its temporary file
+
+
+def test_python_dash_m_entry_point(tmp_path, official_weights):
+    result = subprocess.run(
+        [sys.executable, "-m", "comfyui_lowlight", "enhance", str(REPO_ROOT / "assets" / "sample_night.jpg"),
+         "-o", str(tmp_path), "--weights", str(official_weights), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("1 written, 0 skipped, 0 failed")
+    assert read_image(tmp_path / "sample_night.jpg").pixels.shape == (384, 512, 3)
