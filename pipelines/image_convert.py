@@ -14,7 +14,8 @@ Accepted inputs (see :func:`to_tensor_batch`):
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+import warnings
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -210,7 +211,10 @@ def _from_pil(images: list, single: bool, keep_uint8: bool):
 
 def _finish(rgb, alpha, gray, dtype, keep_uint8, unbatch, pil=None):
     """Shared tail: NHWC array -> channels-last ``[B, 3, H, W]`` tensor, plus the matching restore function."""
-    tensor = torch.from_numpy(rgb).permute(0, 3, 1, 2)  # channels-last view, no copy
+    with warnings.catch_warnings():
+        # PIL arrays are read-only; the view is only ever read (outputs are new tensors).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(rgb).permute(0, 3, 1, 2)  # channels-last view, no copy
     if not (keep_uint8 and dtype == np.uint8):
         scale = _array_scale(dtype, "images")
         tensor = tensor.float()

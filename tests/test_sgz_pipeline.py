@@ -1,0 +1,207 @@
+"""SGZPipeline: input kinds, sizes, dtypes, exposure control, temporal smoothing, errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_lowlight.pipelines import SGZPipeline
+from comfyui_lowlight.pipelines.image_convert import to_tensor_batch
+from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS, EnhancementFactorEstimator, init_weights_for_training
+
+
+@pytest.fixture(scope="module")
+def pipe(shared_dir):
+    return SGZPipeline.from_pretrained(shared_dir / "reference" / "sgz" / "Epoch99.pth")
+
+
+@pytest.fixture(scope="module")
+def low_u8(shared_dir):
+    """A real LOL low-light image crop, uint8 HxWx3 (odd size on purpose)."""
+    return np.asarray(Image.open(shared_dir / "data" / "lol_eval15" / "low" / "1.png").convert("RGB"))[:97, :131].copy()
+
+
+@pytest.fixture(scope="module")
+def golden(shared_dir):
+    return dict(np.load(shared_dir / "reference" / "sgz" / "golden_official.npz"))
+
+
+def test_numpy_uint8_matches_golden(pipe, golden):
+    out, factor = pipe(golden["lol111_s12_input_u8"], return_factor=True)
+    expected = np.round(np.clip(golden["lol111_s12_output"], 0, 1) * 255)
+    assert out.dtype == np.uint8 and out.shape == expected.shape
+    assert np.abs(out.astype(np.float64) - expected).max() <= 1
+    expected_factor = np.round((golden["lol111_s12_factor"] + 1) / 2 * 255)
+    assert factor.dtype == np.uint8 and np.abs(factor.astype(np.float64) - expected_factor).max() <= 1
+
+
+def test_torch_matches_golden_and_returns_raw_factor(pipe, golden):
+    image = torch.from_numpy(golden["lol1_s1_input_u8"]).permute(2, 0, 1)[None].float() / 255.0
+    out, factor = pipe(image, downscale=1, return_factor=True)
+    assert out.dtype == torch.float32 and out.shape == image.shape
+    assert (out - torch.from_numpy(golden["lol1_s1_output"]).permute(2, 0, 1)).abs().max() < 1e-4
+    assert (factor - torch.from_numpy(golden["lol1_s1_factor"]).permute(2, 0, 1)).abs().max() < 1e-4
+    assert factor.min() < 0  # raw -1..1, not remapped
+
+
+def test_input_kinds_round_trip(pipe, low_u8):
+    reference = pipe(low_u8)
+    pil = pipe(Image.fromarray(low_u8))
+    assert isinstance(pil, Image.Image) and pil.mode == "RGB" and np.array_equal(np.asarray(pil), reference)
+    pils = pipe([Image.fromarray(low_u8)] * 2)
+    assert isinstance(pils, list) and len(pils) == 2
+    batch = pipe(np.stack([low_u8, low_u8[::-1].copy()]))
+    assert batch.shape == (2, *low_u8.shape) and np.array_equal(batch[0], reference)
+    single_tensor = pipe(torch.from_numpy(low_u8).permute(2, 0, 1).float() / 255)
+    assert single_tensor.shape == (3, *low_u8.shape[:2])
+    as_float = pipe(low_u8.astype(np.float32) / 255)
+    assert as_float.dtype == np.float32 and np.abs(as_float * 255 - reference).max() <= 1
+    as_16 = pipe(low_u8.astype(np.uint16) * 257)
+    assert as_16.dtype == np.uint16 and np.abs(as_16 / 257.0 - reference).max() <= 1
+
+
+def test_alpha_and_gray_are_kept(pipe, low_u8):
+    alpha = np.arange(low_u8.shape[0] * low_u8.shape[1], dtype=np.uint8).reshape(low_u8.shape[:2])
+    rgba = np.dstack([low_u8, alpha])
+    out = pipe(rgba)
+    assert out.shape == rgba.shape and np.array_equal(out[..., 3], alpha)
+    assert np.array_equal(out[..., :3], pipe(low_u8))
+    pil_rgba = pipe(Image.fromarray(rgba, "RGBA"))
+    assert pil_rgba.mode == "RGBA" and np.array_equal(np.asarray(pil_rgba)[..., 3], alpha)
+    gray = low_u8[..., 1]
+    assert pipe(gray).shape == gray.shape
+    pil_gray = pipe(Image.fromarray(gray, "L"))
+    assert pil_gray.mode == "L" and pil_gray.size == (gray.shape[1], gray.shape[0])
+    assert np.asarray(pil_gray).mean() > gray.mean() + 10  # brightened
+    _, factor = pipe(Image.fromarray(gray, "L"), return_factor=True)
+    assert factor.mode == "RGB"  # factor maps stay 3-channel
+
+
+def test_list_of_different_sizes(pipe, low_u8):
+    images = [Image.fromarray(low_u8), Image.fromarray(low_u8[:40, :51])]
+    out, factors = pipe(images, return_factor=True)
+    assert [im.size for im in out] == [im.size for im in images] == [im.size for im in factors]
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 2), (2, 1), (3, 5), (11, 13), (25, 37)])
+def test_tiny_and_odd_sizes(pipe, size):
+    image = torch.rand(2, 3, *size)
+    out = pipe(image)
+    assert out.shape == image.shape and torch.isfinite(out).all()
+    assert (pipe(image[:1]) - out[:1]).abs().max() < 1e-6  # batch items are independent
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_and_models(pipe, low_u8, shared_dir, dtype):
+    image = torch.from_numpy(low_u8).permute(2, 0, 1)[None].float() / 255
+    reference = pipe(image)
+    out = pipe(image.to(dtype))
+    assert out.dtype == dtype and out.shape == image.shape
+    assert (out.float() - reference).abs().max() < 2e-2
+    low_model = SGZPipeline.from_pretrained(shared_dir / "reference" / "sgz" / "Epoch99.pth", dtype=dtype)
+    assert low_model.dtype == dtype
+    out = low_model(image)
+    assert out.dtype == torch.float32 and (out - reference).abs().mean() < 2e-2
+
+
+def test_large_image_full_size(pipe):
+    # 6000 x 8000 uint8: memory and size handling of the whole path (factor at 500 x 667, fused tiles).
+    image = np.full((6000, 8000, 3), 40, dtype=np.uint8)
+    image[:, ::7] = 10
+    out = pipe(image)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert out.mean() > image.mean()
+
+
+def test_strength_is_an_exposure_control(pipe, low_u8):
+    image = torch.from_numpy(low_u8).permute(2, 0, 1)[None].float() / 255
+    assert torch.equal(pipe(image, strength=0.0), image)
+    assert torch.equal(pipe(image, recurrences=0), image)
+    means = [pipe(image, strength=s).mean().item() for s in (0.25, 0.5, 1.0, 1.5, 2.0)]
+    assert means == sorted(means) and means[0] < means[-1]
+    by_recurrences = [pipe(image, recurrences=r).mean().item() for r in (2, 4, 8, 12)]
+    assert by_recurrences == sorted(by_recurrences)
+    bright = pipe(image, strength=4.0)
+    assert bright.min() >= 0 and bright.max() <= 1  # factor clamped: the curve stays inside 0..1
+
+
+def _flicker_sequence(low_u8, frames=12):
+    base = torch.from_numpy(low_u8).permute(2, 0, 1).float() / 255
+    gains = torch.tensor([1.0, 1.6] * (frames // 2))
+    return (base[None] * gains[:, None, None, None]).clamp(0, 1)
+
+
+def _factor_change(factors: torch.Tensor) -> float:
+    means = factors.mean(dim=(1, 2, 3))
+    return (means[1:] - means[:-1]).abs().mean().item()
+
+
+def test_temporal_smoothing_reduces_flicker(pipe, low_u8):
+    frames = _flicker_sequence(low_u8)
+    _, raw = pipe(frames, return_factor=True)
+    _, smooth = pipe(frames, temporal_smoothing=0.8, return_factor=True)
+    assert _factor_change(smooth) < 0.5 * _factor_change(raw)
+    assert torch.equal(smooth[0], raw[0])  # the first frame starts the average
+
+
+def test_video_state_carries_smoothing_across_calls(pipe, low_u8):
+    frames = _flicker_sequence(low_u8)
+    whole = pipe(frames, temporal_smoothing=0.7)
+    state = pipe.new_video_state()
+    chunks = [pipe(frames[i : i + 5], temporal_smoothing=0.7, video_state=state) for i in range(0, 12, 5)]
+    assert (torch.cat(chunks) - whole).abs().max() < 1e-6
+    assert state.factor is not None
+    pipe(frames[:1, :, :40, :40], temporal_smoothing=0.7, video_state=state)  # other size: restarts, no error
+    assert state.factor.shape[-2:] == (3, 3)
+
+
+def test_bad_inputs_raise_clear_errors(pipe):
+    image = torch.rand(1, 3, 8, 8)
+    image[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pipe(image)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pipe(np.full((4, 4, 3), np.inf, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        pipe(torch.rand(1, 4, 8, 8))
+    with pytest.raises(TypeError, match="PIL.Image"):
+        pipe("image.png")
+    with pytest.raises(ValueError, match="temporal_smoothing"):
+        pipe(torch.rand(1, 3, 8, 8), temporal_smoothing=1.0)
+    with pytest.raises(ValueError, match="strength"):
+        pipe(torch.rand(1, 3, 8, 8), strength=float("nan"))
+    with pytest.raises(ValueError, match="same size"):
+        to_tensor_batch([Image.new("RGB", (4, 4)), Image.new("RGB", (5, 4))])
+
+
+def test_weights_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        SGZPipeline.from_pretrained(tmp_path / "missing.safetensors")
+    if SHIPPED_WEIGHTS.is_file():
+        assert isinstance(SGZPipeline.from_pretrained().model, EnhancementFactorEstimator)
+    else:
+        with pytest.raises(FileNotFoundError, match="sgz_lowlight.safetensors"):
+            SGZPipeline.from_pretrained()
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = EnhancementFactorEstimator()
+    init_weights_for_training(model)
+    pipe = SGZPipeline(model)
+    path = pipe.save_pretrained(tmp_path)
+    assert path.name == "sgz_lowlight.safetensors"
+    image = torch.rand(1, 3, 30, 40)
+    assert torch.equal(SGZPipeline.from_pretrained(tmp_path)(image), pipe(image))
+    assert pipe.to("cpu") is pipe and pipe.device.type == "cpu"
+
+
+def test_pipeline_does_not_import_diffusers():
+    code = (
+        "import sys, comfyui_lowlight.pipelines.sgz_pipeline as m; "
+        "assert 'diffusers' not in sys.modules and 'transformers' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
