@@ -299,12 +299,167 @@ class ComfyServer:
         return target
 
 
+# Example inputs named by the pack's workflows (workflows/*.json), made from ../shared material.
+EXAMPLE_IMAGE = "night_example.png"  # LOL eval15 low/111.png, 600x400
+EXAMPLE_FRAMES = "night_frames.webp"  # 8 frames of data/video/night_street.mp4, lossless animated WebP
+EXAMPLE_FRAME_COUNT = 8
+OFFICIAL_SGZ = "Epoch99.pth"
+SHIPPED_SGZ_CHOICE = "lora_weights/sgz_lowlight.safetensors"
+
+
+def stage_examples(server: ComfyServer, shared: Path) -> None:
+    """Put the workflows' example inputs in the server's input folder and the official SGZ weights in models/sgz."""
+    server.add_input(shared / "data" / "lol_eval15" / "low" / "111.png", EXAMPLE_IMAGE)
+    frames_path = server.input_dir / EXAMPLE_FRAMES
+    if not frames_path.exists():
+        import av
+
+        frames = []
+        with av.open(str(shared / "data" / "video" / "night_street.mp4")) as container:
+            for frame in container.decode(video=0):
+                frames.append(frame.to_image())
+                if len(frames) == EXAMPLE_FRAME_COUNT:
+                    break
+        frames[0].save(frames_path, save_all=True, append_images=frames[1:], lossless=True, duration=100)
+    server.add_model("sgz", shared / "reference" / "sgz" / OFFICIAL_SGZ)
+
+
+def runnable(graph: dict) -> dict:
+    """``graph`` with SGZ weights it can run with here: the shipped file, or the official one until it ships."""
+    if (REPO_ROOT / SHIPPED_SGZ_CHOICE).is_file():
+        return graph
+    graph = json.loads(json.dumps(graph))
+    for node in graph.values():
+        if node["inputs"].get("weights") == SHIPPED_SGZ_CHOICE:
+            node["inputs"]["weights"] = OFFICIAL_SGZ
+    return graph
+
+
 def history_error(entry: dict) -> Optional[dict]:
     """The ``execution_error`` message of a failed history entry (``node_id``, ``node_type``, ``exception_message``)."""
     for kind, message in entry.get("status", {}).get("messages", []):
         if kind == "execution_error":
             return message
     return None
+
+
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run",
+)
+CHROMIUM_PACKAGES = ("chromium", "chromium-driver")  # Debian
+
+
+def ensure_chromium() -> tuple:
+    """Paths of ``chromium`` and ``chromedriver``; installs the Debian packages when missing (as root with apt)."""
+    found = shutil.which("chromium"), shutil.which("chromedriver")
+    if all(found):
+        return found
+    command = f"apt-get update && apt-get install -y {' '.join(CHROMIUM_PACKAGES)}"
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise HostError(f"headless Chromium is missing; install it with: {command}")
+    log = Path.home() / ".cache" / "comfyui-lowlight" / "chromium-install.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    _run(["apt-get", "update"], "apt-get update", log, env=env)
+    _run(["apt-get", "install", "-y", "--no-install-recommends", *CHROMIUM_PACKAGES], "apt-get install chromium", log,
+         env=env)
+    found = shutil.which("chromium"), shutil.which("chromedriver")
+    if not all(found):
+        raise HostError(f"{command} ran but chromium/chromedriver are still not on PATH (log {log})")
+    return found
+
+
+class ComfyBrowser:
+    """The server's own web UI in headless Chromium (selenium), with helpers around the page's ``window.app``."""
+
+    def __init__(self, server: ComfyServer, width: int = 1600, height: int = 1000):
+        from selenium import webdriver
+
+        chromium, chromedriver = ensure_chromium()
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for flag in CHROMIUM_FLAGS:
+            options.add_argument(flag)
+        options.add_argument(f"--window-size={width},{height}")
+        # Explicit driver path: selenium never tries to download a driver.
+        self.driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromedriver))
+        self.driver.set_script_timeout(60)
+        self.server = server
+
+    def open(self, timeout: float = 60.0) -> None:
+        """Load the UI and wait until the node definitions from ``/object_info`` are registered."""
+        self.driver.get(self.server.url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready = self.driver.execute_script(
+                "return !!(window.app && window.app.graph && window.LiteGraph"
+                " && Object.keys(LiteGraph.registered_node_types).includes('SaveImage'))"
+            )
+            if ready:
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"ComfyUI web UI not ready after {timeout:.0f} s; browser log: {self.console_log()}")
+
+    def console_log(self) -> list:
+        try:
+            return [entry["message"] for entry in self.driver.get_log("browser")]
+        except Exception:  # not every driver exposes logs
+            return []
+
+    def load_workflow(self, workflow: dict) -> Optional[str]:
+        """``app.loadGraphData(workflow)`` as the UI's Load does; returns the text of any dialog it opened, else None."""
+        error = self.driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "app.ui.dialog.close();"
+            "app.loadGraphData(arguments[0]).then(() => done(null), (e) => done(String(e)));",
+            workflow,
+        )
+        if error:
+            return f"loadGraphData failed: {error}"
+        return self.driver.execute_script(
+            "const d = app.ui.dialog.element;"
+            "return d.style.display === 'none' || !d.textContent.trim() ? null : d.textContent.trim();"
+        )
+
+    def graph_to_prompt(self) -> dict:
+        """The API-format graph the UI would queue for the loaded workflow (``app.graphToPrompt().output``)."""
+        return self.driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "app.graphToPrompt().then((p) => done(p.output), (e) => done({error: String(e)}));"
+        )
+
+    def screenshot_graph(self, path: Path, margin: float = 40.0) -> Path:
+        """Fit the whole graph into the canvas (menu hidden) and save a PNG of the canvas to ``path``."""
+        self.driver.execute_script(
+            """
+            const margin = arguments[0];
+            document.querySelectorAll('.comfy-menu').forEach((m) => (m.style.display = 'none'));
+            const canvas = app.canvas, nodes = app.graph._nodes;
+            let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+            for (const n of nodes) {
+                x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT);
+                x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
+            }
+            const w = x1 - x0 + 2 * margin, h = y1 - y0 + 2 * margin;
+            const cw = canvas.canvas.width, ch = canvas.canvas.height;
+            const scale = Math.min(cw / w, ch / h, 1.25);
+            canvas.ds.scale = scale;
+            canvas.ds.offset = [-x0 + margin + (cw / scale - w) / 2, -y0 + margin + (ch / scale - h) / 2];
+            canvas.setDirty(true, true);
+            canvas.draw(true, true);
+            """,
+            margin,
+        )
+        time.sleep(0.5)  # let image previews finish decoding and the canvas repaint
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        from selenium.webdriver.common.by import By
+
+        self.driver.find_element(By.CSS_SELECTOR, "canvas#graph-canvas").screenshot(str(path))
+        return Path(path)
+
+    def close(self) -> None:
+        self.driver.quit()
 
 
 @pytest.fixture(scope="session")
@@ -317,6 +472,18 @@ def comfy_server(tmp_path_factory) -> ComfyServer:
         pytest.fail(str(exc), pytrace=False)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def comfy_browser(comfy_server) -> ComfyBrowser:
+    """Headless Chromium on the session server's web UI. Fails (never skips) when Chromium cannot be set up."""
+    try:
+        browser = ComfyBrowser(comfy_server)
+        browser.open()
+    except HostError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield browser
+    browser.close()
 
 
 if __name__ == "__main__":

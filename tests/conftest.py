@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helpers (comfy_host) importable by test modules
-from comfy_host import comfy_server  # noqa: E402,F401  session fixture: one real ComfyUI server for all modules
+from comfy_host import comfy_browser, comfy_server  # noqa: E402,F401  session fixtures: real ComfyUI + its web UI
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
