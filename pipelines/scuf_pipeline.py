@@ -322,6 +322,9 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         layer_names = [name[: -len(".processor")] for name in self.unet.attn_processors]
         tensors, config, base_shapes, _ = load_scuf_file(path, direction, layer_names)
         if self.scuf_config is None:
+            # check on a meta-device shadow first, so that a bad file leaves this pipeline untouched
+            expected, vae_state = self._meta_expected(config)
+            check_compatible(os.fspath(path), expected, tensors, base_shapes, vae_state)
             self.init_scuf_modules(config, init="none")
         elif self.scuf_config != config:
             raise SCUFWeightsError(
@@ -333,6 +336,18 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         copy_into(expected, tensors)
         return config
 
+    def _meta_expected(self, config: SCUFConfig) -> tuple[dict, dict]:
+        """SCUF parameters and VAE state of a weightless (meta-device) copy with modules for ``config``."""
+        with torch.device("meta"):
+            vae = type(self.vae).from_config(self.vae.config)
+            unet = type(self.unet).from_config(self.unet.config)
+            image_proj = ImagePromptProjector(
+                unet.config.cross_attention_dim, config.clip_embedding_dim, config.num_image_tokens
+            )
+        add_scuf_vae_modules(vae, config.lora_rank, config.lora_alpha, config.lora_target_modules, skip_init=None)
+        add_cycle_attn_processors(unet, config.num_image_tokens, init="none")
+        return scuf_parameters(vae, image_proj, unet), vae.state_dict()
+
     def save_scuf_weights(self, path, direction: str = "a2b") -> None:
         """Write the SCUF tensors in our safetensors format (atomic)."""
         if self.scuf_config is None:
@@ -342,6 +357,7 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
     def save_pretrained(self, save_directory, **kwargs):
         """Save the plain base components (diffusers layout) and ``scuf_weights.safetensors`` beside them."""
         from diffusers import AutoencoderKL
+        from diffusers.models.attention_processor import AttnProcessor2_0
 
         if self.scuf_config is None:
             return super().save_pretrained(save_directory, **kwargs)
@@ -355,7 +371,7 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
             plain_vae = AutoencoderKL.from_config(vae.config)
         plain_vae.load_state_dict(clean, assign=True, strict=True)
         try:
-            self.unet.set_default_attn_processor()
+            self.unet.set_attn_processor(AttnProcessor2_0())
             self.register_modules(vae=plain_vae, image_proj=None)
             super().save_pretrained(save_directory, **kwargs)
         finally:

@@ -261,17 +261,19 @@ def check_compatible(path, expected: dict[str, torch.Tensor], tensors: dict[str,
     problems = []
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
-    shapes = [
-        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)
-    ]
+    shapes = []
     if base_shapes and vae_state is not None:
+        # base tensors first: they say most directly that the checkpoint belongs to another base model
         shapes += [
             f"vae.{k}: file {shape} vs base VAE {tuple(vae_state[k].shape) if k in vae_state else 'absent'}"
             for k, shape in base_shapes.items()
             if k not in vae_state or tuple(vae_state[k].shape) != shape
         ]
+    shapes += [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)
+    ]
     if missing:
         problems.append(f"missing {len(missing)} key(s):" + _listing(missing))
     if unexpected:
