@@ -429,6 +429,41 @@ class ComfyBrowser:
             "app.graphToPrompt().then((p) => done(p.output), (e) => done({error: String(e)}));"
         )
 
+    def set_widget_values(self, node_id: int, values: dict) -> None:
+        """Set widgets of a node in the loaded graph, as a user editing them would."""
+        self.driver.execute_script(
+            "const node = app.graph.getNodeById(arguments[0]);"
+            "for (const [name, value] of Object.entries(arguments[1])) {"
+            "  const widget = node.widgets.find((w) => w.name === name); widget.value = value; widget.callback?.(value);"
+            "}",
+            node_id, values,
+        )
+
+    def queue_and_wait(self, timeout: float = 120.0) -> None:
+        """Press "Queue Prompt" and wait until every output node of the graph shows its loaded images.
+
+        Raises ``AssertionError`` with the UI's error dialog text if the run fails.
+        """
+        self.driver.execute_script("app.ui.dialog.close(); app.queuePrompt(0, 1);")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.driver.execute_script(
+                """
+                const d = app.ui.dialog.element;
+                if (d.style.display !== 'none' && d.textContent.trim()) return {error: d.textContent.trim()};
+                const outputs = app.graph._nodes.filter((n) => n.constructor.nodeData?.output_node);
+                const shown = outputs.every((n) => app.nodeOutputs[n.id] && n.imgs && n.imgs.length
+                                                   && n.imgs.every((img) => img.complete && img.naturalWidth > 0));
+                return {done: shown};
+                """
+            )
+            if state.get("error"):
+                raise AssertionError(f"the UI reported: {state['error']}\nserver log:\n{self.server.log_tail()}")
+            if state["done"]:
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"outputs not shown in the UI after {timeout:.0f} s; server log:\n{self.server.log_tail()}")
+
     def screenshot_graph(self, path: Path, margin: float = 40.0) -> Path:
         """Fit the whole graph into the canvas (menu hidden) and save a PNG of the canvas to ``path``."""
         self.driver.execute_script(
