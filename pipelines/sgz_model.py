@@ -31,6 +31,7 @@ SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "lora_weights" / "sgz_lo
 # Elements per tile of the fused CPU path: below torch's intra-op grain size (32768), so each op runs on its
 # thread, and the 4 float32 tile buffers (4 x 128 KB) stay in L2.
 _TILE_ELEMENTS = 32000
+_PY_THREADS = True
 
 PathLike = Union[str, os.PathLike]
 
@@ -212,15 +213,36 @@ def estimate_factor_lowres(model: nn.Module, image: torch.Tensor, downscale: flo
     """
     _check_image(image)
     param = next(model.parameters())
-    height, width = image.shape[-2:]
-    small_size = lowres_size(height, width, downscale)
-    x = image.to(device=param.device)
-    if x.dtype == torch.uint8:
-        x = x.float() / 255.0
-    if small_size != (height, width):
-        # Resize in float32 (CPU half lacks some kernels); the result is tiny.
-        x = F.interpolate(x.float(), size=small_size, mode="bilinear", align_corners=False)
+    x = downsample_bilinear(image.to(device=param.device), lowres_size(*image.shape[-2:], downscale))
     return model(x.to(param.dtype))
+
+
+def _source_index(out_size: int, in_size: int, device: torch.device):
+    """Neighbour indices and weight of ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis."""
+    src = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5)
+    src = src.clamp_(min=0)
+    lower = src.floor().long().clamp_(max=in_size - 1)
+    upper = (lower + 1).clamp_(max=in_size - 1)
+    return lower, upper, (src - lower).float()
+
+
+def downsample_bilinear(image: torch.Tensor, size: tuple) -> torch.Tensor:
+    """``F.interpolate(image, size, mode="bilinear", align_corners=False)`` in float32, reading only the pixels used.
+
+    Without antialiasing each output pixel reads 2x2 input pixels, so gathering those rows and columns first
+    avoids converting the whole (possibly uint8, possibly huge) frame. ``image``: ``[B, 3, H, W]`` float 0..1 or
+    uint8 0..255. Returns ``[B, 3, *size]`` float32 0..1.
+    """
+    x = image
+    for dim, out_size in ((2, size[0]), (3, size[1])):
+        if x.shape[dim] == out_size:
+            continue
+        lower, upper, weight = _source_index(out_size, x.shape[dim], x.device)
+        shape = [1, 1, 1, 1]
+        shape[dim] = -1
+        x = torch.lerp(x.index_select(dim, lower).float(), x.index_select(dim, upper).float(), weight.view(shape))
+    x = x.float()
+    return x / 255.0 if image.dtype == torch.uint8 else x
 
 
 def upsample_factor(factor_lowres: torch.Tensor, size: tuple) -> torch.Tensor:
@@ -257,90 +279,104 @@ def _check_recurrences(recurrences: int) -> None:
         raise ValueError(f"recurrences: expected an integer >= 0, got {recurrences!r}")
 
 
-def _row_interpolation(out_size: int, in_size: int, device: torch.device):
-    """Source rows and weights of an align_corners=True bilinear resize along one axis."""
+def _interpolation_tiles(out_size: int, in_size: int, tile_rows: int, device: torch.device):
+    """Banded matrices of an align_corners=True bilinear resize along H, one per tile of ``tile_rows`` output rows.
+
+    Returns ``(matrices [tiles, tile_rows, band], first_source_row [tiles])``: rows ``r0..r0+n`` of the resized
+    factor are ``matrices[i, :n, :k] @ source[first[i] : first[i] + k]`` (one small matmul per tile instead of
+    gather + gather + lerp). Rows sum to 1.
+    """
     if out_size > 1 and in_size > 1:
-        scale = (in_size - 1) / (out_size - 1)
-        src = torch.arange(out_size, device=device, dtype=torch.float32) * scale
+        src = torch.arange(out_size, device=device, dtype=torch.float64) * ((in_size - 1) / (out_size - 1))
     else:
-        src = torch.zeros(out_size, device=device, dtype=torch.float32)
+        src = torch.zeros(out_size, device=device, dtype=torch.float64)
     lower = src.floor().long().clamp_(0, in_size - 1)
     upper = (lower + 1).clamp_(max=in_size - 1)
-    return lower, upper, src - lower.float()
+    weight = (src - lower).float()
+    rows = torch.arange(out_size, device=device)
+    tile = rows // tile_rows
+    first = lower[::tile_rows].clone()
+    band = int((upper - first[tile]).max()) + 1
+    matrices = torch.zeros(len(first), tile_rows, band, device=device)
+    local = rows % tile_rows
+    matrices.index_put_((tile, local, lower - first[tile]), 1.0 - weight, accumulate=True)
+    matrices.index_put_((tile, local, upper - first[tile]), weight, accumulate=True)
+    return matrices, first
 
 
 def _fused_rows(
     image: torch.Tensor,
-    factor_rows: Callable[[int, int, int, torch.Tensor, torch.Tensor], None],
+    factor_rows: Callable[[int, int, int, int, torch.Tensor, torch.Tensor], None],
     recurrences: int,
     out: torch.Tensor,
+    rows: int,
 ) -> torch.Tensor:
-    """Shared tile loop: for each image and block of rows, build the factor tile, run all recurrences, store.
+    """Shared tile loop: for each image and block of ``rows`` rows, build the factor tile, run all recurrences, store.
 
     Works in the memory layout of ``image``/``out`` (NCHW or channels-last): tiles are slices along H of the
-    layout's own dims, so every buffer is contiguous. ``factor_rows(b, r0, n, f_out, scratch)`` fills the factor
-    tile. The recurrence is rewritten as ``x <- x * ((1 - f) + f * x)`` (the same polynomial), 2 in-place ops.
+    layout's own dims, so every buffer is contiguous. ``factor_rows(tile, b, r0, n, f, g)`` fills the factor tile
+    ``f`` and ``g = 1 - f``. The recurrence is rewritten as ``x <- x * (g + f * x)`` (the same polynomial), so a
+    step is 2 in-place ops; uint8 input is scaled while converting, uint8 output is scaled in the last step.
 
-    On CPU the tiles are small enough (< torch's intra-op grain size) that each op runs on the calling thread and
-    its buffers stay in L2; the tiles are shared among ``torch.get_num_threads()`` Python threads instead (torch
-    releases the GIL inside ops). Other devices get one tile per image.
+    On CPU each tile is smaller than torch's intra-op grain size, so each op runs on the calling thread with its
+    buffers in L2; tiles are handed out to ``torch.get_num_threads()`` Python threads instead (torch releases the
+    GIL inside ops). Other devices get one tile per image.
     """
     batch, _, height, width = image.shape
     channels_last = _is_channels_last(image, out)
     if channels_last:
         src, dst = image.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)  # [B, H, W, 3]
 
-        def tile(t, b, r0, n):
+        def tile_of(t, b, r0, n):
             return t[b, r0 : r0 + n]
     else:
         src, dst = image, out
 
-        def tile(t, b, r0, n):
+        def tile_of(t, b, r0, n):
             return t[b, :, r0 : r0 + n]
 
-    on_cpu = image.device.type == "cpu"
-    rows = max(1, min(height, _TILE_ELEMENTS // (3 * width))) if on_cpu else height
-    tasks = [(b, r0, min(rows, height - r0)) for b in range(batch) for r0 in range(0, height, rows)]
+    tiles_per_image = -(-height // rows)
+    tasks = iter([(b, i) for b in range(batch) for i in range(tiles_per_image)])
+    lock = threading.Lock()
     direct = out.dtype == torch.float32  # compute straight in the output tensor
     from_uint8 = image.dtype == torch.uint8
     to_uint8 = out.dtype == torch.uint8
-
-    pending = iter(tasks)
-    lock = threading.Lock()
-
-    # Inference mode is thread-local: workers must inherit the caller's (ComfyUI runs nodes inside it, and then
-    # `out` is an inference tensor that only inference-mode code may write).
-    inference_mode = torch.is_inference_mode_enabled()
+    # x * (g + f x) * 255 + 0.5, truncated by the uint8 copy = round half up (x >= 0 since |f| <= 1).
+    half = torch.tensor(0.5, device=image.device)
 
     def run():
-        with torch.inference_mode(inference_mode):
-            run_tiles()
-
-    def run_tiles():
         shape = (rows, width, 3) if channels_last else (3, rows, width)
         x_buf, f_buf, g_buf, t_buf = (torch.empty(shape, device=image.device, dtype=torch.float32) for _ in range(4))
         while True:
             with lock:
-                b, r0, n = next(pending, (None, None, None))
+                b, i = next(tasks, (None, None))
             if b is None:
                 return
+            r0 = i * rows
+            n = min(rows, height - r0)
             f, g, t, x = (buf[:n] if channels_last else buf[:, :n] for buf in (f_buf, g_buf, t_buf, x_buf))
             if direct:
-                x = tile(dst, b, r0, n)
-            x.copy_(tile(src, b, r0, n))
+                x = tile_of(dst, b, r0, n)
             if from_uint8:
-                x.mul_(1.0 / 255.0)
-            factor_rows(b, r0, n, f, t)
-            torch.sub(1.0, f, out=g)
-            for _ in range(recurrences):
+                torch.mul(tile_of(src, b, r0, n), 1.0 / 255.0, out=x)
+            else:
+                x.copy_(tile_of(src, b, r0, n))
+            factor_rows(i, b, r0, n, f, g)
+            for step in range(recurrences):
                 torch.addcmul(g, f, x, out=t)
-                x.mul_(t)
+                if to_uint8 and step == recurrences - 1:
+                    torch.addcmul(half, x, t, value=255.0, out=x)
+                else:
+                    x.mul_(t)
+            if to_uint8:
+                if recurrences == 0:
+                    x.mul_(255.0).add_(0.5)
+                if not from_uint8:  # float input may lie outside 0..1
+                    x.clamp_(0.0, 255.0)
             if not direct:
-                if to_uint8:
-                    x.clamp_(0.0, 1.0).mul_(255.0).round_()
-                tile(dst, b, r0, n).copy_(x)
+                tile_of(dst, b, r0, n).copy_(x)
 
-    workers = min(len(tasks), torch.get_num_threads()) if on_cpu else 1
+    workers = min(batch * tiles_per_image, torch.get_num_threads()) if image.device.type == "cpu" else 1
     if workers <= 1:
         run()
     else:
@@ -349,6 +385,12 @@ def _fused_rows(
             for future in [pool.submit(run) for _ in range(workers)]:
                 future.result()
     return out
+
+
+def _tile_rows(image: torch.Tensor) -> int:
+    if image.device.type != "cpu":
+        return image.shape[2]
+    return max(1, min(image.shape[2], _TILE_ELEMENTS // (3 * image.shape[3])))
 
 
 def _new_output(image: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -362,18 +404,20 @@ def _is_channels_last(image: torch.Tensor, out: torch.Tensor) -> bool:
 @torch.no_grad()
 def _apply_recurrence_fused(image, factor, recurrences, out_dtype):
     out = _new_output(image, out_dtype)
-    factor = factor.expand_as(image)
+    factor = factor.expand_as(image).clamp(-1.0, 1.0)
     if _is_channels_last(image, out):
-        factor_layout = factor.permute(0, 2, 3, 1)
+        factor = factor.permute(0, 2, 3, 1)
 
-        def factor_rows(b, r0, n, f, scratch):
-            f.copy_(factor_layout[b, r0 : r0 + n])
+        def factor_rows(i, b, r0, n, f, g):
+            f.copy_(factor[b, r0 : r0 + n])
+            torch.sub(1.0, f, out=g)
     else:
 
-        def factor_rows(b, r0, n, f, scratch):
+        def factor_rows(i, b, r0, n, f, g):
             f.copy_(factor[b, :, r0 : r0 + n])
+            torch.sub(1.0, f, out=g)
 
-    return _fused_rows(image, factor_rows, recurrences, out)
+    return _fused_rows(image, factor_rows, recurrences, out, _tile_rows(image))
 
 
 def apply_recurrence(
@@ -388,7 +432,7 @@ def apply_recurrence(
         out_dtype: output dtype (default: the image's; uint8 gives rounded 0..255).
     Returns:
         ``[B, 3, H, W]``. When autograd needs it (training), this is the reference loop and is differentiable;
-        otherwise a fused, tiled, in-place pass computed in float32.
+        otherwise a fused, tiled, in-place pass computed in float32 (factor clamped to -1..1).
     """
     _check_image(image)
     _check_recurrences(recurrences)
@@ -413,7 +457,7 @@ def enhance(
 
     Args:
         image: ``[B, 3, H, W]`` in 0..1 (float of any dtype, or uint8 0..255; NCHW or channels-last).
-        factor_lowres: ``[B, 3, h, w]`` factor in -1..1 (e.g. from :func:`estimate_factor_lowres`).
+        factor_lowres: ``[B, 3, h, w]`` factor in -1..1 (clamped to it), e.g. from :func:`estimate_factor_lowres`.
         recurrences: number of RIE steps.
         out_dtype: output dtype (default: the image's; uint8 gives rounded 0..255). Same memory layout as image.
     Returns:
@@ -430,20 +474,31 @@ def enhance(
     small_h = factor_lowres.shape[2]
     out = _new_output(image, out_dtype)
     channels_last = _is_channels_last(image, out)
-    # Resize along W first at low resolution (cheap), then interpolate rows tile by tile.
+    rows = _tile_rows(image)
+    # Resize along W at low resolution (cheap); rows are interpolated tile by tile.
     wide = F.interpolate(
-        factor_lowres.to(device=image.device, dtype=torch.float32), size=(small_h, width), mode="bilinear",
+        factor_lowres.to(device=image.device, dtype=torch.float32).clamp(-1.0, 1.0),
+        size=(small_h, width),
+        mode="bilinear",
         align_corners=True,
     )
-    wide = wide.permute(0, 2, 3, 1).contiguous() if channels_last else wide.contiguous()  # rows on dim 1 / 2
-    lower, upper, weight = _row_interpolation(height, small_h, image.device)
-    row_dim = 0 if channels_last else 1
-    weight_shape = (-1, 1, 1) if channels_last else (1, -1, 1)
+    if channels_last:
+        wide = wide.permute(0, 2, 3, 1).reshape(wide.shape[0], small_h, width * 3)  # rows of [W * 3]
+    wide_g = 1.0 - wide
 
-    def factor_rows(b, r0, n, f, scratch):
-        rows = wide[b]
-        torch.index_select(rows, row_dim, lower[r0 : r0 + n], out=f)
-        torch.index_select(rows, row_dim, upper[r0 : r0 + n], out=scratch)
-        f.lerp_(scratch, weight[r0 : r0 + n].view(weight_shape))
+    if small_h == height:  # no vertical resize (downscale 1)
 
-    return _fused_rows(image, factor_rows, recurrences, out)
+        def factor_rows(i, b, r0, n, f, g):
+            f.view(wide[b].shape[:-2] + (n, -1)).copy_(wide[b].narrow(-2, r0, n))
+            torch.sub(1.0, f, out=g)
+    else:
+        matrices, first = _interpolation_tiles(height, small_h, rows, image.device)
+        first = first.tolist()
+
+        def factor_rows(i, b, r0, n, f, g):
+            k = min(matrices.shape[2], small_h - first[i])
+            weights = matrices[i, :n, :k]
+            for target, source in ((f, wide), (g, wide_g)):
+                torch.matmul(weights, source[b].narrow(-2, first[i], k), out=target.view(source[b].shape[:-2] + (n, -1)))
+
+    return _fused_rows(image, factor_rows, recurrences, out, rows)

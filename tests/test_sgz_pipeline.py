@@ -125,7 +125,7 @@ def test_strength_is_an_exposure_control(pipe, low_u8):
     by_recurrences = [pipe(image, recurrences=r).mean().item() for r in (2, 4, 8, 12)]
     assert by_recurrences == sorted(by_recurrences)
     bright = pipe(image, strength=4.0)
-    assert bright.min() >= 0 and bright.max() <= 1  # factor clamped: the curve stays inside 0..1
+    assert bright.min() >= 0 and bright.max() <= 1 + 1e-6  # factor clamped: the curve stays inside 0..1
 
 
 def _flicker_sequence(low_u8, frames=12):
