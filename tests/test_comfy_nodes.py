@@ -211,3 +211,22 @@ def test_sgz_enhance_runs_inside_inference_mode_like_comfyui(official_in_models,
         torch.set_num_threads(threads)
     expected, _ = SGZEnhance().enhance(frame, official_in_models, 8, 12, 1.0, 0.0)
     torch.testing.assert_close(enhanced, expected)
+
+
+def test_comfy_registry_metadata_and_requirements_match_pyproject():
+    import tomllib
+
+    from comfyui_lowlight.nodes.model_folders import PACK_ROOT
+
+    pyproject = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text())
+    comfy = pyproject["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    assert re.fullmatch(r"(>=|==|~=)\d+\.\d+\.\d+", comfy["requires-comfyui"])
+    icon_prefix = pyproject["project"]["urls"]["Repository"].replace("github.com", "raw.githubusercontent.com")
+    assert comfy["Icon"].startswith(icon_prefix + "/main/")
+    assert (PACK_ROOT / comfy["Icon"][len(icon_prefix + "/main/"):]).is_file()
+    # ComfyUI Manager installs requirements.txt: the same dependencies, minus the torch ComfyUI already has.
+    requirements = [
+        line for line in (PACK_ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")
+    ]
+    assert requirements == [d for d in pyproject["project"]["dependencies"] if d != "torch"]
