@@ -3,7 +3,6 @@ test_comfy_server.py)."""
 
 import re
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -15,59 +14,15 @@ from comfyui_lowlight import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from comfyui_lowlight.nodes import model_folders, sgz_nodes
 from comfyui_lowlight.nodes.illumination_nodes import IlluminationPrompt
 from comfyui_lowlight.nodes.sgz_nodes import SGZEnhance
+from comfy_stubs import StubProgressBar, install_comfy_stubs
 
 OFFICIAL_PTH = Path("reference/sgz/Epoch99.pth")
 
 
-class StubProgressBar:
-    instances: list = []
-
-    def __init__(self, total):
-        self.total, self.current = total, 0
-        StubProgressBar.instances.append(self)
-
-    def update(self, value):
-        self.current += value
-
-
 @pytest.fixture
 def comfy_stubs(monkeypatch, tmp_path):
-    """Minimal ``comfy.model_management``, ``comfy.utils`` and ``folder_paths`` with ``models_dir = tmp_path``."""
-    calls = {"interrupt_checks": 0, "interrupt_after": None}
-
-    def throw_exception_if_processing_interrupted():
-        calls["interrupt_checks"] += 1
-        if calls["interrupt_after"] is not None and calls["interrupt_checks"] > calls["interrupt_after"]:
-            raise RuntimeError("interrupted")
-
-    model_management = types.SimpleNamespace(
-        get_torch_device=lambda: torch.device("cpu"),
-        throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
-    )
-    utils = types.SimpleNamespace(ProgressBar=StubProgressBar)
-    comfy = types.ModuleType("comfy")
-    comfy.model_management, comfy.utils = model_management, utils
-
-    folder_paths = types.ModuleType("folder_paths")
-    folder_paths.models_dir = str(tmp_path)
-    folder_paths.folder_names_and_paths = {}
-
-    def get_filename_list(name):
-        return sorted(p.name for d in folder_paths.folder_names_and_paths[name][0] for p in Path(d).glob("*"))
-
-    def get_full_path(name, filename):
-        for d in folder_paths.folder_names_and_paths[name][0]:
-            if (Path(d) / filename).is_file():
-                return str(Path(d) / filename)
-        return None
-
-    folder_paths.get_filename_list, folder_paths.get_full_path = get_filename_list, get_full_path
-    monkeypatch.setitem(sys.modules, "comfy", comfy)
-    monkeypatch.setitem(sys.modules, "comfy.model_management", model_management)
-    monkeypatch.setitem(sys.modules, "comfy.utils", utils)
-    monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
-    StubProgressBar.instances.clear()
-    return types.SimpleNamespace(folder_paths=folder_paths, calls=calls, models_dir=tmp_path)
+    """Stub ComfyUI modules with ``folder_paths.models_dir = tmp_path``."""
+    return install_comfy_stubs(monkeypatch, tmp_path)
 
 
 @pytest.fixture
