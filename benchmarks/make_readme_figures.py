@@ -1,0 +1,112 @@
+"""Before/after pictures for the README, written to docs/images/*.jpg (each kept under 300 KB).
+
+    python benchmarks/make_readme_figures.py [--weights PATH]
+
+- ``sgz_lol_pair.jpg``: a LOL eval15 pair: low input | SGZ | ground truth (600x400 each).
+- ``sgz_vv_photo.jpg``: a large VV photo (enhanced at full 2304x1728, shown downscaled): input | SGZ.
+- ``sgz_video_frame.jpg``: a frame of ``night_street.mp4`` enhanced as the CLI does (temporal smoothing on,
+  frames streamed from the start): input | SGZ.
+- ``sgz_strength.jpg``: the exposure control on the bundled sample: strength 0 (input), 0.5, 1, 1.5.
+
+Default weights: the shipped ones, or the official Epoch99.pth when none are shipped (the labels say which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from comfyui_lowlight.cli import DEFAULT_TEMPORAL_SMOOTHING
+from comfyui_lowlight.pipelines import SGZPipeline
+from comfyui_lowlight.pipelines.image_io import atomic_output, read_image
+from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS
+from comfyui_lowlight.pipelines.video_io import VideoReader
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+OUTPUT = REPO_ROOT / "docs" / "images"
+MAX_BYTES = 300_000
+LABEL_HEIGHT = 28
+
+LOL_IMAGE = "493.png"
+VV_IMAGE = "P1010676.jpg"
+VIDEO_FRAME = 30
+
+
+def labelled(image: Image.Image, text: str) -> Image.Image:
+    """The image with a black caption strip on top."""
+    canvas = Image.new("RGB", (image.width, image.height + LABEL_HEIGHT), "black")
+    canvas.paste(image, (0, LABEL_HEIGHT))
+    ImageDraw.Draw(canvas).text((8, 4), text, fill="white", font=ImageFont.load_default(size=18))
+    return canvas
+
+
+def side_by_side(panels: list[tuple[Image.Image, str]], height: int) -> Image.Image:
+    """Panels scaled to a common height, captioned, with a 4 px gap."""
+    scaled = [labelled(p.resize((round(p.width * height / p.height), height), Image.LANCZOS), t) for p, t in panels]
+    width = sum(p.width for p in scaled) + 4 * (len(scaled) - 1)
+    figure = Image.new("RGB", (width, scaled[0].height), "white")
+    x = 0
+    for panel in scaled:
+        figure.paste(panel, (x, 0))
+        x += panel.width + 4
+    return figure
+
+
+def save_jpeg(figure: Image.Image, name: str) -> Path:
+    """Write atomically with the highest JPEG quality (from 92 down) that stays under MAX_BYTES."""
+    for quality in range(92, 40, -4):
+        buffer = io.BytesIO()
+        figure.save(buffer, format="JPEG", quality=quality, optimize=True)
+        if buffer.tell() <= MAX_BYTES:
+            break
+    path = OUTPUT / name
+    with atomic_output(path) as temporary:
+        temporary.write_bytes(buffer.getvalue())
+    print(f"{path.relative_to(REPO_ROOT)}: {figure.width}x{figure.height}, {buffer.tell() / 1000:.0f} KB, quality {quality}")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, default=None)
+    args = parser.parse_args()
+    if args.weights is not None:
+        weights, label = args.weights, f"SGZ ({args.weights.name})"
+    elif SHIPPED_WEIGHTS.is_file():
+        weights, label = SHIPPED_WEIGHTS, "SGZ (shipped weights)"
+    else:
+        weights, label = SHARED / "reference" / "sgz" / "Epoch99.pth", "SGZ (official weights)"
+    print(f"weights: {weights}")
+    pipe = SGZPipeline.from_pretrained(weights, device="cpu")
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+
+    low = read_image(SHARED / "data" / "lol_eval15" / "low" / LOL_IMAGE).pixels
+    high = read_image(SHARED / "data" / "lol_eval15" / "high" / LOL_IMAGE).pixels
+    panels = [(Image.fromarray(low), "LOL input"), (Image.fromarray(pipe(low)), label),
+              (Image.fromarray(high), "ground truth")]
+    save_jpeg(side_by_side(panels, 400), "sgz_lol_pair.jpg")
+
+    photo = read_image(SHARED / "data" / "unpaired" / "VV" / VV_IMAGE).pixels
+    panels = [(Image.fromarray(photo), "VV photo (2304x1728)"), (Image.fromarray(pipe(photo)), label)]
+    save_jpeg(side_by_side(panels, 540), "sgz_vv_photo.jpg")
+
+    state = pipe.new_video_state()
+    with VideoReader(SHARED / "data" / "video" / "night_street.mp4") as reader:
+        for chunk in reader.chunks(16, max_frames=VIDEO_FRAME + 1):  # the last frame read is VIDEO_FRAME
+            enhanced = pipe(chunk.frames, temporal_smoothing=DEFAULT_TEMPORAL_SMOOTHING, video_state=state)
+    panels = [(Image.fromarray(chunk.frames[-1]), f"video frame {VIDEO_FRAME}"), (Image.fromarray(enhanced[-1]), label)]
+    save_jpeg(side_by_side(panels, 640), "sgz_video_frame.jpg")
+
+    sample = read_image(REPO_ROOT / "assets" / "sample_night.jpg").pixels
+    panels = [(Image.fromarray(pipe(sample, strength=s) if s else sample), f"strength {s:g}" + (" (input)" if s == 0 else ""))
+              for s in (0.0, 0.5, 1.0, 1.5)]
+    save_jpeg(side_by_side(panels, 288), "sgz_strength.jpg")
+
+
+if __name__ == "__main__":
+    main()
