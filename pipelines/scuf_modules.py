@@ -58,6 +58,10 @@ class SCUFConfig:
     clip_embedding_dim: int = DEFAULT_CLIP_EMBEDDING_DIM
     skip_gamma: float = 1.0
 
+    def __post_init__(self):
+        # order is irrelevant to PEFT's matching (and PEFT keeps a set): normalise for comparisons
+        self.lora_target_modules = sorted(set(self.lora_target_modules))
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
@@ -132,6 +136,21 @@ def add_scuf_vae_modules(
     )
     vae.add_adapter(config, adapter_name=VAE_ADAPTER_NAME)
     return vae
+
+
+def scuf_config_from_modules(vae, unet, image_proj) -> SCUFConfig | None:
+    """The :class:`SCUFConfig` of modules already attached (None if any part is missing)."""
+    procs = cycle_attn_processors(unet)
+    if image_proj is None or not procs or not has_scuf_vae_modules(vae):
+        return None
+    lora = vae.peft_config[VAE_ADAPTER_NAME]
+    return SCUFConfig(
+        lora_rank=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_target_modules=list(lora.target_modules),
+        num_image_tokens=next(iter(procs.values())).num_tokens,
+        clip_embedding_dim=image_proj.config.clip_embedding_dim,
+    )
 
 
 def scuf_vae_trainable_parameters(vae) -> list[nn.Parameter]:

@@ -35,6 +35,7 @@ from .scuf_modules import (
     decode_with_skips,
     encode_with_skips,
     has_scuf_vae_modules,
+    scuf_config_from_modules,
     set_adapter_scale,
 )
 from .scuf_weights import (
@@ -217,7 +218,8 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
             image_encoder=image_encoder, image_proj=image_proj,
         )
-        self.scuf_config: SCUFConfig | None = None
+        # set when SCUF modules are attached (also when built from the components of a SCUF pipeline)
+        self.scuf_config: SCUFConfig | None = scuf_config_from_modules(vae, unet, image_proj)
 
     # ---------------------------------------------------------------------------------- loading
 

@@ -24,11 +24,11 @@ import argparse
 import os
 import pickle
 import re
-import tempfile
 from collections import OrderedDict
 
 import torch
 
+from .image_io import atomic_output
 from .scuf_modules import VAE_ADAPTER_NAME, SCUFConfig
 
 FORMAT_NAME = "comfyui-lowlight/scuf"
@@ -211,18 +211,10 @@ def save_scuf_file(path, tensors: dict[str, torch.Tensor], config: SCUFConfig, d
     }
     if source:
         metadata["source"] = source
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(data, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_output(path) as temporary:
+        save_file(data, str(temporary), metadata=metadata)
 
 
 # ------------------------------------------------------------------------------- modules <-> our keys

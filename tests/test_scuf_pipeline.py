@@ -344,3 +344,12 @@ def test_openai_and_transformers_clip_agree(scuf_dir, tmp_path):
     assert torch.equal(a, b)
     assert torch.allclose(a.norm(dim=-1), torch.ones(2), atol=1e-6)
     assert torch.isfinite(tiny).all() and tiny.shape == (2, 512)
+
+
+def test_rebuilt_from_components(pipe, low_image):
+    """``SCUFPipeline(**pipe.components)`` recognises the attached SCUF modules (as ComfyUI nodes rebuild it)."""
+    from comfyui_lowlight.pipelines import SCUFPipeline
+
+    rebuilt = SCUFPipeline(**pipe.components)
+    assert rebuilt.scuf_config == pipe.scuf_config
+    assert torch.equal(_pt(rebuilt, low_image), _pt(pipe, low_image))
