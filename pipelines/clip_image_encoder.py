@@ -5,7 +5,8 @@ channels: no resize to 224, no mean/std normalisation, **no positional embedding
 (trailing rows/columns that do not fill a patch are dropped), class token -> ``ln_post`` -> ``proj``, then L2
 normalisation. One model class serves every source: a transformers ``CLIPVisionModelWithProjection`` (hub id,
 folder or object), or an OpenAI-CLIP-format state dict (``.pt``/``.pth``/``.bin``/``.safetensors``, the official
-code's format) converted to it by :func:`clip_vision_from_openai_state_dict`.
+code's format) converted to it by :func:`clip_vision_from_openai_state_dict`, or a single-file transformers-layout
+state dict (ComfyUI's ``models/clip_vision``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 OPENAI_HEAD_WIDTH = 64
 
 
-def _load_openai_state_dict(path: str) -> dict[str, torch.Tensor]:
+def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -37,10 +38,10 @@ def _load_openai_state_dict(path: str) -> dict[str, torch.Tensor]:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError/RuntimeError variants for unsafe content
         raise ValueError(
-            f"{path}: not a plain OpenAI CLIP state dict loadable with torch.load(weights_only=True): {exc}"
+            f"{path}: not a plain CLIP state dict loadable with torch.load(weights_only=True): {exc}"
         ) from exc
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (OpenAI CLIP state dict)")
+        raise ValueError(f"{path}: expected a dict of tensors (CLIP state dict)")
     return state_dict
 
 
@@ -102,12 +103,48 @@ def clip_vision_from_openai_state_dict(state_dict: dict[str, torch.Tensor], sour
     return model.eval()
 
 
+def clip_vision_from_transformers_state_dict(state_dict: dict[str, torch.Tensor], source: str = "state dict"):
+    """Build a ``CLIPVisionModelWithProjection`` from a single-file transformers-layout state dict.
+
+    The layout of ComfyUI's ``models/clip_vision`` files and of ``CLIPModel`` checkpoints (``vision_model.*`` +
+    ``visual_projection.weight``; text-tower keys are ignored). Head count = width // 64 and QuickGELU, as for
+    every OpenAI CLIP ViT.
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    sd = {k: v.float() for k, v in state_dict.items() if k.startswith(("vision_model.", "visual_projection."))}
+    patch_key = "vision_model.embeddings.patch_embedding.weight"
+    if patch_key not in sd or "visual_projection.weight" not in sd:
+        raise ValueError(f"{source}: not a CLIP vision state dict, missing {patch_key} / visual_projection.weight")
+    width, _, patch, _ = sd[patch_key].shape
+    positions = sd["vision_model.embeddings.position_embedding.weight"].shape[0]
+    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("vision_model.encoder.layers."))
+    config = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        projection_dim=sd["visual_projection.weight"].shape[0],
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // OPENAI_HEAD_WIDTH),
+        image_size=patch * int(round((positions - 1) ** 0.5)),
+        patch_size=patch,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+    model = CLIPVisionModelWithProjection(config)
+    model.load_state_dict(sd, strict=False)
+    missing = sorted(set(model.state_dict()) - set(sd) - {"vision_model.embeddings.position_ids"})
+    if missing:
+        raise ValueError(f"{source}: CLIP vision state dict is missing {missing[:10]}")
+    return model.eval()
+
+
 def load_clip_image_encoder(source, local_files_only: bool | None = None):
     """Resolve ``source`` to a ``CLIPVisionModelWithProjection`` (eval mode).
 
     Args:
-        source: a ``CLIPVisionModelWithProjection``; an OpenAI-format state-dict file; a transformers folder; or a
-            hub id such as ``"openai/clip-vit-base-patch32"``.
+        source: a ``CLIPVisionModelWithProjection``; a state-dict file (``.pt``/``.pth``/``.bin``/``.safetensors``) in
+            the OpenAI layout (``visual.*``) or the transformers layout (``vision_model.*``, e.g. ComfyUI's
+            ``models/clip_vision``); a transformers folder; or a hub id such as ``"openai/clip-vit-base-patch32"``.
         local_files_only: forwarded to ``from_pretrained`` for hub ids/folders.
     """
     from transformers import CLIPVisionModelWithProjection
@@ -120,7 +157,10 @@ def load_clip_image_encoder(source, local_files_only: bool | None = None):
         )
     source = os.fspath(source)
     if os.path.isfile(source):
-        return clip_vision_from_openai_state_dict(_load_openai_state_dict(source), source)
+        state_dict = _load_state_dict_file(source)
+        if any(k.startswith("vision_model.") for k in state_dict):
+            return clip_vision_from_transformers_state_dict(state_dict, source)
+        return clip_vision_from_openai_state_dict(state_dict, source)
     kwargs = {} if local_files_only is None else {"local_files_only": local_files_only}
     try:
         return CLIPVisionModelWithProjection.from_pretrained(source, **kwargs).eval()

@@ -336,12 +336,19 @@ def test_openai_and_transformers_clip_agree(scuf_dir, tmp_path):
     from_openai = load_clip_image_encoder(scuf_dir / "clip_tiny.pt")
     from_openai.save_pretrained(tmp_path / "clip")
     from_folder = load_clip_image_encoder(tmp_path / "clip")
+    from safetensors.torch import save_file
+
+    single = {k: v.contiguous() for k, v in from_openai.state_dict().items()}
+    single["text_model.final_layer_norm.weight"] = torch.ones(8)  # full CLIPModel files: text tower ignored
+    save_file(single, tmp_path / "clip_vision_b32.safetensors")  # ComfyUI models/clip_vision layout
+    from_single = load_clip_image_encoder(tmp_path / "clip_vision_b32.safetensors")
     x = torch.rand(2, 3, 72, 40, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = clip_image_embedding(from_openai, x)
         b = clip_image_embedding(from_folder, x)
+        c = clip_image_embedding(from_single, x)
         tiny = clip_image_embedding(from_openai, x[:, :, :8, :8])  # smaller than a patch: class token only
-    assert torch.equal(a, b)
+    assert torch.equal(a, b) and torch.equal(a, c)
     assert torch.allclose(a.norm(dim=-1), torch.ones(2), atol=1e-6)
     assert torch.isfinite(tiny).all() and tiny.shape == (2, 512)
 
