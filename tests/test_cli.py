@@ -213,11 +213,13 @@ def test_temporal_smoothing_carries_across_chunks(shared_dir, tmp_path, run):
     assert difference < 0.5  # same frames up to encoder noise: the smoothing state is not reset per chunk
 
 
-def _synthetic_clip(path: Path, codec: str, frames: int = 8, with_audio: bool = False):
-    """A small dark clip with a gradient, optionally with a sine tone, written with PyAV."""
+def _synthetic_clip(path: Path, codec: str, frames: int = 8, with_audio: bool = False, rotation: int = 0):
+    """A small dark clip with a gradient, optionally with a sine tone and a display rotation, written with PyAV."""
     with av.open(str(path), "w") as container:
         video = container.add_stream(codec, rate=Fraction(24))
         video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        if rotation:
+            video.set_display_rotation(rotation)
         audio = None
         if with_audio:
             audio = container.add_stream("aac", rate=44100)
@@ -245,6 +247,14 @@ def test_mov_and_avi_round_trip_with_fps_kept(tmp_path, run, name, codec, with_a
     frames, audio_tracks, rate = _decoded(tmp_path / "out" / name)
     assert len(frames) == 8 and frames[0][1].shape == (48, 64, 3)
     assert rate == 24 and audio_tracks == int(with_audio)
+
+
+def test_video_display_rotation_is_kept(tmp_path, run):
+    source = _synthetic_clip(tmp_path / "phone.mp4", "libx264", frames=3, rotation=90)
+    assert run(source, "-o", tmp_path / "out")[0] == 0
+    with av.open(str(tmp_path / "out" / "phone.mp4")) as container:
+        frame = next(container.decode(video=0))
+    assert (frame.width, frame.height, frame.rotation) == (64, 48, 90)
 
 
 def test_failure_in_the_middle_of_a_video_leaves_no_file(shared_dir, tmp_path, run, monkeypatch):
