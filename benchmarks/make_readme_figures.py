@@ -6,7 +6,7 @@
 - ``sgz_vv_photo.jpg``: a large VV photo (enhanced at full 2304x1728, shown downscaled): input | SGZ.
 - ``sgz_video_frame.jpg``: a frame of ``night_street.mp4`` enhanced as the CLI does (temporal smoothing on,
   frames streamed from the start): input | SGZ.
-- ``sgz_strength.jpg``: the exposure control on the bundled sample: strength 0 (input), 0.5, 1, 1.5.
+(The exposure-control figure is made by ``make_exposure_figure.py``.)
 
 Default weights: the shipped ones, or the official Epoch99.pth when none are shipped (the labels say which).
 """
@@ -102,10 +102,6 @@ def main() -> None:
     panels = [(Image.fromarray(chunk.frames[-1]), f"video frame {VIDEO_FRAME}"), (Image.fromarray(enhanced[-1]), label)]
     save_jpeg(side_by_side(panels, 640), "sgz_video_frame.jpg")
 
-    sample = read_image(REPO_ROOT / "assets" / "sample_night.jpg").pixels
-    panels = [(Image.fromarray(pipe(sample, strength=s) if s else sample), f"strength {s:g}" + (" (input)" if s == 0 else ""))
-              for s in (0.0, 0.5, 1.0, 1.5)]
-    save_jpeg(side_by_side(panels, 288), "sgz_strength.jpg")
 
 
 if __name__ == "__main__":
