@@ -103,6 +103,5 @@ def main() -> None:
     save_jpeg(side_by_side(panels, 640), "sgz_video_frame.jpg")
 
 
-
 if __name__ == "__main__":
     main()
