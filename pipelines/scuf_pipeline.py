@@ -66,6 +66,8 @@ BASE_MODEL_HELP = (
     "from the same repository into ComfyUI's models/checkpoints/ folder and use SCUFPipeline.from_single_file(path)."
 )
 _RESIZE_MULTIPLE = 8
+#: Float inputs may overshoot 0..1 by resampling noise; anything beyond this is a scaling mistake.
+_RANGE_SLACK = 1e-3
 
 
 def shipped_config_dir() -> str:
@@ -110,9 +112,8 @@ def _to_hwc(image, what: str) -> np.ndarray:
         if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
             raise ValueError(f"{what}: expected a [C, H, W] or [B, C, H, W] tensor with C in 1/3/4, got "
                              f"{tuple(image.shape)}")
-        array = image.detach().to("cpu").permute(1, 2, 0).numpy()
-        if array.dtype != np.uint8:
-            array = array.astype(np.float32)
+        image = image.detach().to("cpu")
+        array = (image if image.dtype == torch.uint8 else image.float()).permute(1, 2, 0).numpy()
     elif isinstance(image, np.ndarray):
         array = image
         if array.ndim == 2:
@@ -133,6 +134,11 @@ def _to_hwc(image, what: str) -> np.ndarray:
         array = array.astype(np.float32) / 65535.0
     array = array.astype(np.float32)
     _check_finite(array, what)
+    if array.min() < -_RANGE_SLACK or array.max() > 1 + _RANGE_SLACK:
+        raise ValueError(
+            f"{what}: float images must be in 0..1, got {array.min():.4g}..{array.max():.4g} "
+            "(pass uint8 for 0..255 data)"
+        )
     return np.clip(array, 0.0, 1.0)
 
 
@@ -449,7 +455,8 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         Args:
             image: PIL image, ``HxW[xC]`` numpy array (uint8 or float 0..1), ``[C, H, W]``/``[B, C, H, W]`` tensor
                 (float 0..1 or uint8), or a list of these. Grayscale is repeated to RGB, alpha is dropped; any size
-                (resized to a multiple of 8 with LANCZOS and back, as the official code).
+                (resized to a multiple of 8 with LANCZOS and back, as the official code). Float values outside 0..1 and
+                NaN/inf are rejected.
             prompt: text prompt, one per image or shared; default :data:`DEFAULT_PROMPT` (the paper's lighten prompt).
             illumination: the image prompt, one-channel 0..1 map(s) at input size; default ``1 - V`` of the input.
             adapter_scale: weight of the image-prompt (cycle-attention) branch; 1 = official, 0 = text only.

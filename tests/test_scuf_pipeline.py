@@ -79,6 +79,14 @@ def test_nan_rejected(pipe, bad):
         pipe(image)
 
 
+def test_float_range_and_half_precision_inputs(pipe, low_image):
+    as_float = torch.from_numpy(np.array(low_image)).permute(2, 0, 1).float() / 255
+    with pytest.raises(ValueError, match="0..1"):
+        pipe(as_float * 255)
+    ref = _pt(pipe, as_float)
+    assert torch.allclose(_pt(pipe, as_float.to(torch.bfloat16)), ref, atol=2e-2)
+
+
 def test_wrong_input_kind(pipe):
     with pytest.raises(TypeError, match="PIL image"):
         pipe("not an image")
@@ -306,6 +314,16 @@ def test_base_model_missing(tmp_path, scuf_dir):
     assert "stabilityai/sd-turbo" in str(info.value) and "models/checkpoints" in str(info.value)
     with pytest.raises(FileNotFoundError, match="sd_turbo.safetensors"):
         SCUFPipeline.from_single_file(tmp_path / "sd_turbo.safetensors", image_encoder=scuf_dir / "clip_tiny.pt")
+
+
+def test_hub_base_model_not_cached(tmp_path, scuf_dir):
+    from comfyui_lowlight.pipelines import SCUFPipeline
+
+    with pytest.raises(OSError) as info:
+        SCUFPipeline.from_pretrained("stabilityai/sd-turbo", image_encoder=scuf_dir / "clip_tiny.pt",
+                                     local_files_only=True, cache_dir=tmp_path)
+    assert "huggingface-cli download stabilityai/sd-turbo" in str(info.value)
+    assert "models/checkpoints" in str(info.value)
 
 
 def test_weights_required_before_call(scuf_dir, low_image):
