@@ -1,0 +1,91 @@
+"""LOL eval15 quality of SGZ weights under the project's standard protocol (../shared/data/README.md).
+
+Full-resolution 600x400 outputs (no cropping to a multiple of the downscale), quantised to uint8; PSNR with
+data_range 255 and scikit-image SSIM (``channel_axis=2, data_range=255``, default 7x7 window), each averaged over
+the 15 pairs. By default compares the official ``Epoch99.pth`` with the shipped weights in one run:
+
+    python benchmarks/bench_lol.py [--weights NAME=PATH ...] [--downscale 12]
+
+Prints a markdown table.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+LOL = SHARED / "data" / "lol_eval15"
+OFFICIAL = SHARED / "reference" / "sgz" / "Epoch99.pth"
+
+
+def lol_pairs() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, low uint8 HxWx3, high uint8 HxWx3) for the 15 pairs, sorted by name."""
+    names = sorted(p.name for p in (LOL / "low").glob("*.png"))
+    if len(names) != 15:
+        raise FileNotFoundError(f"expected 15 LOL eval15 pairs in {LOL}, found {len(names)}")
+    return [(n, np.asarray(Image.open(LOL / "low" / n).convert("RGB")),
+             np.asarray(Image.open(LOL / "high" / n).convert("RGB"))) for n in names]
+
+
+def score(outputs: list[np.ndarray], pairs) -> tuple[float, float]:
+    psnr = [peak_signal_noise_ratio(high, out, data_range=255) for out, (_, _, high) in zip(outputs, pairs)]
+    ssim = [structural_similarity(high, out, channel_axis=2, data_range=255) for out, (_, _, high) in zip(outputs, pairs)]
+    return float(np.mean(psnr)), float(np.mean(ssim))
+
+
+@torch.no_grad()
+def enhance_u8(model, low: np.ndarray, downscale: float) -> np.ndarray:
+    from comfyui_lowlight.pipelines.sgz_model import enhance, estimate_factor_lowres
+
+    image = torch.from_numpy(low.copy()).permute(2, 0, 1)[None].float() / 255.0
+    out = enhance(image, estimate_factor_lowres(model, image, downscale), out_dtype=torch.uint8)
+    return out[0].permute(1, 2, 0).numpy()
+
+
+def evaluate(weights: Path, pairs, downscale: float) -> tuple[float, float]:
+    from comfyui_lowlight.pipelines.sgz_model import load_sgz_weights
+
+    model = load_sgz_weights(weights)
+    return score([enhance_u8(model, low, downscale) for _, low, _ in pairs], pairs)
+
+
+def main(argv=None) -> int:
+    from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", nargs="*", default=[], metavar="NAME=PATH",
+                   help="extra weights to score (default table: official and shipped)")
+    p.add_argument("--downscale", type=float, default=12)
+    p.add_argument("--no-defaults", action="store_true", help="score only --weights")
+    args = p.parse_args(argv)
+
+    runs = [] if args.no_defaults else [("SGZ official `Epoch99.pth`", OFFICIAL), ("ours, shipped `sgz_lowlight.safetensors`", SHIPPED_WEIGHTS)]
+    for item in args.weights:
+        name, sep, path = item.partition("=")
+        if not sep:
+            p.error(f"--weights: expected NAME=PATH, got {item!r}")
+        runs.append((name, Path(path)))
+
+    pairs = lol_pairs()
+    print(f"LOL eval15 ({len(pairs)} pairs, 600x400, uint8 outputs), downscale {args.downscale:g}\n")
+    print("| weights | PSNR dB | SSIM |")
+    print("|---|---|---|")
+    psnr, ssim = score([low for _, low, _ in pairs], pairs)
+    print(f"| input (no enhancement) | {psnr:.2f} | {ssim:.3f} |")
+    for name, path in runs:
+        if not path.is_file():
+            print(f"| {name} | missing: {path} | |")
+            continue
+        psnr, ssim = evaluate(path, pairs, args.downscale)
+        print(f"| {name} | {psnr:.2f} | {ssim:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

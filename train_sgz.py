@@ -1,0 +1,341 @@
+"""Zero-shot training of the SGZ enhancement factor estimator on any folders of (low-light) images.
+
+    python -m comfyui_lowlight.train_sgz --data DIR [DIR ...] --output runs/sgz [--minutes 55] [--resume]
+
+No labels and no reference images: the EFE learns from the five non-reference losses of the paper (eq. 2-7,
+``pipelines/sgz_losses.py``), L_sem coming from a frozen segmentation net (``pipelines/semantic_segmentation.py``).
+Every ``--save-every`` steps and at the end, ``OUTPUT/sgz_stepNNNNNN.safetensors`` (weights, loadable by
+``SGZPipeline.from_pretrained``), ``OUTPUT/last.safetensors`` and ``OUTPUT/last_state.pt`` (optimizer, step and
+sampler state for ``--resume``) are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (defaults: the paper's optimisation settings)."""
+
+    data: list[str]
+    output: str = "sgz_runs"
+    max_steps: int | None = None
+    minutes: float | None = None
+    batch_size: int = 6
+    crop_min: int = 256
+    crop_max: int = 512
+    max_side: int = 1024
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    lr_min: float = 1e-5
+    weight_decay: float = 1e-4
+    grad_clip: float = 0.1
+    train_downscale: float = 12
+    recurrences: int = 8
+    backbone: str = "efficientnet-lite0"
+    backbone_weights: str | None = None
+    semantic: bool = True
+    semantic_every: int = 1
+    exposure: float = 0.6
+    seed: int = 0
+    save_every: int = 200
+    resume: bool = False
+    threads: int | None = None
+    progress: bool = True
+    extra_metadata: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def find_images(dirs: list[str]) -> list[Path]:
+    """All files with an image suffix under ``dirs`` (recursive), sorted for reproducibility."""
+    files = []
+    for d in dirs:
+        root = Path(d)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data: not a folder: {root}")
+        files += [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(files)
+
+
+def load_images(files: list[Path], max_side: int) -> tuple[list[torch.Tensor], list[tuple[Path, str]]]:
+    """Decode every file once into memory as uint8 ``[3, H, W]``, large ones downscaled to ``max_side``.
+
+    Returns (images, failures) where failures lists (path, reason) of unreadable files, which are skipped.
+    """
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    images, failures = [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")
+                scale = max_side / max(im.size)
+                if scale < 1:
+                    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
+                images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous())
+        except Exception as error:  # any decoding problem: skip the file, report it
+            failures.append((path, f"{type(error).__name__}: {error}"))
+    return images, failures
+
+
+class CropSampler:
+    """Random square crops (one side per batch, ``crop_min..crop_max`` in steps of 32) with random flips.
+
+    Images smaller than the crop are upscaled (bilinear) just enough. ``sample() -> [B, 3, s, s]`` float 0..1.
+    All randomness comes from ``self.generator`` so a resumed run continues the same sequence.
+    """
+
+    def __init__(self, images: list[torch.Tensor], batch_size: int, crop_min: int, crop_max: int, seed: int):
+        if not images:
+            raise ValueError("no training images")
+        if not 32 <= crop_min <= crop_max:
+            raise ValueError(f"crop sizes: expected 32 <= crop_min <= crop_max, got {crop_min}, {crop_max}")
+        self.images = images
+        self.batch_size = batch_size
+        self.sizes = list(range(math.ceil(crop_min / 32) * 32, crop_max + 1, 32)) or [crop_min]
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator))
+
+    def sample(self) -> torch.Tensor:
+        side = self.sizes[self._randint(len(self.sizes))]
+        crops = []
+        for _ in range(self.batch_size):
+            image = self.images[self._randint(len(self.images))]
+            h, w = image.shape[-2:]
+            if min(h, w) < side:
+                scale = side / min(h, w)
+                size = (max(side, math.ceil(h * scale)), max(side, math.ceil(w * scale)))
+                image = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear",
+                                                        align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+                h, w = size
+            top, left = self._randint(h - side + 1), self._randint(w - side + 1)
+            crop = image[:, top : top + side, left : left + side]
+            if self._randint(2):
+                crop = crop.flip(-1)
+            if self._randint(2):
+                crop = crop.flip(-2)
+            crops.append(crop)
+        return torch.stack(crops).float() / 255.0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(output: Path, model, optimizer, sampler: CropSampler, step: int, metadata: dict[str, str]) -> Path:
+    """Write ``sgz_stepNNNNNN.safetensors``, ``last.safetensors`` and ``last_state.pt`` atomically."""
+    from .pipelines.sgz_model import save_sgz_weights
+
+    output.mkdir(parents=True, exist_ok=True)
+    metadata = {**metadata, "step": str(step)}
+    weights = save_sgz_weights(model, output / f"sgz_step{step:06d}.safetensors", metadata)
+    save_sgz_weights(model, output / "last.safetensors", metadata)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "sampler_rng": sampler.generator.get_state()}
+    _atomic_torch_save(state, output / "last_state.pt")
+    return weights
+
+
+def load_training_state(output: Path) -> dict:
+    path = output / "last_state.pt"
+    if not path.is_file() or not (output / "last.safetensors").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {output} (expected last.safetensors and last_state.pt)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def training_step(model, seg_net, batch: torch.Tensor, config: TrainConfig, weights) -> tuple[torch.Tensor, dict]:
+    """Forward pass and losses for one batch ``[B, 3, s, s]``: the EFE runs at ``1/train_downscale``, the RIE and
+    all losses on the full-resolution crop (L_tv on the factor as the EFE produced it)."""
+    from .pipelines.sgz_losses import sgz_total_loss
+    from .pipelines.sgz_model import apply_recurrence, estimate_factor_lowres, upsample_factor
+
+    factor_lowres = estimate_factor_lowres(model, batch, config.train_downscale)
+    factor = upsample_factor(factor_lowres, batch.shape[-2:])
+    enhanced = apply_recurrence(batch, factor, config.recurrences)
+    logits = seg_net(enhanced) if seg_net is not None else None
+    return sgz_total_loss(batch, enhanced, factor_lowres, logits, weights)
+
+
+def cosine_lr(config: TrainConfig, step: int, elapsed: float) -> float:
+    """Cosine decay from ``lr`` to ``lr_min`` over the budget; progress is the larger of the step fraction
+    (``max_steps``) and the time fraction of this invocation (``minutes``)."""
+    progress = 0.0
+    if config.max_steps:
+        progress = step / config.max_steps
+    if config.minutes:
+        progress = max(progress, elapsed / (config.minutes * 60))
+    progress = min(progress, 1.0)
+    return config.lr_min + (config.lr - config.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(config: TrainConfig) -> dict:
+    """Run (or resume) a training run; returns a summary dict (steps, seconds, last losses, checkpoint path)."""
+    from tqdm.auto import tqdm
+
+    from .pipelines.semantic_segmentation import build_segmentation_net
+    from .pipelines.sgz_losses import SGZLossWeights
+    from .pipelines.sgz_model import EnhancementFactorEstimator, init_weights_for_training, load_sgz_weights
+
+    if config.max_steps is None and config.minutes is None:
+        raise ValueError("give a budget: --max-steps and/or --minutes")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    output = Path(config.output)
+    torch.manual_seed(config.seed)
+    state = load_training_state(output) if config.resume else None
+
+    files = find_images(config.data)
+    images, failures = load_images(files, config.max_side)
+    for path, reason in failures:
+        print(f"warning: skipped unreadable image {path}: {reason}", file=sys.stderr)
+    if not images:
+        raise ValueError(f"--data: no readable images in {config.data} ({len(failures)} unreadable)")
+    print(f"{len(images)} training images loaded, {len(failures)} unreadable skipped", file=sys.stderr)
+
+    sampler = CropSampler(images, config.batch_size, config.crop_min, config.crop_max, config.seed)
+    model = EnhancementFactorEstimator()
+    init_weights_for_training(model, torch.Generator().manual_seed(config.seed))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    step = 0
+    if state is not None:
+        model.load_state_dict(load_sgz_weights(output / "last.safetensors").state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.generator.set_state(state["sampler_rng"])
+        step = int(state["step"])
+    model.train()
+    seg_net = (
+        build_segmentation_net(config.backbone, config.backbone_weights, seed=config.seed) if config.semantic else None
+    )
+    weights = SGZLossWeights(exposure=config.exposure)
+    metadata = {
+        "format": "sgz-efe",
+        "data": ",".join(str(Path(d)) for d in config.data),
+        "images": str(len(images)),
+        "losses": json.dumps(asdict(weights)),
+        "backbone": config.backbone if config.semantic else "none",
+        "semantic_every": str(config.semantic_every),
+        "train_downscale": str(config.train_downscale),
+        "batch_size": str(config.batch_size),
+        "crop": f"{config.crop_min}-{config.crop_max}",
+        "lr": str(config.lr),
+        "lr_schedule": config.lr_schedule if config.lr_schedule == "constant" else f"cosine to {config.lr_min}",
+        "seed": str(config.seed),
+        **{k: str(v) for k, v in config.extra_metadata.items()},
+    }
+
+    deadline = time.monotonic() + config.minutes * 60 if config.minutes is not None else math.inf
+    last_step = config.max_steps if config.max_steps is not None else math.inf
+    start_time, start_step, values, checkpoint = time.monotonic(), step, {}, None
+    bar = tqdm(total=None if math.isinf(last_step) else last_step, initial=step, disable=not config.progress,
+               desc="sgz", mininterval=2.0, dynamic_ncols=True)
+    while step < last_step and time.monotonic() < deadline:
+        if config.lr_schedule == "cosine":
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(config, step, time.monotonic() - start_time)
+        # L_sem is by far the most expensive term (the frozen segmentation net): --semantic-every > 1 evaluates it
+        # (with the same weight) only on every N-th step.
+        use_seg = seg_net if step % config.semantic_every == 0 else None
+        total, step_values = training_step(model, use_seg, sampler.sample(), config, weights)
+        values = {**values, **step_values}
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+        if step % config.save_every == 0:
+            checkpoint = save_checkpoint(output, model, optimizer, sampler, step, metadata)
+    bar.close()
+    if step > start_step or checkpoint is None:
+        checkpoint = save_checkpoint(output, model, optimizer, sampler, step, metadata)
+    return {
+        "step": step,
+        "steps_this_run": step - start_step,
+        "seconds": time.monotonic() - start_time,
+        "losses": values,
+        "checkpoint": str(checkpoint),
+        "images": len(images),
+        "unreadable": len(failures),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(prog="lowlight-train-sgz", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", nargs="+", required=True, help="folders of training images (recursive)")
+    p.add_argument("--output", default="sgz_runs", help="checkpoint folder (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
+    p.add_argument("--minutes", type=float, help="stop after this many minutes of this invocation")
+    p.add_argument("--batch-size", type=int, default=6)
+    p.add_argument("--crop-min", type=int, default=256)
+    p.add_argument("--crop-max", type=int, default=512)
+    p.add_argument("--max-side", type=int, default=1024, help="larger images are downscaled once on load")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant lr (the paper) or cosine decay to --lr-min over the step/time budget")
+    p.add_argument("--lr-min", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--grad-clip", type=float, default=0.1, help="max gradient norm")
+    p.add_argument("--train-downscale", type=float, default=12,
+                   help="resolution of the EFE while training: 12 = the inference downscale (default), "
+                        "1 = full resolution as the official code; losses always use the full-resolution output")
+    p.add_argument("--backbone", default="efficientnet-lite0", choices=["efficientnet-lite0", "resnet50"],
+                   help="frozen segmentation backbone for L_sem")
+    p.add_argument("--backbone-weights", help="backbone weights file (default: packaged lite0 / HF cache resnet-50)")
+    p.add_argument("--no-semantic", dest="semantic", action="store_false", help="train without L_sem")
+    p.add_argument("--semantic-every", type=int, default=1, metavar="N",
+                   help="evaluate L_sem only every N-th step (it costs most of a step on CPU)")
+    p.add_argument("--exposure", type=float, default=0.6, help="target exposure E of L_bri")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.safetensors + last_state.pt")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    if args.max_steps is None and args.minutes is None:
+        p.error("give a budget: --max-steps and/or --minutes")
+    return TrainConfig(**vars(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    summary = train(parse_args(argv))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
