@@ -174,6 +174,7 @@ def save_sgz_weights(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -348,7 +349,15 @@ def _fused_rows(
     half = torch.tensor(0.5, device=image.device)
     on_cpu = image.device.type == "cpu"
 
+    # Inference mode is thread-local: workers must inherit the caller's (ComfyUI runs nodes inside it, and then
+    # `out` is an inference tensor that only inference-mode code may write).
+    inference_mode = torch.is_inference_mode_enabled()
+
     def run():
+        with torch.inference_mode(inference_mode):
+            run_tiles()
+
+    def run_tiles():
         shape = (rows, width, 3) if channels_last else (3, rows, width)
         buffers = [torch.empty(shape, device=image.device, dtype=torch.float32) for _ in range(4)]
         full_views = buffers
