@@ -6,6 +6,7 @@ never change once released (``LowLight`` prefix: node type names are global acro
 
 from .illumination_nodes import IlluminationPrompt
 from .model_folders import register_model_folders
+from .scuf_nodes import SCUFAdapterLoader, SCUFLighten, SCUFLoadSDTurbo
 from .sgz_nodes import SGZEnhance
 
 register_model_folders()
@@ -13,8 +14,14 @@ register_model_folders()
 NODE_CLASS_MAPPINGS: dict = {
     "LowLightSGZEnhance": SGZEnhance,
     "LowLightIlluminationPrompt": IlluminationPrompt,
+    "LowLightSCUFLoadSDTurbo": SCUFLoadSDTurbo,
+    "LowLightSCUFAdapterLoader": SCUFAdapterLoader,
+    "LowLightSCUFLighten": SCUFLighten,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict = {
     "LowLightSGZEnhance": "SGZ Enhance",
     "LowLightIlluminationPrompt": "Illumination Prompt",
+    "LowLightSCUFLoadSDTurbo": "SCUF Load SD-Turbo",
+    "LowLightSCUFAdapterLoader": "Cycle-Attention Adapter Loader",
+    "LowLightSCUFLighten": "SCUF One-Step Lighten",
 }

@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helpers (comfy_host) importable by test modules
 from comfy_host import comfy_browser, comfy_server  # noqa: E402,F401  session fixtures: real ComfyUI + its web UI
+from scuf_host import scuf_models  # noqa: E402,F401  session fixture: the tiny SCUF models in that server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
@@ -17,3 +18,10 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"shared material not found at {SHARED} (expected beside the repository)")
     return SHARED
+
+
+@pytest.fixture(autouse=True)
+def _scuf_models_in_real_server(request):
+    """Every real-server test may run the SCUF workflows (workflows/api/scuf_*.json): stage their tiny models first."""
+    if "comfy_server" in request.fixturenames:
+        request.getfixturevalue("scuf_models")

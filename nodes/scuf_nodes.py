@@ -1,0 +1,545 @@
+"""SCUF nodes: load SD-Turbo, attach the cycle-attention adapter (SCUF weights), lighten in one diffusion step.
+
+Thin adapters over :class:`~comfyui_lowlight.pipelines.scuf_pipeline.SCUFPipeline`. The three nodes pass one typed
+value, ``SCUF_PIPE`` (a :class:`SCUFModel`): the loader makes it (base model only), the adapter loader returns a
+copy that also carries SCUF weights and the adapter scale, and the lighten node activates those weights on the base
+model and runs it.
+
+Memory, the ComfyUI way: one base pipeline is kept (on ComfyUI's offload device, the CPU unless the GPU has room
+for everything), keyed by its files and dtype. ``SCUF_PIPE`` values name that base instead of holding it, so
+ComfyUI's output cache never keeps a second copy alive, and loading the same base twice returns the same object.
+Before a run the node asks ``comfy.model_management`` to free room on the compute device, moves the pipeline
+there, and moves it back to the offload device afterwards so that other nodes get the GPU back.
+
+SCUF weights are read once on the CPU (converted from the official checkpoint when needed) and copied into the
+modules attached to the base when a run uses them and another file was active. Changing the file or the adapter
+scale therefore never reloads the base model.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .comfy_tensors import bchw_to_image, image_to_bchw
+from .model_folders import SCUF_FOLDER, SHIPPED_DIR, folder_dirs, resolve_weights, shipped_weights
+
+CATEGORY = "image/lowlight"
+SCUF_PIPE = "SCUF_PIPE"
+
+DIFFUSERS_FOLDER, CHECKPOINTS_FOLDER, CLIP_VISION_FOLDER = "diffusers", "checkpoints", "clip_vision"
+DIFFUSERS_PREFIX, CHECKPOINTS_PREFIX = DIFFUSERS_FOLDER + "/", CHECKPOINTS_FOLDER + "/"
+# Always listed first, even before the files exist: saved workflows stay valid, and running them says where the
+# missing file goes instead of failing validation with "value not in list".
+DEFAULT_BASE = DIFFUSERS_PREFIX + "sd-turbo"
+DEFAULT_BASE_FILE = CHECKPOINTS_PREFIX + "sd_turbo.safetensors"
+DEFAULT_CLIP = "clip-vit-base-patch32"
+CLIP_FROM_BASE = "(image_encoder/ in the base model folder)"
+DEFAULT_SCUF_WEIGHTS = "scuf_lowlight.safetensors"
+
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
+CLIP_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")
+# Ours are .safetensors; the official GEFU trainer writes torch.save dicts (.pkl), read with weights_only=True.
+SCUF_EXTENSIONS = (".safetensors", ".pkl", ".pth", ".pt", ".ckpt")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+BASE_DOWNLOAD_HELP = (
+    "the diffusers folder of stabilityai/sd-turbo (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+    "scheduler/), or its single file sd_turbo.safetensors"
+)
+CLIP_DOWNLOAD_HELP = (
+    "the transformers folder of openai/clip-vit-base-patch32 (config.json + model.safetensors), or an OpenAI CLIP "
+    "ViT-B/32 state dict saved with torch.save(model.state_dict())"
+)
+
+
+# ----------------------------------------------------------------------------------------- model folders
+
+
+def _walk(folder_name: str):
+    """``(root, dirpath, subdirs, files)`` for every directory ComfyUI searches for ``folder_name`` (links followed)."""
+    for root in folder_dirs(folder_name):
+        if os.path.isdir(root):
+            for dirpath, subdirs, files in os.walk(root, followlinks=True):
+                subdirs.sort()
+                yield root, dirpath, subdirs, files
+
+
+def model_folders_with(folder_name: str, marker: str) -> List[str]:
+    """Relative paths (``/``-separated) of the folders under ``models/<folder_name>`` that contain ``marker``."""
+    found = []
+    for root, dirpath, subdirs, files in _walk(folder_name):
+        if dirpath != root and marker in files:
+            found.append(Path(os.path.relpath(dirpath, root)).as_posix())
+            subdirs[:] = []  # a model folder's own subfolders (unet/, vae/, ...) are not models
+    return sorted(set(found))
+
+
+def model_files(folder_name: str, extensions: Tuple[str, ...], skip_folders_with: Optional[str] = None) -> List[str]:
+    """Relative paths of the files under ``models/<folder_name>`` ending in ``extensions``.
+
+    Files inside a folder that contains ``skip_folders_with`` (e.g. a transformers folder's weights) are left out:
+    that folder is listed as one model instead.
+    """
+    found = []
+    for root, dirpath, subdirs, files in _walk(folder_name):
+        if skip_folders_with and dirpath != root and skip_folders_with in files:
+            subdirs[:] = []
+            continue
+        found += [
+            Path(os.path.relpath(os.path.join(dirpath, f), root)).as_posix()
+            for f in files
+            if f.lower().endswith(extensions)
+        ]
+    return sorted(set(found))
+
+
+def find_in_folder(folder_name: str, relative: str, want_dir: bool) -> Optional[Path]:
+    """The first existing ``<dir>/<relative>`` of ``models/<folder_name>`` (a directory if ``want_dir``, else a file)."""
+    for root in folder_dirs(folder_name):
+        candidate = Path(root) / relative
+        if (candidate.is_dir() if want_dir else candidate.is_file()):
+            return candidate
+    return None
+
+
+def _places(folder_name: str) -> str:
+    dirs = folder_dirs(folder_name)
+    return ", ".join(dirs) if dirs else f"ComfyUI's models/{folder_name}/"
+
+
+def _unique(items: List[str]) -> List[str]:
+    return list(dict.fromkeys(items))
+
+
+def base_choices() -> List[str]:
+    """``diffusers/<folder>`` for folders with ``model_index.json``, ``checkpoints/<file>`` for single files."""
+    folders = [DIFFUSERS_PREFIX + name for name in model_folders_with(DIFFUSERS_FOLDER, "model_index.json")]
+    files = [CHECKPOINTS_PREFIX + name for name in model_files(CHECKPOINTS_FOLDER, CHECKPOINT_EXTENSIONS)]
+    return _unique([DEFAULT_BASE] + folders + [DEFAULT_BASE_FILE] + files)
+
+
+def clip_choices() -> List[str]:
+    """CLIP image encoders: transformers folders and state-dict files in ``models/clip_vision``, or the base's own."""
+    folders = model_folders_with(CLIP_VISION_FOLDER, "config.json")
+    files = model_files(CLIP_VISION_FOLDER, CLIP_EXTENSIONS, skip_folders_with="config.json")
+    return _unique([DEFAULT_CLIP] + folders + files + [CLIP_FROM_BASE])
+
+
+def scuf_weight_choices() -> List[str]:
+    """SCUF weights: shipped ``lora_weights/scuf*.safetensors``, then every weights file in ``models/scuf``."""
+    return _unique([DEFAULT_SCUF_WEIGHTS] + shipped_weights("scuf*.safetensors")
+                   + model_files(SCUF_FOLDER, SCUF_EXTENSIONS))
+
+
+def resolve_base(choice: str) -> Tuple[Path, bool]:
+    """``(path, single_file)`` of a :func:`base_choices` value; ``FileNotFoundError`` says where it goes."""
+    if choice.startswith(DIFFUSERS_PREFIX):
+        name = choice[len(DIFFUSERS_PREFIX):]
+        path = find_in_folder(DIFFUSERS_FOLDER, name, want_dir=True)
+        if path is not None and (path / "model_index.json").is_file():
+            return path, False
+        where = f"put {BASE_DOWNLOAD_HELP.split(', or')[0]} into one of: {_places(DIFFUSERS_FOLDER)} as {name}/"
+    elif choice.startswith(CHECKPOINTS_PREFIX):
+        name = choice[len(CHECKPOINTS_PREFIX):]
+        path = find_in_folder(CHECKPOINTS_FOLDER, name, want_dir=False)
+        if path is not None:
+            return path, True
+        where = f"put the single-file checkpoint {name} into one of: {_places(CHECKPOINTS_FOLDER)}"
+    else:
+        raise ValueError(f"model: {choice!r} is neither '{DIFFUSERS_PREFIX}<folder>' nor '{CHECKPOINTS_PREFIX}<file>'")
+    raise FileNotFoundError(
+        f"SD-Turbo base model {choice!r} not found: {where}. Download {BASE_DOWNLOAD_HELP} from "
+        "https://huggingface.co/stabilityai/sd-turbo."
+    )
+
+
+def resolve_clip(choice: str, base_path: Path, single_file: bool) -> Optional[Path]:
+    """Path of a :func:`clip_choices` value (a folder or file); ``None`` = the base folder's ``image_encoder/``."""
+    if choice == CLIP_FROM_BASE:
+        if not single_file and (base_path / "image_encoder" / "config.json").is_file():
+            return None
+        raise FileNotFoundError(
+            f"clip: the base model {base_path} has no image_encoder/ folder; choose a CLIP image encoder from "
+            f"{_places(CLIP_VISION_FOLDER)} ({CLIP_DOWNLOAD_HELP})"
+        )
+    folder = find_in_folder(CLIP_VISION_FOLDER, choice, want_dir=True)
+    if folder is not None and (folder / "config.json").is_file():
+        return folder
+    file = find_in_folder(CLIP_VISION_FOLDER, choice, want_dir=False)
+    if file is not None:
+        return file
+    raise FileNotFoundError(
+        f"CLIP image encoder {choice!r} not found: put {CLIP_DOWNLOAD_HELP} into one of: "
+        f"{_places(CLIP_VISION_FOLDER)} (a folder named {choice}/ for the transformers layout)"
+    )
+
+
+def _stamp(path: Optional[Path]) -> tuple:
+    """Changes when the file (or a folder's files) is replaced, so that a new download is loaded, not the cache."""
+    if path is None:
+        return ()
+    if path.is_file():
+        stat = path.stat()
+        return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    stats = [(str(p.relative_to(path)), p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.rglob("*"))
+             if p.is_file()]
+    return (str(path.resolve()), tuple(stats))
+
+
+# ------------------------------------------------------------------------------------- the SCUF_PIPE value
+
+
+@dataclass(frozen=True)
+class SCUFBaseSpec:
+    """What the base pipeline is loaded from; equal specs share one loaded pipeline."""
+
+    model: str  # dropdown value, for messages
+    model_path: str
+    single_file: bool
+    clip_path: Optional[str]  # None: the base folder's image_encoder/
+    dtype: str  # "float32" | "bfloat16" | "float16" (auto already resolved)
+    stamp: tuple
+
+
+@dataclass(frozen=True)
+class SCUFWeights:
+    """SCUF tensors read from one file, in this project's key format, on the CPU."""
+
+    name: str
+    path: str
+    tensors: Dict[str, torch.Tensor] = field(repr=False)
+    config: object  # SCUFConfig
+    base_shapes: dict = field(repr=False)
+    token: str  # identifies this loaded content on the pipeline it was copied into
+
+
+@dataclass(frozen=True)
+class SCUFModel:
+    """The ``SCUF_PIPE`` value: a base model reference, plus SCUF weights and adapter scale once attached."""
+
+    base: SCUFBaseSpec
+    weights: Optional[SCUFWeights] = None
+    adapter_scale: float = 1.0
+
+
+# One loaded base: {"spec": SCUFBaseSpec, "pipe": SCUFPipeline, "active": token of the SCUF weights copied in}.
+_BASE_CACHE: dict = {}
+# The last SCUF weights file read: {"key": (file stamp, base spec), "weights": SCUFWeights}.
+_WEIGHTS_CACHE: dict = {}
+
+
+def release_base() -> None:
+    """Drop the cached base pipeline (before loading another one, so that two never coexist)."""
+    _BASE_CACHE.clear()
+    _WEIGHTS_CACHE.clear()
+    gc.collect()
+
+
+def _load_base(spec: SCUFBaseSpec):
+    from ..pipelines.scuf_pipeline import SCUFPipeline
+
+    dtype = DTYPES[spec.dtype]
+    kwargs = {"dtype": dtype}
+    if spec.clip_path is not None:
+        kwargs["image_encoder"] = spec.clip_path
+    try:
+        if spec.single_file:
+            pipe = SCUFPipeline.from_single_file(spec.model_path, **kwargs)
+        else:
+            pipe = SCUFPipeline.from_pretrained(spec.model_path, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise RuntimeError(
+            f"could not load the SD-Turbo base model {spec.model!r} ({spec.model_path}) with CLIP image encoder "
+            f"{spec.clip_path or 'image_encoder/'}: {exc}"
+        ) from exc
+    pipe.image_encoder.to(dtype)  # built from its own file, in float32
+    if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)  # SD 2.x VAEs overflow in float16; SCUFPipeline runs the VAE in its own dtype
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def base_pipeline(spec: SCUFBaseSpec, fresh: bool = False):
+    """The loaded base pipeline for ``spec``: the cached one, or loaded now (replacing any other base)."""
+    if fresh or _BASE_CACHE.get("spec") != spec:
+        release_base()
+        _BASE_CACHE.update(spec=spec, pipe=_load_base(spec), active=None)
+    return _BASE_CACHE["pipe"]
+
+
+def read_scuf_weights(spec: SCUFBaseSpec, name: str, path: Path) -> SCUFWeights:
+    """SCUF weights from ``path`` for the base ``spec`` (cached while the file and the base stay the same)."""
+    from ..pipelines.scuf_weights import load_scuf_file
+
+    key = (_stamp(path), spec)
+    if _WEIGHTS_CACHE.get("key") != key:
+        pipe = base_pipeline(spec)
+        # Official checkpoints name the adapter layers by position: the base UNet's layer names map them to ours.
+        layer_names = [n[: -len(".processor")] for n in pipe.unet.attn_processors]
+        tensors, config, base_shapes, _ = load_scuf_file(path, "a2b", layer_names)
+        _WEIGHTS_CACHE.clear()
+        _WEIGHTS_CACHE.update(key=key, weights=SCUFWeights(name, str(path), tensors, config, base_shapes,
+                                                           uuid.uuid4().hex))
+    return _WEIGHTS_CACHE["weights"]
+
+
+def activate(model: SCUFModel):
+    """The base pipeline of ``model`` with its SCUF weights in the attached modules (copied only if needed)."""
+    if model.weights is None:
+        raise ValueError(
+            "scuf_pipe has no SCUF weights: connect SCUF Load SD-Turbo -> Cycle-Attention Adapter Loader -> this node"
+        )
+    from ..pipelines.scuf_weights import check_compatible, copy_into
+
+    weights = model.weights
+    pipe = base_pipeline(model.base)
+    if _BASE_CACHE.get("active") == weights.token:
+        return pipe
+    if pipe.scuf_config is not None and pipe.scuf_config != weights.config:
+        pipe = base_pipeline(model.base, fresh=True)  # other LoRA rank/targets: modules cannot be re-shaped
+    if pipe.scuf_config is None:
+        pipe.init_scuf_modules(weights.config, init="none")
+    _BASE_CACHE["active"] = None  # a failed copy leaves no weights marked active
+    expected = pipe.scuf_parameters()
+    check_compatible(weights.path, expected, weights.tensors, weights.base_shapes, pipe.vae.state_dict())
+    copy_into(expected, weights.tensors)
+    _BASE_CACHE["active"] = weights.token
+    return pipe
+
+
+def _resolve_auto_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    import comfy.model_management as mm
+
+    device = mm.get_torch_device()
+    if device.type == "cpu":
+        return "float32"
+    if mm.should_use_bf16(device):
+        return "bfloat16"
+    return "float16" if mm.should_use_fp16(device) else "float32"
+
+
+def _module_bytes(pipe) -> int:
+    return sum(p.numel() * p.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+               for p in m.parameters())
+
+
+# --------------------------------------------------------------------------------------------------- nodes
+
+
+class SCUFLoadSDTurbo:
+    DESCRIPTION = (
+        "Loads the SD-Turbo base model and the CLIP ViT-B/32 image encoder that SCUF builds on, from ComfyUI's model "
+        "folders: a diffusers folder in models/diffusers or the single file sd_turbo.safetensors in "
+        "models/checkpoints, and the CLIP encoder from models/clip_vision. Connect it to a Cycle-Attention Adapter "
+        "Loader. The model is loaded once and reused; it stays on the offload device between runs."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (SCUF_PIPE,)
+    RETURN_NAMES = ("scuf_pipe",)
+    OUTPUT_TOOLTIPS = ("SD-Turbo + CLIP image encoder, without SCUF weights yet.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (
+                    base_choices(),
+                    {"tooltip": "SD-Turbo: 'diffusers/<folder>' = a folder with model_index.json in "
+                     "models/diffusers; 'checkpoints/<file>' = the single-file sd_turbo.safetensors in "
+                     "models/checkpoints (its tokenizer comes from ComfyUI's bundled CLIP tokenizer)."},
+                ),
+                "clip": (
+                    clip_choices(),
+                    {"tooltip": "CLIP ViT-B/32 image encoder that embeds the illumination prompt: a folder "
+                     "(openai/clip-vit-base-patch32, transformers layout) or an OpenAI state-dict file in "
+                     "models/clip_vision, or the image_encoder/ folder saved inside a diffusers base folder."},
+                ),
+                "dtype": (
+                    ["auto", "float32", "bfloat16", "float16"],
+                    {"default": "auto",
+                     "tooltip": "Weight precision. auto: float32 on the CPU; on a GPU bfloat16 where supported, "
+                     "else float16 (the VAE stays float32 with float16). float32 is the reference precision."},
+                ),
+            }
+        }
+
+    def load(self, model, clip, dtype):
+        model_path, single_file = resolve_base(model)
+        clip_path = resolve_clip(clip, model_path, single_file)
+        spec = SCUFBaseSpec(
+            model=model, model_path=str(model_path), single_file=single_file,
+            clip_path=None if clip_path is None else str(clip_path), dtype=_resolve_auto_dtype(dtype),
+            stamp=(_stamp(model_path), _stamp(clip_path)),
+        )
+        base_pipeline(spec)
+        return (SCUFModel(spec),)
+
+
+class SCUFAdapterLoader:
+    DESCRIPTION = (
+        "Attaches SCUF weights to the SD-Turbo pipeline: the VAE skip connections and LoRA, the image-prompt "
+        "projector and the cycle-attention adapter of SCUF (ICCV 2025). Reads this project's .safetensors or the "
+        "official GEFU checkpoint (.pkl). Changing the file or the scale does not reload the base model."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "attach"
+    RETURN_TYPES = (SCUF_PIPE,)
+    RETURN_NAMES = ("scuf_pipe",)
+    OUTPUT_TOOLTIPS = ("The pipeline with the SCUF weights and adapter scale, ready for SCUF One-Step Lighten.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "scuf_pipe": (SCUF_PIPE, {"tooltip": "From SCUF Load SD-Turbo."}),
+                "scuf_weights": (
+                    scuf_weight_choices(),
+                    {"tooltip": "SCUF weights in ComfyUI's models/scuf folder (or shipped in lora_weights/): this "
+                     "project's .safetensors (from train_scuf or the converter) or the official checkpoint .pkl "
+                     "(its lighten direction is used)."},
+                ),
+                "adapter_scale": (
+                    "FLOAT",
+                    {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                     "tooltip": "Weight of the illumination image prompt in the cycle attention: 1 = as trained, "
+                     "0 = text prompt only, above 1 = the image prompt counts more."},
+                ),
+            }
+        }
+
+    def attach(self, scuf_pipe, scuf_weights, adapter_scale):
+        path = resolve_weights(SCUF_FOLDER, scuf_weights)
+        base_pipeline(scuf_pipe.base)  # a failing base load is not the weights file's fault: let it through as is
+        try:
+            weights = read_scuf_weights(scuf_pipe.base, scuf_weights, path)
+            model = replace(scuf_pipe, weights=weights, adapter_scale=float(adapter_scale))
+            activate(model)  # fail here, on this node, if the file does not fit the base model
+        except Exception as exc:  # unreadable, unsafe, truncated or mismatched: all say which file and where
+            places = ", ".join([str(SHIPPED_DIR)] + folder_dirs(SCUF_FOLDER))
+            raise ValueError(
+                f"SCUF weights {scuf_weights!r} ({path}) cannot be used with the base model "
+                f"{scuf_pipe.base.model!r}: {exc}\nPut SCUF weights trained for this base model (SD-Turbo) in "
+                f"one of: {places}"
+            ) from exc
+        return (model,)
+
+
+class SCUFLighten:
+    DESCRIPTION = (
+        "Brightens a low-light image or batch with SCUF in one SD-Turbo step: the VAE encodes the image, one UNet "
+        "step guided by the text prompt and the illumination prompt (1 - V, bright where the image is dark) "
+        "removes the darkness, the VAE decodes with skip connections that keep the details. Any image size; the "
+        "output has the input's size."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "lighten"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The lightened image or batch, same size as the input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..pipelines.scuf_pipeline import DEFAULT_PROMPT  # imports diffusers: only when ComfyUI asks
+
+        return {
+            "required": {
+                "scuf_pipe": (SCUF_PIPE, {"tooltip": "From Cycle-Attention Adapter Loader (SD-Turbo + SCUF weights)."}),
+                "image": ("IMAGE", {"tooltip": "Low-light image or batch (RGB; an alpha channel is ignored)."}),
+                "prompt": (
+                    "STRING",
+                    {"default": DEFAULT_PROMPT, "multiline": True,
+                     "tooltip": "Text prompt for the one step; the default is the paper's lighten prompt the "
+                     "weights were trained with."},
+                ),
+                "seed": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                     "tooltip": "Seed of the latent sample; used only when sample_latent is on."},
+                ),
+                "sample_latent": (
+                    "BOOLEAN",
+                    {"default": False, "label_on": "sampled (official)", "label_off": "mean",
+                     "tooltip": "Off: the VAE posterior mean (deterministic). On: a sample of it, as the official "
+                     "inference code does (varies with the seed)."},
+                ),
+            },
+            "optional": {
+                "illumination_mask": (
+                    "MASK",
+                    {"tooltip": "Illumination prompt as a MASK (e.g. inverse_mask of Illumination Prompt, or edited "
+                     "with mask nodes), same size as the image, one per image or one for all. Absent: 1 - V of the "
+                     "image."},
+                ),
+                "illumination_image": (
+                    "IMAGE",
+                    {"tooltip": "Illumination prompt as an IMAGE (e.g. inverse_image of Illumination Prompt); its "
+                     "channel mean is used. Connect this or illumination_mask, not both."},
+                ),
+            },
+        }
+
+    def lighten(self, scuf_pipe, image, prompt, seed, sample_latent, illumination_mask=None, illumination_image=None):
+        import comfy.model_management as mm
+        import comfy.utils
+
+        frames = image_to_bchw(image)
+        maps = illumination_maps(frames, illumination_mask, illumination_image)
+        pipe = activate(scuf_pipe)
+        device = mm.get_torch_device()
+        # Room for the weights plus the full-resolution VAE activations (a rough 4 KiB per pixel).
+        mm.free_memory(_module_bytes(pipe) + 4096 * frames.shape[-2] * frames.shape[-1], device)
+        generator = torch.Generator("cpu").manual_seed(seed)  # one stream over the batch, as the pipeline's own
+        progress = comfy.utils.ProgressBar(frames.shape[0])
+        lightened = []
+        try:
+            pipe.to(device)
+            for index in range(frames.shape[0]):
+                mm.throw_exception_if_processing_interrupted()
+                illumination = None if maps is None else [maps[index if maps.shape[0] > 1 else 0]]
+                out = pipe(
+                    frames[index : index + 1], prompt=prompt, illumination=illumination,
+                    adapter_scale=scuf_pipe.adapter_scale, generator=generator, sample_latent=sample_latent,
+                    output_type="pt",
+                ).images
+                lightened.append(bchw_to_image(out))
+                progress.update(1)
+        finally:
+            pipe.to(mm.unet_offload_device())
+            mm.soft_empty_cache()
+        return (torch.cat(lightened),)
+
+
+def illumination_maps(frames: torch.Tensor, mask=None, image=None) -> Optional[torch.Tensor]:
+    """The optional illumination inputs as ``[1 or B, H, W]`` float32 maps in 0..1 (``None`` = computed per image).
+
+    ``frames`` is the ``[B, 3, H, W]`` batch to lighten; a MASK is ``[B, H, W]`` (or ``[H, W]``), an IMAGE
+    ``[B, H, W, C]`` whose channel mean is used.
+    """
+    if mask is not None and image is not None:
+        raise ValueError("illumination: connect either illumination_mask or illumination_image, not both")
+    if mask is None and image is None:
+        return None
+    if image is not None:
+        maps = image_to_bchw(image).mean(dim=1)
+        what = "illumination_image"
+    else:
+        maps = mask.float()
+        maps = maps[None] if maps.ndim == 2 else maps
+        what = "illumination_mask"
+    batch, height, width = frames.shape[0], frames.shape[-2], frames.shape[-1]
+    if maps.ndim != 3 or tuple(maps.shape[-2:]) != (height, width) or maps.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{what}: expected {batch} or 1 map(s) of the image size {height}x{width}, got shape "
+            f"{tuple(maps.shape)}; resize or crop the map to the image first"
+        )
+    return maps.clamp(0.0, 1.0)
