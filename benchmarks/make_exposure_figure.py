@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0)
 RECURRENCES = (2, 4, 8, 12, 16)
-TILE_WIDTH = 300
+TILE_WIDTH = 240
 LABEL_HEIGHT = 22
 
 
@@ -78,6 +78,7 @@ def main() -> None:
     os.close(fd)
     try:
         figure.save(tmp, optimize=True)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, args.out)
     finally:
         if os.path.exists(tmp):

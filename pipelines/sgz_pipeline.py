@@ -16,6 +16,7 @@ Plain torch + numpy + PIL (no diffusers import). Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -156,7 +157,8 @@ class SGZPipeline:
 
         batch, restore = to_tensor_batch(images, keep_uint8=True)
         batch = batch.to(self.device)
-        factor = estimate_factor_lowres(self.model, batch, downscale).float()
+        with _serial_if_small(batch, downscale):
+            factor = estimate_factor_lowres(self.model, batch, downscale).float()
         factor = _smooth(factor, temporal_smoothing, video_state)
         if strength != 1.0:
             factor = factor.mul_(strength).clamp_(-1.0, 1.0)
@@ -168,6 +170,25 @@ class SGZPipeline:
         if batch.dtype == torch.uint8 or not isinstance(images, torch.Tensor):
             return output, restore((full + 1.0) * 0.5, plain=True)
         return output, restore(full, plain=True)
+
+
+# Below this many low-resolution pixels per batch the factor network runs on one CPU thread: its ops are too small
+# to gain from OpenMP, and OpenMP barriers stall for whole scheduler slices when other processes load the CPU.
+_SERIAL_EFE_PIXELS = 256 * 256
+
+
+@contextlib.contextmanager
+def _serial_if_small(batch: torch.Tensor, downscale: float):
+    height, width = lowres_size(*batch.shape[-2:], downscale)
+    threads = torch.get_num_threads()
+    serial = batch.device.type == "cpu" and threads > 1 and batch.shape[0] * height * width <= _SERIAL_EFE_PIXELS
+    if serial:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if serial:
+            torch.set_num_threads(threads)
 
 
 def _check_options(downscale, recurrences, strength, temporal_smoothing) -> None:

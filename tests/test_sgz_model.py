@@ -199,3 +199,25 @@ def test_invalid_arguments():
         apply_recurrence(torch.rand(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), -1)
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         enhance(torch.rand(3, 8, 8), torch.zeros(1, 3, 1, 1))
+
+
+def test_fused_pass_with_worker_threads_inside_inference_mode():
+    torch.manual_seed(4)
+    image = torch.rand(2, 3, 70, 400)  # many tiles: the tile workers run in parallel
+    small = torch.rand(2, 3, 6, 33) * 2 - 1
+    reference = apply_recurrence_reference(image, upsample_factor(small, image.shape[-2:]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            out = enhance(image, small)
+            as_u8 = enhance((image * 255).round().to(torch.uint8), small, out_dtype=torch.uint8)
+    finally:
+        torch.set_num_threads(threads)
+    assert (out - reference).abs().max() < 1e-5
+    assert as_u8.dtype == torch.uint8 and as_u8.shape == image.shape
+
+
+def test_uint8_identity_with_zero_recurrences():
+    image = torch.randint(0, 256, (1, 3, 9, 11), dtype=torch.uint8)
+    assert torch.equal(enhance(image, torch.zeros(1, 3, 1, 1), recurrences=0, out_dtype=torch.uint8), image)
