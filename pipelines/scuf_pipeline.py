@@ -226,6 +226,7 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         )
         # set when SCUF modules are attached (also when built from the components of a SCUF pipeline)
         self.scuf_config: SCUFConfig | None = scuf_config_from_modules(vae, unet, image_proj)
+        self._tiling: dict[str, int] | None = None  # set by enable_vae_tiling()
 
     # ---------------------------------------------------------------------------------- loading
 
@@ -410,33 +411,64 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         beta = 1 - alpha
         return (latents.float() - beta ** 0.5 * eps.float()) / alpha ** 0.5
 
-    def _run_group(self, images, illum, prompts, generator, sample_latent, device):
-        vae_dtype = next(self.vae.parameters()).dtype
+    def enable_vae_tiling(self, tile_size: int = 512, tile_overlap: int = 64) -> None:
+        """Process images larger than ``tile_size`` in overlapping tiles (bounded memory, feathered seams).
+
+        The whole encoder -> UNet -> decoder pass is tiled (the VAE skips and the UNet attention need it, see
+        :mod:`.scuf_tiling`); the prompt conditioning is computed once for the whole image. ``tile_size`` and
+        ``tile_overlap`` are pixels, multiples of 8.
+        """
+        from .scuf_tiling import check_tiling
+
+        check_tiling(tile_size, tile_overlap)
+        self._tiling = {"tile_size": tile_size, "tile_overlap": tile_overlap}
+
+    def disable_vae_tiling(self) -> None:
+        """Process every image in one pass again (the default)."""
+        self._tiling = None
+
+    def _conditioning(self, illum, prompts, device) -> torch.Tensor:
+        """``[B, T + num_tokens, D]`` UNet context: text embedding of each prompt, then the image-prompt tokens."""
         unet_dtype = self.unet.dtype
-        x = (images.to(device) - 0.5) / 0.5
         tokens = self.encode_image_prompt(illum.to(device))
         cache: dict[str, torch.Tensor] = {}
         for p in prompts:
             if p not in cache:
                 cache[p] = self.encode_prompt(p, device)
         text = torch.cat([cache[p] for p in prompts])
-        context = torch.cat([text.to(unet_dtype), tokens.to(unet_dtype)], dim=1)
+        return torch.cat([text.to(unet_dtype), tokens.to(unet_dtype)], dim=1)
 
+    def _enhance(self, x, context, noise=None) -> torch.Tensor:
+        """One pass: ``x`` ``[B, 3, H, W]`` in -1..1 -> ``[B, 3, H, W]`` float32 in 0..1.
+
+        ``noise``: ``[B, C, H / 8, W / 8]`` standard normal for a sampled latent, or None for the posterior mean.
+        """
+        vae_dtype = next(self.vae.parameters()).dtype
         posterior, skips = encode_with_skips(self.vae, x.to(vae_dtype))
-        if sample_latent:
-            mean = posterior.mean
-            noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            latents = mean + posterior.std * noise
-        else:
-            latents = posterior.mean
+        latents = posterior.mean if noise is None else posterior.mean + posterior.std * noise
         sf = self.vae.config.scaling_factor
         latents = latents * sf
-        t = torch.tensor([self.scheduler.config.num_train_timesteps - 1], device=device, dtype=torch.long)
-        eps = self.unet(latents.to(unet_dtype), t, encoder_hidden_states=context).sample
+        t = torch.tensor([self.scheduler.config.num_train_timesteps - 1], device=x.device, dtype=torch.long)
+        eps = self.unet(latents.to(self.unet.dtype), t, encoder_hidden_states=context).sample
         x0 = self._one_step(latents, eps)
         gamma = self.scuf_config.skip_gamma
         decoded = decode_with_skips(self.vae, (x0 / sf).to(vae_dtype), skips, gamma).clamp(-1, 1)
         return decoded.float() * 0.5 + 0.5
+
+    def _run_group(self, images, illum, prompts, generator, sample_latent, device):
+        x = (images.to(device) - 0.5) / 0.5
+        context = self._conditioning(illum, prompts, device)
+        noise = None
+        if sample_latent:
+            # drawn for the whole latent at once, so a tiled run samples the same noise as an untiled one
+            b, _, h, w = x.shape
+            shape = (b, self.vae.config.latent_channels, h // 8, w // 8)
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=next(self.vae.parameters()).dtype)
+        if self._tiling is not None:
+            from .scuf_tiling import tiled_enhance
+
+            return tiled_enhance(self._enhance, x, context, noise, **self._tiling)
+        return self._enhance(x, context, noise)
 
     @torch.no_grad()
     def __call__(
