@@ -188,6 +188,9 @@ def _from_pil(images: list, single: bool, keep_uint8: bool):
                 if is_gray and hwc.dtype == np.uint16:
                     result.append(Image.fromarray(_to_gray(hwc).astype(np.int32)).convert("I;16"))
                     continue
+                if is_gray and hwc.dtype == np.float32:  # mode F stays F
+                    result.append(Image.fromarray(_to_gray(hwc), mode="F"))
+                    continue
                 unit = hwc.astype(np.float32) / _array_scale(hwc.dtype, "image")
                 hwc = np.round(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
             if is_gray and (plain or alphas[i] is None):

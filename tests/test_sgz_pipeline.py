@@ -205,3 +205,19 @@ def test_pipeline_does_not_import_diffusers():
         "assert 'diffusers' not in sys.modules and 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16", "F", "RGBA", "LA", "P", "CMYK", "1"])
+def test_pil_modes_round_trip_unchanged_at_strength_zero(pipe, mode):
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray((rng.random((6, 9, 3)) * 255).astype(np.uint8))
+    if mode == "I;16":
+        image = Image.fromarray((rng.random((6, 9)) * 65535).astype(np.uint16))
+    elif mode == "F":
+        image = Image.fromarray(rng.random((6, 9)).astype(np.float32))
+    else:
+        image = rgb.convert(mode)
+    out = pipe(image, strength=0.0)
+    expected = image.convert("RGB") if mode in ("P", "CMYK") else image.convert("L") if mode == "1" else image
+    assert out.size == image.size and out.mode == expected.mode
+    assert np.allclose(np.asarray(out), np.asarray(expected), rtol=0, atol=1e-6 if mode == "F" else 0)
