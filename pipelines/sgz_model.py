@@ -33,6 +33,7 @@ SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "lora_weights" / "sgz_lo
 # its worker thread (no OpenMP barriers, which stall badly on a loaded CPU) and the 4 float32 tile buffers
 # (4 x 128 KB) stay in L2.
 _TILE_ELEMENTS = 32767
+_DEVICE_TILE_ELEMENTS = 1 << 22
 
 PathLike = Union[str, os.PathLike]
 
@@ -324,7 +325,7 @@ def _fused_rows(
 
     On CPU each tile is smaller than torch's intra-op grain size, so each op runs on the calling thread with its
     buffers in L2; tiles are handed out to ``torch.get_num_threads()`` Python threads instead (torch releases the
-    GIL inside ops). Other devices get one tile per image.
+    GIL inside ops). Other devices use one thread and large tiles.
     """
     batch, _, height, width = image.shape
     channels_last = _is_channels_last(image, out)
@@ -405,9 +406,9 @@ def _fused_rows(
 
 
 def _tile_rows(image: torch.Tensor) -> int:
-    if image.device.type != "cpu":
-        return image.shape[2]
-    return max(1, min(image.shape[2], _TILE_ELEMENTS // (3 * image.shape[3])))
+    # GPUs want big launches; tiles there only bound the float32 scratch buffers (4 x 16 MB).
+    elements = _TILE_ELEMENTS if image.device.type == "cpu" else _DEVICE_TILE_ELEMENTS
+    return max(1, min(image.shape[2], elements // (3 * image.shape[3])))
 
 
 def _new_output(image: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
