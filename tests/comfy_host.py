@@ -471,6 +471,7 @@ class ComfyBrowser:
             const margin = arguments[0];
             document.querySelectorAll('.comfy-menu').forEach((m) => (m.style.display = 'none'));
             const canvas = app.canvas, nodes = app.graph._nodes;
+            canvas.show_info = false;  // the FPS/node-count overlay
             let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
             for (const n of nodes) {
                 x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT);
