@@ -1,0 +1,337 @@
+"""SCUF fine-tuning script on the tiny fixture (CPU): losses, trained/frozen parameters, checkpoints, exact resume,
+bad data, captions (tiny random BLIP), and a 2-process run through ``accelerate launch``."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_lowlight import train_scuf
+from comfyui_lowlight.pipelines.captions import (
+    CaptionsError,
+    load_captions,
+    match_captions,
+    night_to_day,
+    save_captions,
+)
+
+LOW = ["dark0.png", "sub/dark1.jpg", "dark2.webp"]
+NORMAL = ["day0.png", "day1.jpg", "day2.png"]
+STEPS = 10
+
+
+def _image(seed: int, size, gamma: float, gain: float) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray((rng.random((5, 6, 3)) * 255).astype(np.uint8)).resize(size, Image.BICUBIC)
+    array = (np.asarray(base, dtype=np.float32) / 255) ** gamma * gain
+    return Image.fromarray((np.clip(array, 0, 1) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scuf_data")
+    for i, name in enumerate(LOW):
+        (root / "low" / name).parent.mkdir(parents=True, exist_ok=True)
+        _image(i, (48 + 8 * i, 40), 2.0, 0.3).save(root / "low" / name)
+    (root / "low" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")  # skipped with a count
+    (root / "normal").mkdir()
+    for i, name in enumerate(NORMAL):
+        _image(10 + i, (40, 56), 0.5, 1.0).save(root / "normal" / name)
+    captions = root / "captions.json"
+    save_captions(captions, {"low": {n: f"a dark street number {i}" for i, n in enumerate(LOW)},
+                             "normal": {n: f"a bright room number {i}" for i, n in enumerate(NORMAL)}}, "hand")
+    return root
+
+
+def _args(shared_dir, data, output, *extra):
+    scuf = shared_dir / "reference" / "scuf"
+    return ["--pretrained", str(scuf / "base"), "--image_encoder", str(scuf / "clip_tiny.pt"),
+            "--low", str(data / "low"), "--normal", str(data / "normal"), "--output", str(output),
+            "--captions", str(data / "captions.json"),
+            "--retinex_weights", str(shared_dir / "reference" / "retinex" / "decomp.pth"),
+            "--resolution", "32", "--resize", "40", "--max_train_steps", str(STEPS), "--checkpointing_steps", "5",
+            "--validation_steps", "5", "--num_validation_images", "2", "--seed", "3", "--no_progress", *extra]
+
+
+def _log(output):
+    return [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run(shared_dir, data, tmp_path_factory):
+    """One 10-step run; the in-memory training model is kept for the frozen/trained checks."""
+    torch.set_num_threads(1)
+    captured = {}
+    original = train_scuf.build_training
+
+    def capture(*a, **k):
+        captured["result"] = original(*a, **k)
+        return captured["result"]
+
+    output = tmp_path_factory.mktemp("scuf_run") / "out"
+    train_scuf.build_training = capture
+    try:
+        assert train_scuf.main(_args(shared_dir, data, output)) == 0
+    finally:
+        train_scuf.build_training = original
+    return output, captured["result"]
+
+
+def _fresh_pipe(shared_dir, seed=None):
+    from comfyui_lowlight.pipelines.scuf_pipeline import SCUFPipeline
+
+    scuf = shared_dir / "reference" / "scuf"
+    pipe = SCUFPipeline.from_pretrained(str(scuf / "base"), image_encoder=str(scuf / "clip_tiny.pt"))
+    pipe.set_progress_bar_config(disable=True)
+    if seed is not None:
+        torch.manual_seed(seed)  # the trainer's initialisation
+        pipe.init_scuf_modules(init="official")
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def initial_pipe(shared_dir):
+    """The trainer's starting point (seed 3): base weights + freshly initialised SCUF modules."""
+    return _fresh_pipe(shared_dir, seed=3)
+
+
+def test_every_loss_finite_and_present(run):
+    output, _ = run
+    log = _log(output)
+    assert [entry["step"] for entry in log] == list(range(1, STEPS + 1))
+    keys = set(log[0])
+    for part in ("cycle_low_cycle", "cycle_low_caption", "cycle_low_reflectance", "cycle_normal_cycle",
+                 "gan_lighten", "gan_darken", "idt_normal_identity", "idt_low_caption", "idt_low_reflectance",
+                 "disc_fake_lighten", "disc_real_darken"):
+        assert part in keys
+    assert all(np.isfinite(v) for entry in log for v in entry.values())
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    assert not list(output.glob(".checkpoint-*"))  # no temporary folder left behind
+    assert sorted(p.name for p in (output / "validation" / "step-10").iterdir()) == ["dark0.png", "dark2.png"]
+    with Image.open(output / "validation" / "step-10" / "dark0.png") as im:
+        assert im.size == (48, 40)  # shorter side --resize
+
+
+def test_trained_parameters_changed_and_frozen_unchanged(run, shared_dir, initial_pipe):
+    from comfyui_lowlight.pipelines.retinex import load_decomnet
+    from comfyui_lowlight.pipelines.scuf_weights import scuf_parameters
+
+    output, (model, gen_params, disc_params, named) = run
+    init_a2b = initial_pipe.scuf_parameters()
+    pipe = model.pipe
+    # every trained tensor moved: lighten and darken VAE LoRA + skip convs, projector, adapters, ref decoder, discs
+    for key, value in pipe.scuf_parameters().items():
+        assert not torch.equal(value, init_a2b[key]), key
+    b2a = scuf_parameters(model.vaes["b2a"], None, pipe.unet)
+    for key, value in b2a.items():
+        if key.startswith("vae."):
+            assert not torch.equal(value, init_a2b[key]), key
+            assert not torch.equal(value, pipe.scuf_parameters()[key]), key  # its own weights
+    assert any(k.startswith("ref.") for k in named) and any(k.startswith("disc_lighten.") for k in named)
+    assert all(p.requires_grad for p in gen_params + disc_params)
+    # frozen: UNet, text encoder, CLIP, VAE base weights, Retinex
+    base = initial_pipe  # its UNet/text/CLIP/VAE base tensors are the fixture's
+    base_unet = base.unet.state_dict()
+    unet_now = {k: v for k, v in pipe.unet.state_dict().items() if ".processor." not in k}
+    assert unet_now.keys() == {k for k in base_unet if ".processor." not in k}
+    assert all(torch.equal(v, base_unet[k]) for k, v in unet_now.items())
+    for name in ("text_encoder", "image_encoder"):
+        ref = getattr(base, name).state_dict()
+        assert all(torch.equal(v, ref[k]) for k, v in getattr(pipe, name).state_dict().items()), name
+    base_vae = base.vae.state_dict()
+    for vae in (pipe.vae, model.vaes["b2a"]):
+        for key, value in vae.state_dict().items():
+            if ".lora_" not in key and not key.startswith("decoder.skip_conv_"):
+                assert torch.equal(value, base_vae[key]), key
+    official = load_decomnet(shared_dir / "reference" / "retinex" / "decomp.pth")
+    assert all(torch.equal(v, official.state_dict()[k]) for k, v in model.decomposer.state_dict().items())
+    assert not any(p.requires_grad for p in list(pipe.unet.parameters()) if p not in set(gen_params))
+
+
+def test_checkpoint_loads_into_pipeline_and_changes_output(run, shared_dir, initial_pipe):
+    from comfyui_lowlight.pipelines.scuf_weights import load_scuf_file
+
+    output, _ = run
+    image = np.asarray(Image.open(shared_dir / "reference" / "scuf" / "inputs" / "img64x64.png").convert("RGB"))
+    before = initial_pipe(image, output_type="np").images[0]
+    trained = _fresh_pipe(shared_dir)
+    config = trained.load_scuf_weights(output / "checkpoint-10" / "scuf_weights.safetensors")
+    after = trained(image, output_type="np").images[0]
+    assert config.lora_rank == 4 and after.shape == (64, 64, 3)
+    assert np.abs(after - before).max() > 1e-3
+    # the ComfyUI adapter loader reads the same file into its cached base pipeline
+    from comfyui_lowlight.nodes import scuf_nodes
+
+    scuf = shared_dir / "reference" / "scuf"
+    spec = scuf_nodes.SCUFBaseSpec(model="tiny", model_path=str(scuf / "base"), single_file=False,
+                                   clip_path=str(scuf / "clip_tiny.pt"), dtype="float32", stamp=())
+    try:
+        weights = scuf_nodes.read_scuf_weights(spec, "trained", output / "checkpoint-10" / "scuf_weights.safetensors")
+        node_pipe = scuf_nodes.activate(scuf_nodes.SCUFModel(spec, weights))
+        np.testing.assert_allclose(node_pipe(image, output_type="np").images[0], after, atol=1e-6)
+    finally:
+        scuf_nodes.release_base()
+    # the final file is the last checkpoint's weights; the darken file is a valid b2a file for the same loaders
+    final, _, _, meta = load_scuf_file(output / "scuf_weights.safetensors")
+    last, _, _, _ = load_scuf_file(output / "checkpoint-10" / "scuf_weights.safetensors")
+    assert meta["direction"] == "a2b" and all(torch.equal(final[k], last[k]) for k in final)
+    darken, _, _, meta_b2a = load_scuf_file(output / "scuf_weights_b2a.safetensors")
+    assert meta_b2a["direction"] == "b2a" and darken.keys() == final.keys()
+    assert any(not torch.equal(darken[k], final[k]) for k in final if k.startswith("vae."))
+
+
+def test_resume_reproduces_the_uninterrupted_run(run, shared_dir, data, tmp_path):
+    output, _ = run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(output / "checkpoint-5", resumed / "checkpoint-5")
+    assert train_scuf.main(_args(shared_dir, data, resumed, "--resume", "latest")) == 0
+    full, part = _log(output), _log(resumed)
+    assert [e["step"] for e in part] == list(range(6, STEPS + 1))
+    for a, b in zip(full[5:], part):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([b[k] for k in a], [a[k] for k in a], rtol=1e-5, atol=1e-6)
+    from safetensors.torch import load_file
+
+    for name in ("scuf_weights.safetensors", "scuf_weights_b2a.safetensors",
+                 "checkpoint-10/training_modules.safetensors"):
+        a, b = load_file(output / name), load_file(resumed / name)
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, name
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "unreadable", "caption_missing", "caption_extra", "caption_bad"])
+def test_bad_data_fails_before_any_model_is_loaded(case, shared_dir, data, tmp_path, monkeypatch, capsys):
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(train_scuf, "load_pipeline", no_model)
+    args = _args(shared_dir, data, tmp_path / "out")
+    captions = data / "captions.json"
+    expected = {
+        "missing": "--low: folder not found",
+        "empty": "--low: no images",
+        "unreadable": "none of the 1 image files could be read",
+        "caption_missing": "1 low image(s) have no caption: dark2.webp",
+        "caption_extra": "1 normal caption(s) name images that are not in the folder",
+        "caption_bad": "not a SCUF captions file",
+    }[case]
+    if case in ("missing", "empty", "unreadable"):
+        low = tmp_path / "low"
+        if case != "missing":
+            low.mkdir()
+        if case == "unreadable":
+            (low / "x.jpg").write_bytes(b"garbage")
+        args[args.index("--low") + 1] = str(low)
+    else:
+        content = json.loads(captions.read_text())
+        if case == "caption_missing":
+            del content["low"]["dark2.webp"]
+        elif case == "caption_extra":
+            content["normal"]["other.png"] = "a photo"
+        else:
+            content = {"low": {}}
+        captions = tmp_path / "captions.json"
+        captions.write_text(json.dumps(content))
+        args[args.index("--captions") + 1] = str(captions)
+    assert train_scuf.main(args) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_unreadable_files_are_skipped_with_a_count(data):
+    messages = []
+    good = train_scuf.readable_images(train_scuf.find_images(data / "low", "low"), "low", messages.append)
+    assert sorted(p.relative_to(data / "low").as_posix() for p in good) == sorted(LOW)
+    assert len(messages) == 1 and "--low: skipped 1 unreadable file(s) of 4" in messages[0]
+    assert "broken.png" in messages[0]
+
+
+def test_caption_file_validation(tmp_path):
+    path = tmp_path / "c.json"
+    save_captions(path, {"low": {"a.png": "a night street"}, "normal": {}}, "hand")
+    captions = load_captions(path)
+    assert match_captions(captions, "low", ["a.png"]) == ["a night street"]
+    with pytest.raises(CaptionsError, match="have no caption: b.png"):
+        match_captions(captions, "low", ["a.png", "b.png"])
+    with pytest.raises(CaptionsError, match="not found"):
+        load_captions(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(CaptionsError, match="not a JSON"):
+        load_captions(tmp_path / "bad.json")
+    assert night_to_day("A dark street at Night, nightly dimmer") == "A bright street at day, nightly dimmer"
+
+
+def _tiny_blip(folder):
+    """A randomly initialised BLIP captioner (~50k parameters) with a 15-word BERT vocabulary, saved to ``folder``."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "night", "street", "dark",
+             "room", "cat", "the"]
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    config = BlipConfig(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16, projection_dim=16),
+        text_config=dict(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, encoder_hidden_size=16, max_position_embeddings=40, bos_token_id=5,
+                         pad_token_id=0, sep_token_id=3, eos_token_id=3),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def test_caption_subcommand_with_tiny_blip(data, tmp_path, capsys):
+    blip = tmp_path / "blip"
+    _tiny_blip(blip)
+    out = tmp_path / "captions.json"
+    argv = ["caption", "--low", str(data / "low"), "--normal", str(data / "normal"), "--output", str(out),
+            "--captioner", str(blip), "--max_new_tokens", "5", "--device", "cpu"]
+    assert train_scuf.main(argv) == 0
+    captions = load_captions(out)
+    assert sorted(captions["low"]) == sorted(LOW) and sorted(captions["normal"]) == sorted(NORMAL)
+    texts = list(captions["low"].values()) + list(captions["normal"].values())
+    assert all(t.strip() and "[" not in t for t in texts)
+    assert not any("night" in t.split() or "dark" in t.split() for t in texts)  # mapped to day words
+    assert "skipped 1 unreadable file(s)" in capsys.readouterr().out
+    # the trainer accepts it (matched in folder order), and the file is never overwritten silently
+    assert len(match_captions(captions, "low", sorted(captions["low"]))) == 3
+    with pytest.raises(SystemExit, match="exists"):
+        train_scuf.main(argv)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_cpu_run_through_accelerate(shared_dir, data, tmp_path):
+    output = tmp_path / "ddp"
+    args = _args(shared_dir, data, output)
+    args[args.index("--max_train_steps") + 1] = "2"
+    args[args.index("--checkpointing_steps") + 1] = "2"
+    args[args.index("--validation_steps") + 1] = "0"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # `accelerate launch --cpu` starts one process unless under mpirun; --multi_gpu starts N processes
+    # (torchrun) and the trainer's --cpu makes them one gloo group.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "comfyui_lowlight.train_scuf", *args, "--cpu"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert [e["step"] for e in _log(output)] == [1, 2]
+    assert (output / "scuf_weights.safetensors").is_file()
+    assert sorted(p.name for p in (output / "checkpoint-2").glob("rng_state_*.pt")) == ["rng_state_0.pt",
+                                                                                        "rng_state_1.pt"]
