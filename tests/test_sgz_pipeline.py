@@ -221,3 +221,13 @@ def test_pil_modes_round_trip_unchanged_at_strength_zero(pipe, mode):
     expected = image.convert("RGB") if mode in ("P", "CMYK") else image.convert("L") if mode == "1" else image
     assert out.size == image.size and out.mode == expected.mode
     assert np.allclose(np.asarray(out), np.asarray(expected), rtol=0, atol=1e-6 if mode == "F" else 0)
+
+
+def test_thread_count_is_restored(pipe):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pipe(torch.rand(1, 3, 40, 60))  # small low-res input: the factor network runs serially meanwhile
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
