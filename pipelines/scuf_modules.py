@@ -153,9 +153,16 @@ def scuf_config_from_modules(vae, unet, image_proj) -> SCUFConfig | None:
     )
 
 
-def scuf_vae_trainable_parameters(vae) -> list[nn.Parameter]:
-    """The tensors SCUF trains in a VAE: every LoRA A/B and the skip-conv base weights (official optimiser set)."""
+def scuf_vae_trainable_parameters(vae, include_skip_base: bool = True) -> list[nn.Parameter]:
+    """The tensors SCUF trains in a VAE: every LoRA A/B and (by default) the skip-conv base weights.
+
+    The official optimiser lists the skip-conv base weights too, but PEFT's ``add_adapter`` had already frozen them
+    (``requires_grad=False``), so official training leaves them at 1e-5 and trains only their LoRA;
+    ``include_skip_base=False`` reproduces that.
+    """
     params = [p for n, p in vae.named_parameters() if "lora_" in n and f".{VAE_ADAPTER_NAME}." in n]
+    if not include_skip_base:
+        return params
     for k in range(1, 5):
         conv = getattr(vae.decoder, f"skip_conv_{k}")
         params.append(conv.base_layer.weight if hasattr(conv, "base_layer") else conv.weight)

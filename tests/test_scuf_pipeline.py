@@ -342,6 +342,8 @@ def test_training_init_matches_official(scuf_dir, low_image):
     assert torch.all(params["vae.decoder.skip_conv_4.weight"] == 1e-5)
     assert torch.all(params["vae.encoder.conv_in.lora_B.weight"] == 0)
     assert len(scuf_vae_trainable_parameters(pipe.vae)) == 74 * 2 + 4
+    # what official training effectively updates: PEFT froze the skip-conv base weights (fixture README sec. 5)
+    assert len(scuf_vae_trainable_parameters(pipe.vae, include_skip_base=False)) == 74 * 2
     out = _pt(pipe, low_image)
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="already attached"):
