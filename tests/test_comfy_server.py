@@ -61,12 +61,12 @@ def test_object_info_lists_every_node_with_tooltips_and_types(object_info):
         assert info["description"] == cls.DESCRIPTION
         assert info["output"] == list(cls.RETURN_TYPES)
         assert info["output_name"] == list(cls.RETURN_NAMES)
-        local_inputs = cls.INPUT_TYPES()["required"]
-        assert list(info["input"]["required"]) == list(local_inputs)
-        for input_name, spec in info["input"]["required"].items():
-            assert spec[1]["tooltip"] == local_inputs[input_name][1]["tooltip"], f"{name}.{input_name}"
-            if isinstance(local_inputs[input_name][0], str):
-                assert spec[0] == local_inputs[input_name][0], f"{name}.{input_name} type"
+        for section, local_inputs in cls.INPUT_TYPES().items():
+            assert list(info["input"][section]) == list(local_inputs)
+            for input_name, spec in info["input"][section].items():
+                assert spec[1]["tooltip"] == local_inputs[input_name][1]["tooltip"], f"{name}.{input_name}"
+                if isinstance(local_inputs[input_name][0], str):
+                    assert spec[0] == local_inputs[input_name][0], f"{name}.{input_name} type"
     assert object_info["LowLightIlluminationPrompt"]["output"] == ["IMAGE", "MASK", "IMAGE", "MASK"]
 
 
