@@ -191,3 +191,29 @@ def test_tokenizer_lookup_error_is_actionable(tmp_path, monkeypatch):
         assert "stabilityai/sd-turbo" in str(exc) and "tokenizer=" in str(exc)
     else:  # a ComfyUI install or a cached tokenizer was found: it must have SD-Turbo's padding
         assert tokenizer.pad_token == "!"
+
+
+def test_tokenizer_from_comfyui_install(scuf_dir, tmp_path, monkeypatch):
+    """Inside ComfyUI the bundled ``comfy/sd1_tokenizer`` (SD 1.x padding) is used, with SD-Turbo's pad "!"."""
+    import shutil
+    import sys
+    import types
+
+    from comfyui_lowlight.pipelines.scuf_pipeline import find_clip_tokenizer
+
+    folder = tmp_path / "comfy" / "sd1_tokenizer"
+    folder.mkdir(parents=True)
+    (tmp_path / "comfy" / "__init__.py").write_text("")
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(scuf_dir / "base" / "tokenizer" / name, folder / name)
+    config = json.loads((scuf_dir / "base" / "tokenizer" / "tokenizer_config.json").read_text())
+    config["pad_token"] = "<|endoftext|>"  # as ComfyUI ships it (SD 1.x)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    fake_comfy = types.ModuleType("comfy")
+    fake_comfy.__file__ = str(tmp_path / "comfy" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "comfy", fake_comfy)  # restored (or removed) after the test
+    tokenizer = find_clip_tokenizer(str(tmp_path / "no-config"))
+    assert tokenizer.pad_token == "!" and tokenizer.pad_token_id == 0
+    golden = __import__("numpy").load(scuf_dir / "golden.npz")
+    ids = tokenizer(str(golden["prompt"]), max_length=77, padding="max_length", truncation=True).input_ids
+    assert ids == golden["prompt_input_ids"][0].tolist()
