@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DIR = PACK_ROOT / "lora_weights"
@@ -95,7 +95,7 @@ def resolve_weights(folder_name: str, choice: str) -> Path:
     Raises ``FileNotFoundError`` naming the value and the folders where such a file is expected.
     """
     if choice.startswith(SHIPPED_PREFIX):
-        path: Optional[Path] = SHIPPED_DIR / choice[len(SHIPPED_PREFIX):]
+        path = SHIPPED_DIR / choice[len(SHIPPED_PREFIX):]
         if path.is_file():
             return path
     else:
