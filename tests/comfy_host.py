@@ -362,8 +362,7 @@ def ensure_chromium() -> tuple:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     _run(["apt-get", "update"], "apt-get update", log, env=env)
-    _run(["apt-get", "install", "-y", "--no-install-recommends", *CHROMIUM_PACKAGES], "apt-get install chromium", log,
-         env=env)
+    _run(["apt-get", "install", "-y", *CHROMIUM_PACKAGES], "apt-get install chromium", log, env=env)
     found = shutil.which("chromium"), shutil.which("chromedriver")
     if not all(found):
         raise HostError(f"{command} ran but chromium/chromedriver are still not on PATH (log {log})")
