@@ -263,17 +263,18 @@ class ImagePromptProjector(ModelMixin, ConfigMixin):
 
 # ---------------------------------------------------------------------------------------- cycle attention
 
-_INDEX_CACHE: dict[tuple[int, int], torch.Tensor] = {}
+_INDEX_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
 
 
-def cycle_query_indices(num_rows: int, num_tokens: int) -> torch.Tensor:
+def cycle_query_indices(num_rows: int, num_tokens: int, device=None) -> torch.Tensor:
     """Indices ``torch.linspace(0, num_rows - 1, num_tokens).long()`` as the official code computes them.
 
     The float32 linspace is truncated, which is not always ``floor(i * (D-1) / (N-1))`` (fixture README 8.7).
-    Computed per element (``i * step`` in the first half, ``end - (N-1-i) * step`` in the second, float32),
-    which gives the same integers on every device; CPU int64 ``[num_tokens]`` (cached).
+    Computed per element (``i * step`` in the first half, ``end - (N-1-i) * step`` in the second, float32, on the
+    CPU), which gives the same integers on every device; int64 ``[num_tokens]`` on ``device`` (cached).
     """
-    key = (num_rows, num_tokens)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    key = (num_rows, num_tokens, str(device))
     cached = _INDEX_CACHE.get(key)
     if cached is not None:
         return cached
@@ -286,6 +287,7 @@ def cycle_query_indices(num_rows: int, num_tokens: int) -> torch.Tensor:
         half = num_tokens // 2
         values = torch.where(i < half, i * step, end - (num_tokens - 1 - i) * step)
         idx = values.long()
+    idx = idx.to(device)
     _INDEX_CACHE[key] = idx
     return idx
 
@@ -367,7 +369,7 @@ class CycleAttnProcessor(nn.Module):
         if self.scale != 0:
             # eq. 2: image-prompt queries over the UNet features (keys = values = the normalised block input)
             q_img = self.to_q_ca(image_tokens.transpose(1, 2))  # [B, D, Cb]
-            idx = cycle_query_indices(q_img.shape[1], residual.shape[1]).to(q_img.device)
+            idx = cycle_query_indices(q_img.shape[1], residual.shape[1], q_img.device)
             q_img = q_img[:, idx, :]
             z_f = F.scaled_dot_product_attention(
                 _heads(q_img, heads), _heads(residual, heads), _heads(residual, heads), dropout_p=0.0, is_causal=False,
