@@ -33,6 +33,7 @@ SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "lora_weights" / "sgz_lo
 # its worker thread (no OpenMP barriers, which stall badly on a loaded CPU) and the 4 float32 tile buffers
 # (4 x 128 KB) stay in L2.
 _TILE_ELEMENTS = 32767
+_SERIAL_TILE_ELEMENTS = 1 << 17
 _DEVICE_TILE_ELEMENTS = 1 << 22
 
 PathLike = Union[str, os.PathLike]
@@ -406,8 +407,12 @@ def _fused_rows(
 
 
 def _tile_rows(image: torch.Tensor) -> int:
-    # GPUs want big launches; tiles there only bound the float32 scratch buffers (4 x 16 MB).
-    elements = _TILE_ELEMENTS if image.device.type == "cpu" else _DEVICE_TILE_ELEMENTS
+    # One CPU thread: ops never split, so larger tiles just save per-op overhead. GPUs want big launches; tiles
+    # there only bound the float32 scratch buffers (4 x 16 MB).
+    if image.device.type != "cpu":
+        elements = _DEVICE_TILE_ELEMENTS
+    else:
+        elements = _TILE_ELEMENTS if torch.get_num_threads() > 1 else _SERIAL_TILE_ELEMENTS
     return max(1, min(image.shape[2], elements // (3 * image.shape[3])))
 
 
