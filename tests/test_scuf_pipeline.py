@@ -154,6 +154,18 @@ def test_adapter_scale(pipe, low_image):
 def test_pipeline_dtype_float32_output(pipe, low_image):
     out = _pt(pipe, low_image)
     assert out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
+    images, = pipe(low_image, return_dict=False)
+    assert isinstance(images, list) and images[0].size == low_image.size
+
+
+def test_mixed_component_dtypes(scuf_dir, official_pkl, pipe, low_image):
+    """Components may run in different dtypes (here a bfloat16 UNet + encoders, float32 VAE); output stays float32."""
+    mixed = _load(scuf_dir, official_pkl)
+    for name in ("unet", "text_encoder", "image_encoder", "image_proj"):
+        getattr(mixed, name).to(torch.bfloat16)
+    out = _pt(mixed, low_image)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out - _pt(pipe, low_image)).abs().mean() < 2e-2  # bf16 noise, not a different computation
 
 
 # -------------------------------------------------------------------------------------- weights IO
