@@ -16,7 +16,8 @@ Output folder:
   (reflectance decoder + discriminators), ``optimizer.pt``, ``rng_state_<rank>.pt``, ``training_state.json``;
   written into a temporary folder and renamed, so a checkpoint folder is always complete;
 * ``scuf_weights.safetensors`` (+ ``_b2a``) at the end; ``validation/step-<N>/`` images; ``train_log.jsonl``
-  (one line of losses per step); TensorBoard events when tensorboard is installed.
+  (one line per step: every loss term, averaged over processes, and the step's wall time in ``seconds``);
+  TensorBoard events when tensorboard is installed.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_reflectance", action="store_true", help="turn reflectance consistency off")
     p.add_argument("--init_weights", default=None,
                    help="start from existing SCUF weights (ours .safetensors or the official .pkl) instead of the "
-                        "official fresh initialisation; its darken VAE is used when present (official .pkl)")
+                        "official fresh initialisation (an official .pkl also initialises the darken VAE)")
     p.add_argument("--resolution", type=int, default=256, help="random crop size (default: %(default)s)")
     p.add_argument("--resize", type=int, default=384, help="shorter side before cropping (default: %(default)s)")
     p.add_argument("--max_train_steps", type=int, default=25000, help="iterations (paper: 25k)")
@@ -270,7 +271,7 @@ def build_training(args, accelerator, log):
         plain_unet_twin,
         reflectance_decoder_parameters,
     )
-    from .pipelines.scuf_weights import SCUFWeightsError, check_compatible, copy_into, load_scuf_file, scuf_parameters
+    from .pipelines.scuf_weights import check_compatible, copy_into, load_scuf_file, scuf_parameters
 
     device = accelerator.device
     pipe = load_pipeline(args)
@@ -284,16 +285,15 @@ def build_training(args, accelerator, log):
     vae_b2a = copy.deepcopy(pipe.vae)
     if args.init_weights:
         pipe.load_scuf_weights(args.init_weights)
-        layer_names = [name[: -len(".processor")] for name in pipe.unet.attn_processors]
-        try:
+        if str(args.init_weights).endswith(".safetensors"):
+            log(f"initialised the lighten direction from {args.init_weights}; the darken VAE starts fresh")
+        else:  # an official checkpoint holds both directions
+            layer_names = [name[: -len(".processor")] for name in pipe.unet.attn_processors]
             tensors, _, _, _ = load_scuf_file(args.init_weights, "b2a", layer_names)
-        except SCUFWeightsError:
-            tensors = None  # our format holds one direction: the darken VAE keeps its fresh initialisation
-        if tensors is not None:
-            expected = scuf_parameters(vae_b2a, pipe.image_proj, pipe.unet)
-            check_compatible(args.init_weights, expected, tensors)
-            copy_into({k: v for k, v in expected.items() if k.startswith("vae.")}, tensors)
-        log(f"initialised from {args.init_weights}")
+            expected = {k: v for k, v in scuf_parameters(vae_b2a, None, pipe.unet).items() if k.startswith("vae.")}
+            check_compatible(args.init_weights, expected, {k: v for k, v in tensors.items() if k in expected})
+            copy_into(expected, tensors)
+            log(f"initialised both directions from {args.init_weights}")
     ref_vae = decomposer = None
     if args.no_reflectance:
         log("reflectance consistency: off (--no_reflectance)")
@@ -592,8 +592,10 @@ def train(args) -> Path:
     progress = tqdm(total=args.max_train_steps, initial=start, desc="SCUF steps",
                     disable=args.no_progress or not accelerator.is_local_main_process)
     log_file = output / LOG_NAME
-    if accelerator.is_main_process and start == 0 and log_file.exists():
-        log_file.unlink()
+    if accelerator.is_main_process and log_file.exists():
+        # keep the history up to the resumed step (an interrupted run may have logged steps after it)
+        kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= start]
+        log_file.write_text("".join(line + "\n" for line in kept))
     device = accelerator.device
     world, rank, batch = accelerator.num_processes, accelerator.process_index, args.train_batch_size
     last_checkpoint = start
@@ -606,6 +608,7 @@ def train(args) -> Path:
         normal_caption = [captions["normal"][s[2]] for s in samples] if captions else None
         # Per-step generator: the posterior samples depend only on (seed, step, process), so resuming is exact.
         gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 4099 + rank)
+        step_start = time.perf_counter()
         logs = training_iteration(model, (low, normal, low_caption, normal_caption), gen, opt_gen, opt_disc,
                                   gen_params, disc_params, scalers, accelerator, args)
         if world > 1:
@@ -615,8 +618,9 @@ def train(args) -> Path:
         if not all(math.isfinite(v) for v in logs.values()):
             raise FloatingPointError(f"step {step}: non-finite loss {logs}")
         if accelerator.is_main_process:
+            entry = {"step": step, **logs, "seconds": round(time.perf_counter() - step_start, 4)}
             with open(log_file, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": step, **logs}) + "\n")
+                handle.write(json.dumps(entry) + "\n")
         accelerator.log(logs, step=step)
         progress.update(1)
         progress.set_postfix(cycle=f"{logs.get('cycle_low_cycle', 0):.3f}", gan=f"{logs.get('gan_lighten', 0):.3f}")
