@@ -50,6 +50,9 @@ class TrainConfig:
     semantic: bool = True
     semantic_every: int = 1
     exposure: float = 0.6
+    darken: float = 0.0
+    darken_min: float = 0.1
+    init_weights: str | None = None
     seed: int = 0
     save_every: int = 200
     resume: bool = False
@@ -102,7 +105,8 @@ class CropSampler:
     All randomness comes from ``self.generator`` so a resumed run continues the same sequence.
     """
 
-    def __init__(self, images: list[torch.Tensor], batch_size: int, crop_min: int, crop_max: int, seed: int):
+    def __init__(self, images: list[torch.Tensor], batch_size: int, crop_min: int, crop_max: int, seed: int,
+                 darken: float = 0.0, darken_min: float = 0.1):
         if not images:
             raise ValueError("no training images")
         if not 32 <= crop_min <= crop_max:
@@ -111,6 +115,7 @@ class CropSampler:
         self.batch_size = batch_size
         self.sizes = list(range(math.ceil(crop_min / 32) * 32, crop_max + 1, 32)) or [crop_min]
         self.generator = torch.Generator().manual_seed(seed)
+        self.darken, self.darken_min = darken, darken_min
 
     def _randint(self, high: int) -> int:
         return int(torch.randint(high, (1,), generator=self.generator))
@@ -134,7 +139,16 @@ class CropSampler:
             if self._randint(2):
                 crop = crop.flip(-2)
             crops.append(crop)
-        return torch.stack(crops).float() / 255.0
+        batch = torch.stack(crops).float() / 255.0
+        if self.darken > 0:
+            # Exposure augmentation: scale a random subset of crops by a log-uniform factor in darken_min..1, so
+            # the EFE also sees much darker scenes than the folders contain (the paper trains on a
+            # multi-exposure set that includes very under-exposed shots).
+            picked = torch.rand(len(crops), generator=self.generator) < self.darken
+            log_min = math.log(self.darken_min)
+            scale = torch.exp(log_min * torch.rand(len(crops), generator=self.generator))
+            batch = batch * torch.where(picked, scale, torch.ones_like(scale)).view(-1, 1, 1, 1)
+        return batch
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -226,9 +240,13 @@ def train(config: TrainConfig) -> dict:
         raise ValueError(f"--data: no readable images in {config.data} ({len(failures)} unreadable)")
     print(f"{len(images)} training images loaded, {len(failures)} unreadable skipped", file=sys.stderr)
 
-    sampler = CropSampler(images, config.batch_size, config.crop_min, config.crop_max, config.seed)
-    model = EnhancementFactorEstimator()
-    init_weights_for_training(model, torch.Generator().manual_seed(config.seed))
+    sampler = CropSampler(images, config.batch_size, config.crop_min, config.crop_max, config.seed,
+                          config.darken, config.darken_min)
+    if config.init_weights:
+        model = load_sgz_weights(config.init_weights)
+    else:
+        model = EnhancementFactorEstimator()
+        init_weights_for_training(model, torch.Generator().manual_seed(config.seed))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step = 0
     if state is not None:
@@ -254,6 +272,8 @@ def train(config: TrainConfig) -> dict:
         "lr": str(config.lr),
         "lr_schedule": config.lr_schedule if config.lr_schedule == "constant" else f"cosine to {config.lr_min}",
         "seed": str(config.seed),
+        "darken": f"{config.darken} (min {config.darken_min})",
+        "init_weights": str(config.init_weights),
         **{k: str(v) for k, v in config.extra_metadata.items()},
     }
 
@@ -320,6 +340,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--semantic-every", type=int, default=1, metavar="N",
                    help="evaluate L_sem only every N-th step (it costs most of a step on CPU)")
     p.add_argument("--exposure", type=float, default=0.6, help="target exposure E of L_bri")
+    p.add_argument("--darken", type=float, default=0.0, metavar="P",
+                   help="probability of scaling a crop by a random exposure factor in --darken-min..1")
+    p.add_argument("--darken-min", type=float, default=0.1)
+    p.add_argument("--init-weights", help="start from these EFE weights (fresh optimizer) instead of N(0, 0.02)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.safetensors + last_state.pt")

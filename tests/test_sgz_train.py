@@ -85,6 +85,31 @@ def test_resume_continues_from_saved_step_exactly(dark_images, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+def test_sampler_crops_flips_and_darkening(dark_images):
+    images, failures = train_sgz.load_images(train_sgz.find_images([str(dark_images)]), max_side=100)
+    assert len(images) == 3 and len(failures) == 1 and "broken.jpg" in str(failures[0][0])
+    assert max(max(im.shape[-2:]) for im in images) == 100  # downscaled once on load
+    plain = train_sgz.CropSampler(images, 8, 64, 96, seed=5).sample()
+    assert plain.shape[0] == 8 and plain.shape[-1] == plain.shape[-2] in (64, 96) and plain.dtype == torch.float32
+    darker = train_sgz.CropSampler(images, 8, 64, 96, seed=5, darken=1.0, darken_min=0.1).sample()
+    ratio = darker.mean(dim=(1, 2, 3)) / plain.mean(dim=(1, 2, 3))
+    assert ((ratio >= 0.1 - 1e-6) & (ratio <= 1 + 1e-6)).all() and ratio.mean() < 0.9
+
+
+def test_init_weights_starts_from_checkpoint(dark_images, tmp_path):
+    start = EnhancementFactorEstimator()
+    init_weights_for_training(start, torch.Generator().manual_seed(7))
+    from comfyui_lowlight.pipelines.sgz_model import save_sgz_weights
+
+    save_sgz_weights(start, tmp_path / "start.safetensors")
+    config = train_sgz.parse_args(["--data", str(dark_images), "--output", str(tmp_path / "ft"), "--max-steps", "1",
+                                   "--init-weights", str(tmp_path / "start.safetensors"), "--no-semantic", *SMALL])
+    train_sgz.train(config)
+    tuned = load_sgz_weights(tmp_path / "ft" / "last.safetensors").state_dict()
+    for key, value in start.state_dict().items():  # one clipped Adam step moves each weight by about lr
+        assert (tuned[key] - value).abs().max() < 2e-3, key
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
         train_sgz.parse_args(["--data", str(tmp_path)])  # no budget
