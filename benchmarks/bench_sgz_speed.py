@@ -4,7 +4,7 @@ Both take a uint8 HxWx3 frame and return a uint8 HxWx3 frame (conversion include
 same torch thread count, measured in the same run with interleaved repetitions (median ms of wall time, and of
 process CPU time, which is far less sensitive to other processes sharing the CPU). Memory: each
 (implementation, size) runs in a fresh subprocess that resets the kernel's RSS high-water mark
-(``/proc/self/clear_refs``) after warm-up and reports ``VmHWM - VmRSS-before``, i.e. the peak extra resident memory
+(``/proc/self/clear_refs``) after a warm-up on a tiny frame and reports ``VmHWM - VmRSS-before``, i.e. the peak extra resident memory
 of one call (outputs included; torch allocations are invisible to tracemalloc, RSS sees them).
 
     python benchmarks/bench_sgz_speed.py [--repeats 30] [--threads 2 1] [--weights PATH]
@@ -72,15 +72,15 @@ def _memory_child(kind: str, width: int, height: int, weights: str, threads: int
     SGZPipeline, _ = _import_package()
     pipe = SGZPipeline.from_pretrained(weights)
     frame = make_frame(width, height)
-    run = (lambda: pipe(frame)) if kind == "shipped" else (lambda: unfused(pipe.model, frame))
+    tiny = make_frame(96, 72)
+    run = (lambda x: pipe(x)) if kind == "shipped" else (lambda x: unfused(pipe.model, x))
     with torch.no_grad():
-        run()  # warm-up (lazy initialisation, thread pools)
-        out = None
+        run(tiny)  # warm-up on a tiny frame (lazy initialisation) so no full-size buffer is cached in the heap
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")  # reset VmHWM to the current RSS
         status = Path("/proc/self/status").read_text()
         before = int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
-        out = run()
+        out = run(frame)
         status = Path("/proc/self/status").read_text()
         peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
     del out
