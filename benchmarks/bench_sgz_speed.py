@@ -32,12 +32,7 @@ DOWNSCALE, RECURRENCES = 12, 8
 
 
 def _import_package():
-    sys.path.insert(0, str(REPO.parent))
-    try:
-        import comfyui_lowlight  # noqa: F401  (installed editable)
-    except ImportError:  # pragma: no cover - running from a plain clone
-        pass
-    from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS
+    from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS  # the package is installed (pip install -e .)
     from comfyui_lowlight.pipelines.sgz_pipeline import SGZPipeline
 
     return SGZPipeline, SHIPPED_WEIGHTS
