@@ -1,6 +1,6 @@
 """SCUF fine-tuning smoke benchmark on the tiny fixture (CPU): steps/s and the loss curve, as markdown.
 
-    python benchmarks/bench_scuf_train.py [--steps 40] [--threads 1] [--resolution 32] [--output DIR]
+    python benchmarks/bench_scuf_train.py [--steps 40] [--threads 1] [--resolution 32] [--lr 1e-5] [--output DIR]
 
 Trains the tiny randomly initialised SD-Turbo-shaped fixture (``../shared/reference/scuf``) on synthetic unpaired
 images (dark and bright versions of random colour fields) with every loss on: captions (a fixed file), RetinexNet
@@ -45,6 +45,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-5, help="learning rate (paper: 1e-5)")
     parser.add_argument("--output", default=None, help="keep the run here (default: a temporary folder)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,13 +62,13 @@ def main() -> int:
                 "--retinex_weights", str(SHARED / "reference" / "retinex" / "decomp.pth"),
                 "--resolution", str(args.resolution), "--resize", str(args.resolution + args.resolution // 4),
                 "--max_train_steps", str(args.steps), "--checkpointing_steps", str(args.steps),
-                "--validation_steps", "0", "--no_progress"]
+                "--validation_steps", "0", "--learning_rate", str(args.lr), "--no_progress"]
         if train_scuf.main(argv) != 0:
             return 1
         log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
     seconds = [e["seconds"] for e in log[1:]]  # the first step includes one-off allocations
     print(f"\n### SCUF fine-tuning, tiny fixture, CPU, {args.threads} thread(s), {args.resolution}px crops, "
-          f"{args.steps} steps\n")
+          f"{args.steps} steps, lr {args.lr:g}\n")
     print("| steps/s (median step) | s/step median | s/step min |")
     print("|---|---|---|")
     print(f"| {1 / statistics.median(seconds):.3f} | {statistics.median(seconds):.3f} | {min(seconds):.3f} |")
