@@ -45,7 +45,8 @@ def night_to_day(text: str) -> str:
 
 def relative_key(path, root) -> str:
     """The key of an image in a captions file: its path relative to its folder, '/'-separated."""
-    return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    # abspath, not resolve: a symlinked image inside the folder keeps its name inside the folder
+    return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
 
 
 def save_captions(path, captions: dict[str, dict[str, str]], captioner: str) -> None:
