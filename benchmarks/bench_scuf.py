@@ -1,0 +1,183 @@
+"""SCUF speed and memory on a full-size SD-Turbo architecture with random weights (nothing is downloaded).
+
+UNet, VAE and text encoder are built from the configs shipped in ``pipelines/configs/sd-turbo`` (865 M + 84 M +
+340 M parameters), the image encoder is a random CLIP ViT-B/32 vision tower (transformers config), the SCUF
+modules get their official initialisation. The tokenizer is the fixture's tiny BPE (its ids are valid for the
+full vocabulary; tokenisation cost is negligible). Random weights compute exactly as many FLOPs as trained ones.
+
+Each (precision, size) runs in a fresh subprocess: build the model, one warm-up call, then ``--repeats`` timed
+calls of ``pipe(image, output_type="np")`` (median seconds per image). Peak memory = the kernel's RSS high-water
+mark (``VmHWM``) of that process, reset after loading (``/proc/self/clear_refs``), so it is the resident peak
+during inference including the weights. ``--breakdown`` also times the stages separately.
+
+    nice -n 0 python benchmarks/bench_scuf.py [--sizes 256 512 1024] [--precisions float32 bfloat16]
+        [--repeats 2] [--threads 2] [--skip 1024:float32] [--breakdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def build_full_size_pipeline(precision: str, seed: int = 0):
+    """A random-weight SCUFPipeline with the real SD-Turbo / CLIP ViT-B/32 shapes, in ``precision``."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, \
+        CLIPVisionModelWithProjection
+
+    from comfyui_lowlight.pipelines.scuf_pipeline import SCUFPipeline, shipped_config_dir
+
+    config_dir = Path(shipped_config_dir())
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=32,
+        image_size=224, projection_dim=512, hidden_act="quick_gelu",
+    ))
+    scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(config_dir / "scheduler"))
+    tokenizer = CLIPTokenizer.from_pretrained(SHARED / "reference" / "scuf" / "base" / "tokenizer")
+    pipe = SCUFPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                        image_encoder=image_encoder.eval())
+    pipe.init_scuf_modules()
+    pipe.set_progress_bar_config(disable=True)
+    if precision != "float32":
+        pipe.to(getattr(torch, precision))
+    return pipe
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _breakdown(pipe, image) -> dict[str, float]:
+    """Seconds per stage for one image, calling the pipeline's pieces in its order."""
+    import torch
+
+    from comfyui_lowlight.pipelines.illumination import inverted_value_channel
+    from comfyui_lowlight.pipelines.scuf_modules import decode_with_skips, encode_with_skips
+    from comfyui_lowlight.pipelines.scuf_pipeline import DEFAULT_PROMPT
+
+    times = {}
+    x = image[None] * 2 - 1
+    vae_dtype = pipe.vae.dtype
+    with torch.no_grad():
+        start = time.perf_counter()
+        pipe.encode_prompt(DEFAULT_PROMPT, "cpu")
+        pipe.encode_image_prompt(inverted_value_channel(image[None]))
+        times["prompts"] = time.perf_counter() - start
+        start = time.perf_counter()
+        posterior, skips = encode_with_skips(pipe.vae, x.to(vae_dtype))
+        times["vae encoder"] = time.perf_counter() - start
+        latents = posterior.mean * pipe.vae.config.scaling_factor
+        context = torch.zeros(1, 81, pipe.unet.config.cross_attention_dim, dtype=pipe.unet.dtype)
+        start = time.perf_counter()
+        pipe.unet(latents.to(pipe.unet.dtype), torch.tensor([999]), encoder_hidden_states=context)
+        times["unet"] = time.perf_counter() - start
+        start = time.perf_counter()
+        decode_with_skips(pipe.vae, posterior.mean.to(vae_dtype), skips)
+        times["vae decoder"] = time.perf_counter() - start
+    return times
+
+
+def run_one(precision: str, size: int, repeats: int, threads: int, breakdown: bool) -> dict:
+    """Measure one configuration in this process (called in a subprocess by :func:`main`)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    pipe = build_full_size_pipeline(precision)
+    load_s = time.perf_counter() - start
+    generator = torch.Generator().manual_seed(size)
+    image = torch.rand(3, size, size, generator=generator) * 0.3  # a dark image
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset VmHWM to the current RSS
+    base_kib = _rss_kib("VmRSS")
+    pipe(image, output_type="np")  # warm-up (oneDNN primitive creation)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = pipe(image, output_type="np").images
+        seconds.append(time.perf_counter() - start)
+    assert out.shape == (1, size, size, 3)
+    result = {
+        "precision": precision, "size": size, "seconds": sorted(seconds)[len(seconds) // 2], "all": seconds,
+        "peak_mib": _rss_kib("VmHWM") / 1024, "weights_mib": base_kib / 1024, "load_s": load_s,
+        "threads": threads,
+    }
+    if breakdown:
+        result["breakdown"] = _breakdown(pipe, image)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--skip", nargs="*", default=[], help="SIZE:PRECISION pairs not to run")
+    parser.add_argument("--breakdown", action="store_true", help="also time prompts/encoder/UNet/decoder")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        precision, size = args.child.split(":")
+        print(json.dumps(run_one(precision, int(size), args.repeats, args.threads, args.breakdown)))
+        return
+
+    rows = []
+    for size in args.sizes:
+        for precision in args.precisions:
+            if f"{size}:{precision}" in args.skip:
+                rows.append(f"| {size}x{size} | {precision} | not run | | |")
+                continue
+            command = [sys.executable, __file__, "--child", f"{precision}:{size}", "--repeats", str(args.repeats),
+                       "--threads", str(args.threads)] + (["--breakdown"] if args.breakdown else [])
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                rows.append(f"| {size}x{size} | {precision} | failed: {done.stderr.strip().splitlines()[-1]} | | |")
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in r.get("breakdown", {}).items())
+            rows.append(f"| {size}x{size} | {precision} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | "
+                        f"{r['weights_mib']:.0f} |" + (f" {stages} |" if stages else ""))
+            print(rows[-1], f"(all runs: {', '.join(f'{s:.1f}' for s in r['all'])})", file=sys.stderr, flush=True)
+    header = "| size | precision | s / image (median) | peak RSS MiB | RSS after load MiB |"
+    if args.breakdown:
+        header += " stages s |"
+    print(f"\nSCUF, full-size SD-Turbo + CLIP ViT-B/32 (random weights), torch {_torch_version()}, "
+          f"{args.threads} threads, repeats {args.repeats}; load average before/after: {_load()}\n")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    print("\n".join(rows))
+    print(f"\nload average at the end: {_load()}")
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+if __name__ == "__main__":
+    main()
