@@ -11,7 +11,7 @@ mark (``VmHWM``) of that process, reset after loading (``/proc/self/clear_refs``
 during inference including the weights. ``--breakdown`` also times the stages separately.
 
     nice -n 0 python benchmarks/bench_scuf.py [--sizes 256 512 1024] [--precisions float32 bfloat16]
-        [--repeats 2] [--threads 2] [--skip 1024:float32] [--breakdown]
+        [--repeats 2] [--threads 2] [--skip 1024:float32] [--breakdown] [--tile-size 512] [--channels-last]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
-def build_full_size_pipeline(precision: str, seed: int = 0):
+def build_full_size_pipeline(precision: str, seed: int = 0, channels_last: bool = False):
     """A random-weight SCUFPipeline with the real SD-Turbo / CLIP ViT-B/32 shapes, in ``precision``."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
@@ -54,6 +54,10 @@ def build_full_size_pipeline(precision: str, seed: int = 0):
     pipe.set_progress_bar_config(disable=True)
     if precision != "float32":
         pipe.to(getattr(torch, precision))
+    if channels_last:
+        # oneDNN's convolutions are faster on NHWC; activations follow the weights' layout
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
     return pipe
 
 
@@ -95,14 +99,17 @@ def _breakdown(pipe, image) -> dict[str, float]:
     return times
 
 
-def run_one(precision: str, size: int, repeats: int, threads: int, breakdown: bool) -> dict:
+def run_one(precision: str, size: int, repeats: int, threads: int, breakdown: bool, tile_size: int | None,
+            channels_last: bool) -> dict:
     """Measure one configuration in this process (called in a subprocess by :func:`main`)."""
     import torch
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    pipe = build_full_size_pipeline(precision)
+    pipe = build_full_size_pipeline(precision, channels_last=channels_last)
     load_s = time.perf_counter() - start
+    if tile_size is not None:
+        pipe.enable_vae_tiling(tile_size, 64)
     generator = torch.Generator().manual_seed(size)
     image = torch.rand(3, size, size, generator=generator) * 0.3  # a dark image
     with open("/proc/self/clear_refs", "w") as refs:
@@ -134,11 +141,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip", nargs="*", default=[], help="SIZE:PRECISION pairs not to run")
     parser.add_argument("--breakdown", action="store_true", help="also time prompts/encoder/UNet/decoder")
+    parser.add_argument("--tile-size", type=int, default=None, help="enable tiling with this tile size (overlap 64)")
+    parser.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels_last memory format")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         precision, size = args.child.split(":")
-        print(json.dumps(run_one(precision, int(size), args.repeats, args.threads, args.breakdown)))
+        print(json.dumps(run_one(precision, int(size), args.repeats, args.threads, args.breakdown, args.tile_size,
+                                 args.channels_last)))
         return
 
     rows = []
@@ -148,7 +158,9 @@ def main() -> None:
                 rows.append(f"| {size}x{size} | {precision} | not run | | |")
                 continue
             command = [sys.executable, __file__, "--child", f"{precision}:{size}", "--repeats", str(args.repeats),
-                       "--threads", str(args.threads)] + (["--breakdown"] if args.breakdown else [])
+                       "--threads", str(args.threads)] + (["--breakdown"] if args.breakdown else []) \
+                + (["--tile-size", str(args.tile_size)] if args.tile_size else []) \
+                + (["--channels-last"] if args.channels_last else [])
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 rows.append(f"| {size}x{size} | {precision} | failed: {done.stderr.strip().splitlines()[-1]} | | |")
@@ -162,7 +174,8 @@ def main() -> None:
     if args.breakdown:
         header += " stages s |"
     print(f"\nSCUF, full-size SD-Turbo + CLIP ViT-B/32 (random weights), torch {_torch_version()}, "
-          f"{args.threads} threads, repeats {args.repeats}; load average before/after: {_load()}\n")
+          f"{args.threads} threads, repeats {args.repeats}, tiling {args.tile_size or 'off'}, "
+          f"channels_last {args.channels_last}; load average before/after: {_load()}\n")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     print("\n".join(rows))
