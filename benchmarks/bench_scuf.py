@@ -151,6 +151,7 @@ def main() -> None:
                                  args.channels_last)))
         return
 
+    load_before = _load()
     rows = []
     for size in args.sizes:
         for precision in args.precisions:
@@ -175,7 +176,7 @@ def main() -> None:
         header += " stages s |"
     print(f"\nSCUF, full-size SD-Turbo + CLIP ViT-B/32 (random weights), torch {_torch_version()}, "
           f"{args.threads} threads, repeats {args.repeats}, tiling {args.tile_size or 'off'}, "
-          f"channels_last {args.channels_last}; load average before/after: {_load()}\n")
+          f"channels_last {args.channels_last}; load average (1/5/15 min) at the start: {load_before}\n")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     print("\n".join(rows))

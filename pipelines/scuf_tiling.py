@@ -77,7 +77,6 @@ def tiled_enhance(
     noise: torch.Tensor | None = None,
     tile_size: int = DEFAULT_TILE_SIZE,
     tile_overlap: int = DEFAULT_TILE_OVERLAP,
-    callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Run ``enhance`` on overlapping tiles of ``x`` and blend the results.
 
@@ -88,7 +87,6 @@ def tiled_enhance(
         context: ``[B, T, D]`` UNet conditioning shared by all tiles.
         noise: ``[B, C, H / 8, W / 8]`` latent noise for sampled latents (sliced per tile), or None.
         tile_size, tile_overlap: pixels, multiples of 8 (see :func:`check_tiling`).
-        callback: called as ``callback(done, total)`` after each tile (progress bars, interrupts).
     Returns:
         ``[B, 3, H, W]`` float32 in 0..1 on the CPU (the accumulation buffers live there so that device memory only
         holds one tile).
@@ -103,7 +101,6 @@ def tiled_enhance(
         return enhance(x, context, noise).float().cpu()
     out = torch.zeros(b, 3, height, width, dtype=torch.float32)
     total_weight = torch.zeros(1, 1, height, width, dtype=torch.float32)
-    done, total = 0, len(rows) * len(cols)
     for top in rows:
         h = min(tile_size, height)
         row_weight = _ramp(h, top, rows, tile_size)
@@ -117,7 +114,4 @@ def tiled_enhance(
             result = enhance(x[:, :, top: top + h, left: left + w], context, tile_noise).float().cpu()
             out[:, :, top: top + h, left: left + w] += result * weight
             total_weight[:, :, top: top + h, left: left + w] += weight
-            done += 1
-            if callback is not None:
-                callback(done, total)
     return out / total_weight
