@@ -261,7 +261,7 @@ def build_training(args, accelerator, log):
     import copy
 
     from .pipelines.retinex import build_decomposer
-    from .pipelines.scuf_pipeline import DARKEN_PROMPT, DEFAULT_PROMPT
+    from .pipelines.scuf_prompts import DARKEN_PROMPT, DEFAULT_PROMPT
     from .pipelines.scuf_training import (
         CLIPDiscriminatorHeads,
         LossWeights,

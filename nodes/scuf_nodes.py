@@ -29,6 +29,7 @@ import torch
 
 from .comfy_tensors import bchw_to_image, image_to_bchw
 from .model_folders import SCUF_FOLDER, SHIPPED_DIR, folder_dirs, resolve_weights, shipped_weights
+from ..pipelines.scuf_prompts import DEFAULT_PROMPT
 
 CATEGORY = "image/lowlight"
 SCUF_PIPE = "SCUF_PIPE"
@@ -449,8 +450,6 @@ class SCUFLighten:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..pipelines.scuf_pipeline import DEFAULT_PROMPT  # imports diffusers: only when ComfyUI asks
-
         return {
             "required": {
                 "scuf_pipe": (SCUF_PIPE, {"tooltip": "From Cycle-Attention Adapter Loader (SD-Turbo + SCUF weights)."}),

@@ -47,16 +47,8 @@ from .scuf_weights import (
     scuf_parameters,
 )
 
-#: The paper's / official README lighten prompt (``data/unpaired_data/fixed_prompt_b.txt``).
-DEFAULT_PROMPT = (
-    "natural light, bright lighting, soft illumination, high light, evenly lit, clear visibility, daylight, "
-    "bright atmosphere, well-lit photo."
-)
-#: The darken prompt (``fixed_prompt_a.txt``), for training scripts.
-DARKEN_PROMPT = (
-    "low light, dim lighting, low illumination, underexposed, ambient shadows, subdued light, silhouetted, "
-    "dark atmosphere photo."
-)
+from .scuf_prompts import DARKEN_PROMPT, DEFAULT_PROMPT  # noqa: F401  (re-exported)
+
 SCUF_WEIGHTS_NAME = "scuf_weights.safetensors"
 BASE_MODEL_ID = "stabilityai/sd-turbo"
 CLIP_MODEL_ID = "openai/clip-vit-base-patch32"
