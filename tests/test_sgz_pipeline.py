@@ -134,28 +134,74 @@ def _flicker_sequence(low_u8, frames=12):
     return (base[None] * gains[:, None, None, None]).clamp(0, 1)
 
 
-def _factor_change(factors: torch.Tensor) -> float:
-    means = factors.mean(dim=(1, 2, 3))
-    return (means[1:] - means[:-1]).abs().mean().item()
+def _exposure_sequence(low_u8, gains) -> np.ndarray:
+    """The LOL crop under a per-frame global exposure gain, uint8 N x H x W x 3 (as the CLI feeds video)."""
+    frames = low_u8[None].astype(np.float32) * np.asarray(gains, np.float32)[:, None, None, None]
+    return np.clip(frames, 0, 255).round().astype(np.uint8)
 
 
-def test_temporal_smoothing_reduces_flicker(pipe, low_u8):
-    frames = _flicker_sequence(low_u8)
-    _, raw = pipe(frames, return_factor=True)
-    _, smooth = pipe(frames, temporal_smoothing=0.8, return_factor=True)
-    assert _factor_change(smooth) < 0.5 * _factor_change(raw)
-    assert torch.equal(smooth[0], raw[0])  # the first frame starts the average
+def _brightness(frames: np.ndarray) -> np.ndarray:
+    return frames.reshape(len(frames), -1).mean(axis=1)
+
+
+def _flicker(frames: np.ndarray) -> float:
+    """Mean absolute change of the per-frame mean brightness (0..255), as benchmarks/bench_flicker.py measures."""
+    return float(np.abs(np.diff(_brightness(frames))).mean())
+
+
+def test_temporal_smoothing_reduces_exposure_flicker(pipe, low_u8):
+    gains = 1.0 + 0.1 * np.random.default_rng(0).standard_normal(30)  # +-10% exposure jitter per frame
+    frames = _exposure_sequence(low_u8, gains)
+    off = pipe(frames)
+    flicker = {a: _flicker(pipe(frames, temporal_smoothing=a)) for a in (0.5, 0.8, 0.9)}
+    assert flicker[0.5] < 0.7 * _flicker(off)
+    assert flicker[0.9] < flicker[0.8] < flicker[0.5]
+    assert flicker[0.8] < 0.4 * _flicker(off)
+    smooth = pipe(frames, temporal_smoothing=0.8)
+    assert np.array_equal(smooth[0], off[0])  # the first frame starts the averages: no correction
+    # the overall level is kept (the correction only holds back frame-to-frame changes)
+    assert abs(_brightness(smooth).mean() - _brightness(off).mean()) < 0.03 * _brightness(off).mean()
+
+
+def test_temporal_smoothing_zero_is_exactly_off(pipe, low_u8):
+    frames = _exposure_sequence(low_u8, [1.0, 1.2, 0.9])
+    state = pipe.new_video_state()
+    assert np.array_equal(pipe(frames, temporal_smoothing=0.0, video_state=state), pipe(frames))
+    assert np.array_equal(pipe(frames, strength=1.5, temporal_smoothing=0.0), pipe(frames, strength=1.5))
+
+
+def test_scene_cut_is_followed_at_once(pipe, low_u8):
+    # dark shot, then a cut to a much brighter one: smoothing restarts on the first frame of the new shot
+    frames = _exposure_sequence(low_u8, [0.6] * 6 + [2.5] * 6)
+    smooth = pipe(frames, temporal_smoothing=0.9)
+    assert np.array_equal(smooth[6:], pipe(frames[6:], temporal_smoothing=0.9))
+
+
+def test_gradual_brightening_is_followed_within_a_few_frames(pipe, low_u8):
+    # +50% in one step (no cut): held back at first, within 2% of the unsmoothed output after 12 frames at 0.8
+    frames = _exposure_sequence(low_u8, [1.0] * 4 + [1.5] * 16)
+    off, smooth = _brightness(pipe(frames)), _brightness(pipe(frames, temporal_smoothing=0.8))
+    assert smooth[4] < off[4] - 1.0  # the jump is smoothed...
+    assert smooth[4] > off[3]  # ...but followed, not frozen
+    assert np.all(np.abs(smooth[16:] - off[16:]) < 0.02 * off[16:])
 
 
 def test_video_state_carries_smoothing_across_calls(pipe, low_u8):
     frames = _flicker_sequence(low_u8)
+    original = frames.clone()
     whole = pipe(frames, temporal_smoothing=0.7)
+    assert torch.equal(frames, original)  # the input is never written to
     state = pipe.new_video_state()
     chunks = [pipe(frames[i : i + 5], temporal_smoothing=0.7, video_state=state) for i in range(0, 12, 5)]
     assert (torch.cat(chunks) - whole).abs().max() < 1e-6
-    assert state.factor is not None
+    assert state.factor is not None and state.output_level is not None
     pipe(frames[:1, :, :40, :40], temporal_smoothing=0.7, video_state=state)  # other size: restarts, no error
     assert state.factor.shape[-2:] == (3, 3)
+    jitter = _exposure_sequence(low_u8, 1.0 + 0.1 * np.random.default_rng(1).standard_normal(10))
+    state = pipe.new_video_state()
+    chunked = [pipe(jitter[i : i + 3], temporal_smoothing=0.8, video_state=state) for i in range(0, 10, 3)]
+    chunked = np.concatenate(chunked)
+    assert np.array_equal(chunked, pipe(jitter, temporal_smoothing=0.8))
 
 
 def test_bad_inputs_raise_clear_errors(pipe):
