@@ -74,32 +74,34 @@ def print_table(series: dict[str, list[float]]) -> None:
         print(f"| {label} | {brightness.mean():.2f} | {mean_step:.3f} | {max_step:.2f} | {ratio} |")
 
 
-def speed_table(pipe, settings: list[float], repeats: int, size: tuple[int, int] = (1200, 900)) -> None:
+def speed_table(pipe, settings: list[float], repeats: int, threads: list[int], size=(1200, 900)) -> None:
     """ms per frame (one uint8 frame per call, as in bench_sgz_speed.py) with each smoothing setting."""
     from PIL import Image
 
     low = Image.open(SHARED / "data" / "lol_eval15" / "low" / "1.png").convert("RGB")
     frame = np.asarray(low.resize(size, Image.BICUBIC)).copy()
-    states = {s: pipe.new_video_state() for s in settings}
-    wall = {s: [] for s in settings}
-    cpu = {s: [] for s in settings}
-    for s in settings:
-        pipe(frame, temporal_smoothing=s, video_state=states[s])  # warm-up
-    for _ in range(repeats):
-        for s in settings:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            pipe(frame, temporal_smoothing=s, video_state=states[s])
-            wall[s].append((time.perf_counter() - start) * 1000)
-            cpu[s].append((time.process_time() - cpu_start) * 1000)
-    print(f"### Cost: {size[0]}x{size[1]} uint8 frames, one per call, {repeats} interleaved repetitions (median), "
-          f"{torch.get_num_threads()} torch threads")
+    print(f"### Cost: {size[0]}x{size[1]} uint8 frames, one per call, {repeats} interleaved repetitions (median)")
     print()
-    print("| temporal smoothing | ms/frame (wall) | CPU ms/frame | CPU vs off |")
-    print("|---|---|---|---|")
-    off = float(np.median(cpu[0.0]))
-    for s in settings:
-        label = "off" if s == 0 else f"{s:g}"
-        print(f"| {label} | {np.median(wall[s]):.1f} | {np.median(cpu[s]):.1f} | {np.median(cpu[s]) / off:.3f}x |")
+    print("| torch threads | temporal smoothing | ms/frame (wall) | CPU ms/frame | CPU vs off |")
+    print("|---|---|---|---|---|")
+    for count in threads:
+        torch.set_num_threads(count)
+        states = {s: pipe.new_video_state() for s in settings}
+        wall = {s: [] for s in settings}
+        cpu = {s: [] for s in settings}
+        for s in settings:
+            pipe(frame, temporal_smoothing=s, video_state=states[s])  # warm-up
+        for _ in range(repeats):
+            for s in settings:
+                start, cpu_start = time.perf_counter(), time.process_time()
+                pipe(frame, temporal_smoothing=s, video_state=states[s])
+                wall[s].append((time.perf_counter() - start) * 1000)
+                cpu[s].append((time.process_time() - cpu_start) * 1000)
+        off = float(np.median(cpu[0.0]))
+        for s in settings:
+            label = "off" if s == 0 else f"{s:g}"
+            print(f"| {count} | {label} | {np.median(wall[s]):.1f} | {np.median(cpu[s]):.1f} "
+                  f"| {np.median(cpu[s]) / off:.3f}x |")
 
 
 def video_chunks(reader: VideoReader, chunk_size: int, max_frames: int | None) -> Iterator[np.ndarray]:
@@ -176,7 +178,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f})")
     if args.speed_repeats > 0:
         print()
-        speed_table(pipe, [0.0, DEFAULT_TEMPORAL_SMOOTHING], args.speed_repeats)
+        speed_table(pipe, [0.0, DEFAULT_TEMPORAL_SMOOTHING], args.speed_repeats, threads=[2, 1])
 
 
 if __name__ == "__main__":
