@@ -50,6 +50,9 @@ class TrainConfig:
     semantic: bool = True
     semantic_every: int = 1
     exposure: float = 0.6
+    brightness_region: int = 16
+    brightness_weight: float = 1.0
+    tv_weight: float = 1.0
     darken: float = 0.0
     darken_min: float = 0.1
     init_weights: str | None = None
@@ -258,7 +261,8 @@ def train(config: TrainConfig) -> dict:
     seg_net = (
         build_segmentation_net(config.backbone, config.backbone_weights, seed=config.seed) if config.semantic else None
     )
-    weights = SGZLossWeights(exposure=config.exposure)
+    weights = SGZLossWeights(exposure=config.exposure, brightness=config.brightness_weight, tv=config.tv_weight,
+                             brightness_region=config.brightness_region)
     metadata = {
         "format": "sgz-efe",
         "data": ",".join(str(Path(d)) for d in config.data),
@@ -340,6 +344,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--semantic-every", type=int, default=1, metavar="N",
                    help="evaluate L_sem only every N-th step (it costs most of a step on CPU)")
     p.add_argument("--exposure", type=float, default=0.6, help="target exposure E of L_bri")
+    p.add_argument("--brightness-region", type=int, default=16, metavar="PX",
+                   help="side of the square cells whose means L_bri pulls to E (default: %(default)s, the official "
+                        "code); larger = more global exposure, dark regions are brightened less")
+    p.add_argument("--brightness-weight", type=float, default=1.0, help="weight of L_bri (default: %(default)s)")
+    p.add_argument("--tv-weight", type=float, default=1.0,
+                   help="weight of L_tv on the factor x_r (default: %(default)s, the paper); larger = smoother factor")
     p.add_argument("--darken", type=float, default=0.0, metavar="P",
                    help="probability of scaling a crop by a random exposure factor in --darken-min..1")
     p.add_argument("--darken-min", type=float, default=0.1)

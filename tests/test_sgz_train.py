@@ -118,3 +118,17 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(FileNotFoundError, match="--resume"):
         train_sgz.train(train_sgz.TrainConfig(data=[str(tmp_path)], max_steps=1, resume=True,
                                               output=str(tmp_path / "out")))
+
+
+def test_loss_weight_and_region_flags_reach_the_objective(dark_images, tmp_path, capsys):
+    out = tmp_path / "weighted"
+    train_sgz.main(["--data", str(dark_images), "--output", str(out), "--max-steps", "1", "--no-semantic",
+                    "--tv-weight", "20", "--brightness-weight", "0.5", "--brightness-region", "64", *SMALL])
+    losses = json.loads(capsys.readouterr().out)["losses"]
+    expected = losses["spa"] + losses["rgb"] + 0.5 * losses["bri"] + 20 * losses["tv"]
+    assert losses["total"] == pytest.approx(expected, rel=1e-5)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "last.safetensors"), "pt") as f:
+        recorded = json.loads(f.metadata()["losses"])
+    assert recorded["tv"] == 20 and recorded["brightness"] == 0.5 and recorded["brightness_region"] == 64
