@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     enhance.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     smoothing = enhance.add_mutually_exclusive_group()
     smoothing.add_argument("--temporal-smoothing", type=float, default=DEFAULT_TEMPORAL_SMOOTHING, metavar="S",
-                           help=f"video: exponential smoothing of the enhancement factor across frames, 0 <= S < 1 "
-                                f"(default {DEFAULT_TEMPORAL_SMOOTHING}; higher = steadier brightness, slower to adapt)")
+                           help=f"video deflicker: steadies the enhancement factor and the output brightness across "
+                                f"frames (scene cuts restart it), 0 <= S < 1 (default {DEFAULT_TEMPORAL_SMOOTHING}; "
+                                f"higher = steadier, slower to follow real changes)")
     smoothing.add_argument("--no-temporal-smoothing", dest="temporal_smoothing", action="store_const", const=0.0,
                            help="video: enhance every frame independently")
     enhance.add_argument("--max-frames", type=int, default=None, help="video: only the first N frames (audio cut to match)")

@@ -80,8 +80,9 @@ class SGZEnhance:
                 "temporal_smoothing": (
                     "FLOAT",
                     {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,
-                     "tooltip": "For video frames: how much of the previous frame's factor is kept (running "
-                     "average over the batch in order) to avoid flicker. 0 treats frames independently."},
+                     "tooltip": "For video frames (the batch in order): deflicker strength. Steadies the enhancement "
+                     "factor and the output brightness across frames; scene cuts restart it. 0 treats frames "
+                     "independently, 0.8 is a good video setting."},
                 ),
             }
         }
