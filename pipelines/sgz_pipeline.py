@@ -228,7 +228,7 @@ _GAIN_BOUNDS = (0.5, 2.0)
 # this many pixels: it costs the same whatever the frame size, and its own frame-to-frame noise stays small. On
 # night_street.mp4 the EFE's input (1/144 of the pixels) tracks the output's brightness changes too coarsely (its
 # error is 40% of the unsmoothed flicker); this sample's error is under 10%. Fresh per-pixel sensor noise still
-# moves its mean a little more than the whole frame's (see docs/cli.md).
+# moves its mean a little more than the whole frame's (see the README, "Temporal smoothing, measured").
 _SAMPLE_PIXELS = 1 << 15
 _EPSILON = 1.0 / 255.0  # keeps logs of black frames finite
 

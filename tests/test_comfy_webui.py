@@ -2,7 +2,7 @@
 
 Each workflow is loaded the way the UI's Load does (``app.loadGraphData``), must open without the
 missing-node dialog, must produce exactly its API twin when the UI converts it, and is then queued from the UI;
-a screenshot of the graph with its results goes to ``docs/images/comfy_<workflow>.png`` (used by docs/comfyui.md).
+a screenshot of the graph with its results goes to ``docs/images/comfy_<workflow>.png`` (used by the README).
 """
 
 import json
