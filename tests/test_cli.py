@@ -283,12 +283,15 @@ def test_failure_in_the_middle_of_a_video_leaves_no_file(shared_dir, tmp_path, r
     assert list((tmp_path / "out").iterdir()) == []  # neither the output nor its temporary file
 
 
-def test_python_dash_m_entry_point(tmp_path, official_weights):
+def test_quickstart_line_uses_the_shipped_weights(tmp_path):
+    """The README quickstart: `python -m comfyui_lowlight enhance assets/sample_night.jpg -o OUT`, no other flags."""
+    sample = REPO_ROOT / "assets" / "sample_night.jpg"
     result = subprocess.run(
-        [sys.executable, "-m", "comfyui_lowlight", "enhance", str(REPO_ROOT / "assets" / "sample_night.jpg"),
-         "-o", str(tmp_path), "--weights", str(official_weights), "--device", "cpu"],
+        [sys.executable, "-m", "comfyui_lowlight", "enhance", str(sample), "-o", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("1 written, 0 skipped, 0 failed")
-    assert read_image(tmp_path / "sample_night.jpg").pixels.shape == (384, 512, 3)
+    enhanced = read_image(tmp_path / "sample_night.jpg").pixels
+    assert enhanced.shape == (384, 512, 3)
+    assert enhanced.mean() > read_image(sample).pixels.mean() + 10
