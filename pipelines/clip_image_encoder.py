@@ -20,6 +20,24 @@ import torch
 OPENAI_HEAD_WIDTH = 64
 
 
+def _openai_vit_config(width: int, patch: int, grid: int, layers: int, intermediate: int, projection: int):
+    """transformers config of an OpenAI CLIP ViT from its tensor shapes: heads = width // 64, QuickGELU, eps 1e-5."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=intermediate,
+        projection_dim=projection,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // OPENAI_HEAD_WIDTH),
+        num_channels=3,
+        image_size=patch * grid,
+        patch_size=patch,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+
+
 def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -51,7 +69,7 @@ def clip_vision_from_openai_state_dict(state_dict: dict[str, torch.Tensor], sour
     Only the ``visual.*`` tensors are used. Head count = width // 64 (OpenAI ``build_model``); activation QuickGELU;
     fp16-stored values are upcast to float32, as the official code does on CPU (``model.float()``).
     """
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
     prefix = "visual."
     required = ["conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight", "ln_post.weight", "proj"]
@@ -62,17 +80,9 @@ def clip_vision_from_openai_state_dict(state_dict: dict[str, torch.Tensor], sour
     width, _, patch, _ = sd["conv1.weight"].shape
     grid = int(round((sd["positional_embedding"].shape[0] - 1) ** 0.5))
     layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
-    config = CLIPVisionConfig(
-        hidden_size=width,
-        intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        projection_dim=sd["proj"].shape[1],
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, width // OPENAI_HEAD_WIDTH),
-        num_channels=3,
-        image_size=patch * grid,
-        patch_size=patch,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
+    config = _openai_vit_config(
+        width, patch, grid, layers,
+        intermediate=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], projection=sd["proj"].shape[1],
     )
     hf = {
         "vision_model.embeddings.patch_embedding.weight": sd["conv1.weight"],
@@ -110,7 +120,7 @@ def clip_vision_from_transformers_state_dict(state_dict: dict[str, torch.Tensor]
     ``visual_projection.weight``; text-tower keys are ignored). Head count = width // 64 and QuickGELU, as for
     every OpenAI CLIP ViT.
     """
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
     sd = {k: v.float() for k, v in state_dict.items() if k.startswith(("vision_model.", "visual_projection."))}
     patch_key = "vision_model.embeddings.patch_embedding.weight"
@@ -119,16 +129,10 @@ def clip_vision_from_transformers_state_dict(state_dict: dict[str, torch.Tensor]
     width, _, patch, _ = sd[patch_key].shape
     positions = sd["vision_model.embeddings.position_embedding.weight"].shape[0]
     layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("vision_model.encoder.layers."))
-    config = CLIPVisionConfig(
-        hidden_size=width,
-        intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        projection_dim=sd["visual_projection.weight"].shape[0],
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, width // OPENAI_HEAD_WIDTH),
-        image_size=patch * int(round((positions - 1) ** 0.5)),
-        patch_size=patch,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
+    config = _openai_vit_config(
+        width, patch, int(round((positions - 1) ** 0.5)), layers,
+        intermediate=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        projection=sd["visual_projection.weight"].shape[0],
     )
     model = CLIPVisionModelWithProjection(config)
     model.load_state_dict(sd, strict=False)
