@@ -53,6 +53,7 @@ class TrainConfig:
     brightness_region: int = 16
     brightness_weight: float = 1.0
     tv_weight: float = 1.0
+    padding_mode: str = "replicate"
     darken: float = 0.0
     darken_min: float = 0.1
     init_weights: str | None = None
@@ -248,7 +249,7 @@ def train(config: TrainConfig) -> dict:
     if config.init_weights:
         model = load_sgz_weights(config.init_weights)
     else:
-        model = EnhancementFactorEstimator()
+        model = EnhancementFactorEstimator(padding_mode=config.padding_mode)
         init_weights_for_training(model, torch.Generator().manual_seed(config.seed))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step = 0
@@ -350,6 +351,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--brightness-weight", type=float, default=1.0, help="weight of L_bri (default: %(default)s)")
     p.add_argument("--tv-weight", type=float, default=1.0,
                    help="weight of L_tv on the factor x_r (default: %(default)s, the paper); larger = smoother factor")
+    p.add_argument("--padding-mode", choices=["replicate", "zeros"], default="replicate",
+                   help="border handling of the EFE convs: replicate (default; no bright band along the edges) or "
+                        "zeros (the official network)")
     p.add_argument("--darken", type=float, default=0.0, metavar="P",
                    help="probability of scaling a crop by a random exposure factor in --darken-min..1")
     p.add_argument("--darken-min", type=float, default=0.1)

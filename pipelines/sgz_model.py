@@ -38,13 +38,17 @@ _DEVICE_TILE_ELEMENTS = 1 << 22
 
 PathLike = Union[str, os.PathLike]
 
+PADDING_MODES = ("zeros", "replicate")
+
 
 class DepthwiseSeparableConv(nn.Module):
     """3x3 depthwise conv (with bias) followed by a 1x1 pointwise conv (with bias); the official ``CSDN_Tem``."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, padding_mode: str = "zeros"):
         super().__init__()
-        self.depth_conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1, groups=in_channels)
+        self.depth_conv = nn.Conv2d(
+            in_channels, in_channels, kernel_size=3, padding=1, groups=in_channels, padding_mode=padding_mode
+        )
         self.point_conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,20 +61,27 @@ class EnhancementFactorEstimator(nn.Module):
     State-dict keys match the official checkpoint (``e_conv{1..7}.{depth,point}_conv.{weight,bias}``);
     with ``channels=32`` it has 10,561 parameters.
 
+    ``padding_mode`` of the 3x3 convs: ``"zeros"`` as the official network, or ``"replicate"``, which our own
+    weights are trained with. At 1/12 resolution the 7 stacked convs see the zero border up to ~80 full-resolution
+    pixels into the image, and zero-padded weights brighten (and tint) a band along every edge.
+
     ``forward(x)``: ``[B, 3, h, w]`` image in 0..1 -> ``[B, 3, h, w]`` factor ``x_r`` in -1..1, at whatever
     resolution it is given (callers downscale first, see :func:`estimate_factor_lowres`).
     """
 
-    def __init__(self, channels: int = 32):
+    def __init__(self, channels: int = 32, padding_mode: str = "zeros"):
         super().__init__()
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode: expected one of {PADDING_MODES}, got {padding_mode!r}")
         self.channels = channels
-        self.e_conv1 = DepthwiseSeparableConv(3, channels)
-        self.e_conv2 = DepthwiseSeparableConv(channels, channels)
-        self.e_conv3 = DepthwiseSeparableConv(channels, channels)
-        self.e_conv4 = DepthwiseSeparableConv(channels, channels)
-        self.e_conv5 = DepthwiseSeparableConv(channels * 2, channels)
-        self.e_conv6 = DepthwiseSeparableConv(channels * 2, channels)
-        self.e_conv7 = DepthwiseSeparableConv(channels * 2, 3)
+        self.padding_mode = padding_mode
+        self.e_conv1 = DepthwiseSeparableConv(3, channels, padding_mode)
+        self.e_conv2 = DepthwiseSeparableConv(channels, channels, padding_mode)
+        self.e_conv3 = DepthwiseSeparableConv(channels, channels, padding_mode)
+        self.e_conv4 = DepthwiseSeparableConv(channels, channels, padding_mode)
+        self.e_conv5 = DepthwiseSeparableConv(channels * 2, channels, padding_mode)
+        self.e_conv6 = DepthwiseSeparableConv(channels * 2, channels, padding_mode)
+        self.e_conv7 = DepthwiseSeparableConv(channels * 2, 3, padding_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1 = F.relu(self.e_conv1(x))
@@ -111,17 +122,22 @@ def load_sgz_weights(path: PathLike, map_location: Union[str, torch.device] = "c
     """Load an EFE from the official ``.pth`` state dict or from our ``.safetensors``.
 
     ``.pth`` files are read with ``torch.load(weights_only=True)`` (never executing pickles); a ``module.`` prefix
-    (DataParallel) is accepted. Raises ``FileNotFoundError`` naming the path, or ``ValueError`` naming the file and
+    (DataParallel) is accepted. The conv padding mode comes from the safetensors metadata ``padding_mode``
+    (``"zeros"`` when absent, and always for ``.pth``: the official network). Raises ``FileNotFoundError`` naming the path, or ``ValueError`` naming the file and
     the expected keys/shapes when the content does not match. Returns a float32 model in eval mode.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SGZ weights not found: {path}")
+    padding_mode = "zeros"
     try:
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
             state_dict = load_file(str(path), device=str(map_location))
+            with safe_open(str(path), framework="pt") as f:
+                padding_mode = (f.metadata() or {}).get("padding_mode", "zeros")
         else:
             state_dict = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt file, foreign pickle, ...: say which file
@@ -153,7 +169,9 @@ def load_sgz_weights(path: PathLike, map_location: Union[str, torch.device] = "c
             f"{path} is not an SGZ EFE checkpoint: {'; '.join(problems)}. "
             f"Expected exactly: {_describe_expected(expected)}"
         )
-    model = EnhancementFactorEstimator(channels)
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"{path}: metadata padding_mode={padding_mode!r}, expected one of {PADDING_MODES}")
+    model = EnhancementFactorEstimator(channels, padding_mode)
     model.load_state_dict({k: v.float() for k, v in state_dict.items()})
     return model.eval()
 
@@ -163,7 +181,8 @@ def save_sgz_weights(
 ) -> Path:
     """Write the EFE weights as float32 safetensors, atomically (temp file in the same folder + ``os.replace``).
 
-    ``metadata``: optional ``dict[str, str]`` stored in the safetensors header (e.g. training data and steps).
+    ``metadata``: optional ``dict[str, str]`` stored in the safetensors header (e.g. training data and steps);
+    the model's ``padding_mode`` is always recorded there.
     """
     from safetensors.torch import save_file
 
@@ -175,7 +194,7 @@ def save_sgz_weights(
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata={**(metadata or {}), "padding_mode": model.padding_mode})
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are meant to be shared
         os.replace(tmp, path)
     except BaseException:

@@ -87,7 +87,7 @@ def test_safetensors_round_trip(official, golden, tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as handle:
-        assert handle.metadata() == {"steps": "7"}
+        assert handle.metadata() == {"steps": "7", "padding_mode": "zeros"}
     assert not [p for p in tmp_path.iterdir() if p.name != "sgz.safetensors"]  # no temp file left behind
 
 
@@ -160,6 +160,41 @@ def test_init_weights_for_training_is_seeded_and_scaled():
     init_weights_for_training(b, torch.Generator().manual_seed(5))
     assert torch.equal(a.e_conv3.point_conv.weight, b.e_conv3.point_conv.weight)
     assert abs(a.e_conv3.point_conv.weight.std().item() - 0.02) < 0.004
+
+
+def test_padding_mode_round_trip_and_official_is_zeros(official, tmp_path):
+    assert official.padding_mode == "zeros"
+    model = EnhancementFactorEstimator(padding_mode="replicate")
+    init_weights_for_training(model, torch.Generator().manual_seed(1))
+    loaded = load_sgz_weights(save_sgz_weights(model, tmp_path / "rep.safetensors"))
+    assert loaded.padding_mode == "replicate"
+    assert loaded.e_conv4.depth_conv.padding_mode == "replicate"
+    image = torch.rand(1, 3, 30, 41, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(image), loaded(image))
+
+
+def test_replicate_padding_has_no_border_band(official):
+    """On a flat grey image the replicate-padded EFE predicts the same factor everywhere; zero padding does not."""
+    replicate = EnhancementFactorEstimator(padding_mode="replicate")
+    replicate.load_state_dict(official.state_dict())
+    flat = torch.full((1, 3, 40, 60), 0.2)
+    with torch.no_grad():
+        spread_replicate = replicate.eval()(flat).amax((2, 3)) - replicate(flat).amin((2, 3))
+        spread_zeros = official(flat).amax((2, 3)) - official(flat).amin((2, 3))
+    assert spread_replicate.max() < 1e-6
+    assert spread_zeros.max() > 1e-2
+
+
+def test_unknown_padding_mode_names_file(official, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in official.state_dict().items()}, str(tmp_path / "pad.safetensors"),
+              metadata={"padding_mode": "circular"})
+    with pytest.raises(ValueError, match=r"pad\.safetensors.*padding_mode='circular'.*zeros.*replicate"):
+        load_sgz_weights(tmp_path / "pad.safetensors")
+    with pytest.raises(ValueError, match="padding_mode"):
+        EnhancementFactorEstimator(padding_mode="reflect")
 
 
 def test_missing_weights_file_names_path(tmp_path):
