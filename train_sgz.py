@@ -53,6 +53,8 @@ class TrainConfig:
     brightness_region: int = 16
     brightness_weight: float = 1.0
     tv_weight: float = 1.0
+    spatial_weight: float = 1.0
+    rgb_weight: float = 1.0
     padding_mode: str = "replicate"
     darken: float = 0.0
     darken_min: float = 0.1
@@ -263,6 +265,7 @@ def train(config: TrainConfig) -> dict:
         build_segmentation_net(config.backbone, config.backbone_weights, seed=config.seed) if config.semantic else None
     )
     weights = SGZLossWeights(exposure=config.exposure, brightness=config.brightness_weight, tv=config.tv_weight,
+                             spatial=config.spatial_weight, rgb=config.rgb_weight,
                              brightness_region=config.brightness_region)
     metadata = {
         "format": "sgz-efe",
@@ -351,6 +354,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--brightness-weight", type=float, default=1.0, help="weight of L_bri (default: %(default)s)")
     p.add_argument("--tv-weight", type=float, default=1.0,
                    help="weight of L_tv on the factor x_r (default: %(default)s, the paper); larger = smoother factor")
+    p.add_argument("--spatial-weight", type=float, default=1.0, help="weight of L_spa (default: %(default)s)")
+    p.add_argument("--rgb-weight", type=float, default=1.0, help="weight of L_rgb (default: %(default)s)")
     p.add_argument("--padding-mode", choices=["replicate", "zeros"], default="replicate",
                    help="border handling of the EFE convs: replicate (default; no bright band along the edges) or "
                         "zeros (the official network)")
