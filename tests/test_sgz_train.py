@@ -63,8 +63,9 @@ def test_short_run_lowers_loss_and_writes_loadable_checkpoint(dark_images, tmp_p
     with safe_open(str(out / "last.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["step"] == "20" and meta["backbone"] == "efficientnet-lite0" and meta["train_downscale"] == "12"
+    assert meta["padding_mode"] == "replicate" and trained.padding_mode == "replicate"
 
-    initial = EnhancementFactorEstimator()
+    initial = EnhancementFactorEstimator(padding_mode="replicate")
     init_weights_for_training(initial, torch.Generator().manual_seed(0))
     before, after = _fixed_batch_loss(initial, dark_images), _fixed_batch_loss(trained, dark_images)
     assert after < before - 0.01, (before, after)
@@ -123,12 +124,15 @@ def test_bad_arguments(tmp_path):
 def test_loss_weight_and_region_flags_reach_the_objective(dark_images, tmp_path, capsys):
     out = tmp_path / "weighted"
     train_sgz.main(["--data", str(dark_images), "--output", str(out), "--max-steps", "1", "--no-semantic",
-                    "--tv-weight", "20", "--brightness-weight", "0.5", "--brightness-region", "64", *SMALL])
+                    "--tv-weight", "20", "--brightness-weight", "0.5", "--brightness-region", "64",
+                    "--spatial-weight", "2", "--rgb-weight", "3", "--padding-mode", "zeros", *SMALL])
     losses = json.loads(capsys.readouterr().out)["losses"]
-    expected = losses["spa"] + losses["rgb"] + 0.5 * losses["bri"] + 20 * losses["tv"]
+    expected = 2 * losses["spa"] + 3 * losses["rgb"] + 0.5 * losses["bri"] + 20 * losses["tv"]
     assert losses["total"] == pytest.approx(expected, rel=1e-5)
     from safetensors import safe_open
 
     with safe_open(str(out / "last.safetensors"), "pt") as f:
         recorded = json.loads(f.metadata()["losses"])
     assert recorded["tv"] == 20 and recorded["brightness"] == 0.5 and recorded["brightness_region"] == 64
+    assert recorded["spatial"] == 2 and recorded["rgb"] == 3
+    assert load_sgz_weights(out / "last.safetensors").padding_mode == "zeros"
