@@ -55,7 +55,7 @@ class TrainConfig:
     tv_weight: float = 1.0
     spatial_weight: float = 1.0
     rgb_weight: float = 1.0
-    padding_mode: str = "replicate"
+    padding_mode: str = "zeros"
     darken: float = 0.0
     darken_min: float = 0.1
     init_weights: str | None = None
@@ -356,9 +356,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help="weight of L_tv on the factor x_r (default: %(default)s, the paper); larger = smoother factor")
     p.add_argument("--spatial-weight", type=float, default=1.0, help="weight of L_spa (default: %(default)s)")
     p.add_argument("--rgb-weight", type=float, default=1.0, help="weight of L_rgb (default: %(default)s)")
-    p.add_argument("--padding-mode", choices=["replicate", "zeros"], default="replicate",
-                   help="border handling of the EFE convs: replicate (default; no bright band along the edges) or "
-                        "zeros (the official network)")
+    p.add_argument("--padding-mode", choices=["zeros", "replicate"], default="zeros",
+                   help="border handling of the EFE convs: zeros (default, the official network and the shipped "
+                        "weights) or replicate (no bright band along the image edges)")
     p.add_argument("--darken", type=float, default=0.0, metavar="P",
                    help="probability of scaling a crop by a random exposure factor in --darken-min..1")
     p.add_argument("--darken-min", type=float, default=0.1)

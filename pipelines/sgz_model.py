@@ -61,9 +61,10 @@ class EnhancementFactorEstimator(nn.Module):
     State-dict keys match the official checkpoint (``e_conv{1..7}.{depth,point}_conv.{weight,bias}``);
     with ``channels=32`` it has 10,561 parameters.
 
-    ``padding_mode`` of the 3x3 convs: ``"zeros"`` as the official network, or ``"replicate"``, which our own
-    weights are trained with. At 1/12 resolution the 7 stacked convs see the zero border up to ~80 full-resolution
-    pixels into the image, and zero-padded weights brighten (and tint) a band along every edge.
+    ``padding_mode`` of the 3x3 convs: ``"zeros"`` as the official network and the shipped weights, or
+    ``"replicate"`` (``train_sgz --padding-mode replicate``). At 1/12 resolution the 7 stacked convs see the zero
+    border up to ~80 full-resolution pixels into the image, and zero-padded weights brighten (and tint) a band
+    along every edge.
 
     ``forward(x)``: ``[B, 3, h, w]`` image in 0..1 -> ``[B, 3, h, w]`` factor ``x_r`` in -1..1, at whatever
     resolution it is given (callers downscale first, see :func:`estimate_factor_lowres`).
