@@ -358,7 +358,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--rgb-weight", type=float, default=1.0, help="weight of L_rgb (default: %(default)s)")
     p.add_argument("--padding-mode", choices=["zeros", "replicate"], default="zeros",
                    help="border handling of the EFE convs: zeros (default, the official network and the shipped "
-                        "weights) or replicate (no bright band along the image edges)")
+                        "weights) or replicate (no bright band along the image edges); with --init-weights the "
+                        "file's own mode is kept")
     p.add_argument("--darken", type=float, default=0.0, metavar="P",
                    help="probability of scaling a crop by a random exposure factor in --darken-min..1")
     p.add_argument("--darken-min", type=float, default=0.1)

@@ -124,8 +124,8 @@ def load_sgz_weights(path: PathLike, map_location: Union[str, torch.device] = "c
 
     ``.pth`` files are read with ``torch.load(weights_only=True)`` (never executing pickles); a ``module.`` prefix
     (DataParallel) is accepted. The conv padding mode comes from the safetensors metadata ``padding_mode``
-    (``"zeros"`` when absent, and always for ``.pth``: the official network). Raises ``FileNotFoundError`` naming the path, or ``ValueError`` naming the file and
-    the expected keys/shapes when the content does not match. Returns a float32 model in eval mode.
+    (``"zeros"`` when absent, and always for ``.pth``: the official network). Raises ``FileNotFoundError`` naming
+    the path, or ``ValueError`` naming the file and the expected keys/shapes when the content does not match. Returns a float32 model in eval mode.
     """
     path = Path(path)
     if not path.is_file():
@@ -134,10 +134,9 @@ def load_sgz_weights(path: PathLike, map_location: Union[str, torch.device] = "c
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
-            from safetensors.torch import load_file
 
-            state_dict = load_file(str(path), device=str(map_location))
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+                state_dict = {key: f.get_tensor(key) for key in f.keys()}
                 padding_mode = (f.metadata() or {}).get("padding_mode", "zeros")
         else:
             state_dict = torch.load(path, map_location=map_location, weights_only=True)
