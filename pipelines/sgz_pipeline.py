@@ -29,6 +29,7 @@ from .image_convert import to_tensor_batch
 from .sgz_model import (
     SHIPPED_WEIGHTS,
     EnhancementFactorEstimator,
+    apply_recurrence_reference,
     enhance,
     estimate_factor_lowres,
     load_sgz_weights,
@@ -321,13 +322,8 @@ def _predicted_log_brightness(
     ``image``, ``factor``: ``[B, 3, h, w]``, a low-resolution sample of the frame and the factor on the same grid.
     Returns ``[B, len(gains)]``. Runs at low resolution: it costs a few small passes, not a full-resolution one.
     """
-    x = image.flatten(1).unsqueeze(1).repeat(1, len(gains), 1)  # [B, K, N], a copy: updated in place below
     f = (factor.flatten(1).unsqueeze(1) * torch.tensor(gains, device=factor.device).view(1, -1, 1)).clamp_(-1.0, 1.0)
-    g = 1.0 - f
-    t = torch.empty_like(x)
-    for _ in range(recurrences):  # x <- x * (1 - f + f x), as in the fused pass
-        torch.addcmul(g, f, x, out=t)
-        x.mul_(t)
+    x = apply_recurrence_reference(image.flatten(1).unsqueeze(1), f, recurrences)  # [B, K, N]
     return x.mean(dim=2).add_(_EPSILON).log_()
 
 
