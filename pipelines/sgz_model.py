@@ -125,7 +125,8 @@ def load_sgz_weights(path: PathLike, map_location: Union[str, torch.device] = "c
     ``.pth`` files are read with ``torch.load(weights_only=True)`` (never executing pickles); a ``module.`` prefix
     (DataParallel) is accepted. The conv padding mode comes from the safetensors metadata ``padding_mode``
     (``"zeros"`` when absent, and always for ``.pth``: the official network). Raises ``FileNotFoundError`` naming
-    the path, or ``ValueError`` naming the file and the expected keys/shapes when the content does not match. Returns a float32 model in eval mode.
+    the path, or ``ValueError`` naming the file and the expected keys/shapes when the content does not match.
+    Returns a float32 model in eval mode.
     """
     path = Path(path)
     if not path.is_file():
