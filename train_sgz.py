@@ -53,7 +53,6 @@ class TrainConfig:
     brightness_region: int = 16
     brightness_weight: float = 1.0
     tv_weight: float = 1.0
-    variance_weight: float = 0.0
     spatial_weight: float = 1.0
     rgb_weight: float = 1.0
     padding_mode: str = "zeros"
@@ -266,7 +265,6 @@ def train(config: TrainConfig) -> dict:
         build_segmentation_net(config.backbone, config.backbone_weights, seed=config.seed) if config.semantic else None
     )
     weights = SGZLossWeights(exposure=config.exposure, brightness=config.brightness_weight, tv=config.tv_weight,
-                             variance=config.variance_weight,
                              spatial=config.spatial_weight, rgb=config.rgb_weight,
                              brightness_region=config.brightness_region)
     metadata = {
@@ -356,9 +354,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--brightness-weight", type=float, default=1.0, help="weight of L_bri (default: %(default)s)")
     p.add_argument("--tv-weight", type=float, default=1.0,
                    help="weight of L_tv on the factor x_r (default: %(default)s, the paper); larger = smoother factor")
-    p.add_argument("--variance-weight", type=float, default=0.0,
-                   help="weight of the factor's spatial variance around its per-channel mean (default: %(default)s, "
-                        "off as in the paper); larger = a more global curve, less uneven brightening")
     p.add_argument("--spatial-weight", type=float, default=1.0, help="weight of L_spa (default: %(default)s)")
     p.add_argument("--rgb-weight", type=float, default=1.0, help="weight of L_rgb (default: %(default)s)")
     p.add_argument("--padding-mode", choices=["zeros", "replicate"], default="zeros",

@@ -123,23 +123,6 @@ def total_variation_loss(factor: torch.Tensor) -> torch.Tensor:
     return (dx + dy + dc) / (b * c * h * w)
 
 
-def factor_variance_loss(factor: torch.Tensor) -> torch.Tensor:
-    """Spatial variance of the enhancement factor around its per-image, per-channel mean (not in the paper).
-
-    L_tv only sees neighbouring differences, so a factor can still drift slowly across the frame and brighten
-    some regions much more than others; this term penalises that drift directly. With a large weight the curve
-    tends to one global curve per channel.
-
-    Args:
-        factor: ``[B, C, h, w]`` x_r.
-    Returns:
-        scalar ``mean over B, C of Var_{h,w}(factor)``; 0 for a factor that is constant in each channel.
-    """
-    if factor.ndim != 4:
-        raise ValueError(f"factor: expected [B, C, h, w], got {tuple(factor.shape)}")
-    return (factor - factor.mean(dim=(-2, -1), keepdim=True)).square().mean()
-
-
 def focal_semantic_loss(logits: torch.Tensor, beta: float = 1.0, gamma: float = 2.0, eps: float = 1e-7) -> torch.Tensor:
     """L_sem (eq. 6): label-free focal loss on the segmentation net's own most likely class.
 
@@ -168,7 +151,6 @@ class SGZLossWeights:
     brightness: float = 1.0
     tv: float = 1.0
     semantic: float = 0.1
-    variance: float = 0.0
     exposure: float = 0.6
     spatial_region: int = 4
     brightness_region: int = 16
@@ -183,13 +165,13 @@ def sgz_total_loss(
     logits: torch.Tensor | None,
     weights: SGZLossWeights = SGZLossWeights(),
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_total (eq. 7) = weighted sum of the five losses, plus the factor-variance term when its weight is > 0.
+    """L_total (eq. 7) = weighted sum of the five losses.
 
     Args:
         low, enhanced: ``[B, 3, H, W]``; factor: ``[B, 3, h, w]``; logits: ``[B, K, h', w']`` of the frozen
             segmentation net on ``enhanced``, or None to leave L_sem out.
     Returns:
-        (total scalar tensor, dict of the unweighted parts as floats: spa, rgb, bri, tv, sem, var, total).
+        (total scalar tensor, dict of the unweighted parts as floats: spa, rgb, bri, tv, sem, total).
     """
     parts = {
         "spa": spatial_consistency_loss(enhanced, low, weights.spatial_region),
@@ -203,9 +185,6 @@ def sgz_total_loss(
         + weights.brightness * parts["bri"]
         + weights.tv * parts["tv"]
     )
-    if weights.variance > 0:
-        parts["var"] = factor_variance_loss(factor)
-        total = total + weights.variance * parts["var"]
     if logits is not None:
         parts["sem"] = focal_semantic_loss(logits, weights.focal_beta, weights.focal_gamma)
         total = total + weights.semantic * parts["sem"]

@@ -9,7 +9,6 @@ from comfyui_lowlight.pipelines.semantic_segmentation import EfficientNetLite0Fe
 from comfyui_lowlight.pipelines.sgz_losses import (
     SGZLossWeights,
     brightness_loss,
-    factor_variance_loss,
     focal_semantic_loss,
     rgb_loss,
     sgz_total_loss,
@@ -85,14 +84,6 @@ def test_tv_spatial_hand_computed():
     assert total_variation_loss(factor).item() == pytest.approx(2 / 4)
 
 
-def test_factor_variance_zero_per_channel_constant_and_hand_computed():
-    per_channel = torch.tensor([0.1, -0.3, 0.6]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
-    assert factor_variance_loss(per_channel).item() == 0.0
-    factor = torch.zeros(1, 1, 2, 2)
-    factor[0, 0, 0, 1] = 1.0  # mean 0.25: squared deviations 3 * 0.0625 + 0.5625 over 4 pixels
-    assert factor_variance_loss(factor).item() == pytest.approx(0.1875)
-
-
 def test_focal_loss_matches_hand_computation():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]).view(2, 3, 1, 1)
     expected = []
@@ -123,10 +114,6 @@ def test_total_is_weighted_sum():
     total_no_sem, parts_no_sem = sgz_total_loss(low, enhanced, factor, None, weights)
     assert "sem" not in parts_no_sem
     assert total_no_sem.item() == pytest.approx(expected - 0.1 * parts["sem"], rel=1e-5)
-    assert "var" not in parts  # off by default, as in the paper
-    total_var, parts_var = sgz_total_loss(low, enhanced, factor, logits, SGZLossWeights(variance=5.0))
-    assert parts_var["var"] == pytest.approx(factor_variance_loss(factor).item())
-    assert total_var.item() == pytest.approx(expected + 5.0 * parts_var["var"], rel=1e-5)
 
 
 def test_losses_reject_bad_shapes():
