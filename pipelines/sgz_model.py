@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
@@ -32,8 +30,7 @@ SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "lora_weights" / "sgz_lo
 # Elements per tile of the fused CPU path: below torch's intra-op grain size (32768), so each op runs serially on
 # its worker thread (no OpenMP barriers, which stall badly on a loaded CPU) and the 4 float32 tile buffers
 # (4 x 128 KB) stay in L2.
-_TILE_ELEMENTS = 32767
-_SERIAL_TILE_ELEMENTS = 1 << 17
+_CPU_TILE_ELEMENTS = 1 << 17
 _DEVICE_TILE_ELEMENTS = 1 << 22
 
 PathLike = Union[str, os.PathLike]
@@ -344,9 +341,9 @@ def _fused_rows(
     ``f`` and ``g = 1 - f``. The recurrence is rewritten as ``x <- x * (g + f * x)`` (the same polynomial), so a
     step is 2 in-place ops; uint8 input is scaled while converting, uint8 output is scaled in the last step.
 
-    On CPU each tile is smaller than torch's intra-op grain size, so each op runs on the calling thread with its
-    buffers in L2; tiles are handed out to ``torch.get_num_threads()`` Python threads instead (torch releases the
-    GIL inside ops). Other devices use one thread and large tiles.
+    Tiles run one after the other on the calling thread; on CPU each op of a tile is split over torch's intra-op
+    threads (measured on 2 cores: faster than handing small tiles to Python worker threads, which contend for
+    the GIL).
     """
     batch, _, height, width = image.shape
     channels_last = _is_channels_last(image, out)
@@ -362,8 +359,6 @@ def _fused_rows(
             return t[b, :, r0 : r0 + n]
 
     tiles_per_image = -(-height // rows)
-    tasks = iter([(b, i) for b in range(batch) for i in range(tiles_per_image)])
-    lock = threading.Lock()
     direct = out.dtype == torch.float32  # compute straight in the output tensor
     from_uint8 = image.dtype == torch.uint8
     to_uint8 = out.dtype == torch.uint8
@@ -371,26 +366,13 @@ def _fused_rows(
     half = torch.tensor(0.5, device=image.device)
     on_cpu = image.device.type == "cpu"
 
-    # Inference mode is thread-local: workers must inherit the caller's (ComfyUI runs nodes inside it, and then
-    # `out` is an inference tensor that only inference-mode code may write).
-    inference_mode = torch.is_inference_mode_enabled()
-
-    def run():
-        with torch.inference_mode(inference_mode):
-            run_tiles()
-
-    def run_tiles():
-        shape = (rows, width, 3) if channels_last else (3, rows, width)
-        buffers = [torch.empty(shape, device=image.device, dtype=torch.float32) for _ in range(4)]
-        full_views = buffers
-        while True:
-            with lock:
-                b, i = next(tasks, (None, None))
-            if b is None:
-                return
+    shape = (rows, width, 3) if channels_last else (3, rows, width)
+    buffers = [torch.empty(shape, device=image.device, dtype=torch.float32) for _ in range(4)]
+    for b in range(batch):
+        for i in range(tiles_per_image):
             r0 = i * rows
             n = min(rows, height - r0)
-            views = full_views if n == rows else [buf[:n] if channels_last else buf[:, :n] for buf in buffers]
+            views = buffers if n == rows else [buf[:n] if channels_last else buf[:, :n] for buf in buffers]
             f, g, t, x = views
             if direct:
                 x = tile_of(dst, b, r0, n)
@@ -415,24 +397,13 @@ def _fused_rows(
             if not direct:
                 tile_of(dst, b, r0, n).copy_(x)
 
-    workers = min(batch * tiles_per_image, torch.get_num_threads()) if on_cpu else 1
-    if workers <= 1:
-        run()
-    else:
-        # Tiles are handed out one at a time, so a worker slowed down by other processes does not hold up the rest.
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for future in [pool.submit(run) for _ in range(workers)]:
-                future.result()
     return out
 
 
 def _tile_rows(image: torch.Tensor) -> int:
-    # One CPU thread: ops never split, so larger tiles just save per-op overhead. GPUs want big launches; tiles
-    # there only bound the float32 scratch buffers (4 x 16 MB).
-    if image.device.type != "cpu":
-        elements = _DEVICE_TILE_ELEMENTS
-    else:
-        elements = _TILE_ELEMENTS if torch.get_num_threads() > 1 else _SERIAL_TILE_ELEMENTS
+    # CPU: 4 float32 tiles of 2**17 values (2 MB) stay in cache and still split well over intra-op threads. GPUs
+    # want big launches; tiles there only bound the float32 scratch buffers (4 x 16 MB).
+    elements = _CPU_TILE_ELEMENTS if image.device.type == "cpu" else _DEVICE_TILE_ELEMENTS
     return max(1, min(image.shape[2], elements // (3 * image.shape[3])))
 
 

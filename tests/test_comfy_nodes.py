@@ -153,8 +153,8 @@ def test_sgz_enhance_unreadable_weights_names_the_file(comfy_stubs, official_in_
 
 
 def test_sgz_enhance_runs_inside_inference_mode_like_comfyui(official_in_models, comfy_stubs, shared_dir):
-    # ComfyUI executes nodes under torch.inference_mode(); the fused pass splits a full-size frame into tiles run on
-    # several threads, which must still be allowed to write the (inference-mode) output tensor.
+    # ComfyUI executes nodes under torch.inference_mode(); the fused pass writes a full-size frame tile by tile, with
+    # each op split over torch's threads, into the (inference-mode) output tensor.
     image = Image.open(shared_dir / "data" / "lol_eval15" / "low" / "111.png").convert("RGB")
     frame = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
     threads = torch.get_num_threads()

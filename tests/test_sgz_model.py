@@ -236,9 +236,9 @@ def test_invalid_arguments():
         enhance(torch.rand(3, 8, 8), torch.zeros(1, 3, 1, 1))
 
 
-def test_fused_pass_with_worker_threads_inside_inference_mode():
+def test_fused_pass_with_two_threads_inside_inference_mode():
     torch.manual_seed(4)
-    image = torch.rand(2, 3, 70, 400)  # many tiles: the tile workers run in parallel
+    image = torch.rand(2, 3, 300, 400)  # 3 tiles per image, a short last one; each op split over 2 threads
     small = torch.rand(2, 3, 6, 33) * 2 - 1
     reference = apply_recurrence_reference(image, upsample_factor(small, image.shape[-2:]))
     threads = torch.get_num_threads()
