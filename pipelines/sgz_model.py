@@ -27,9 +27,7 @@ import torch.nn.functional as F
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "lora_weights" / "sgz_lowlight.safetensors"
 
-# Elements per tile of the fused CPU path: below torch's intra-op grain size (32768), so each op runs serially on
-# its worker thread (no OpenMP barriers, which stall badly on a loaded CPU) and the 4 float32 tile buffers
-# (4 x 128 KB) stay in L2.
+# Values per tile of the fused pass (see _tile_rows).
 _CPU_TILE_ELEMENTS = 1 << 17
 _DEVICE_TILE_ELEMENTS = 1 << 22
 
