@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench_lol import LOL, OFFICIAL, SHARED
+from bench_lol import LOL, OFFICIAL, SHARED, add_weights_arguments, weights_to_measure
 
 UNPAIRED = SHARED / "data" / "unpaired"
 IMAGE_SETS = {
@@ -56,15 +56,9 @@ def main(argv=None) -> int:
     from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS, load_sgz_weights
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", nargs="*", default=[], metavar="NAME=PATH", help="extra weights to measure")
-    p.add_argument("--no-defaults", action="store_true", help="measure only --weights")
+    add_weights_arguments(p)
     args = p.parse_args(argv)
-    runs = [] if args.no_defaults else [("official `Epoch99.pth`", OFFICIAL), ("ours, shipped", SHIPPED_WEIGHTS)]
-    for item in args.weights:
-        name, sep, path = item.partition("=")
-        if not sep:
-            p.error(f"--weights: expected NAME=PATH, got {item!r}")
-        runs.append((name, Path(path)))
+    runs = weights_to_measure(p, args, [("official `Epoch99.pth`", OFFICIAL), ("ours, shipped", SHIPPED_WEIGHTS)])
 
     sets = {name: [load_600x400(path) for path in files()] for name, files in IMAGE_SETS.items()}
     header = [f"{name} ({len(images)}, in {np.mean([float(i.mean()) for i in images]) * 255:.0f})"

@@ -55,22 +55,33 @@ def evaluate(weights: Path, pairs, downscale: float) -> tuple[float, float]:
     return score([enhance_u8(model, low, downscale) for _, low, _ in pairs], pairs)
 
 
+def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", nargs="*", default=[], metavar="NAME=PATH",
+                        help="extra weights to measure (default rows: official and shipped)")
+    parser.add_argument("--no-defaults", action="store_true", help="measure only --weights")
+
+
+def weights_to_measure(parser: argparse.ArgumentParser, args, defaults: list) -> list[tuple[str, Path]]:
+    """The default (name, path) rows unless ``--no-defaults``, then each ``--weights NAME=PATH``."""
+    runs = [] if args.no_defaults else list(defaults)
+    for item in args.weights:
+        name, sep, path = item.partition("=")
+        if not sep:
+            parser.error(f"--weights: expected NAME=PATH, got {item!r}")
+        runs.append((name, Path(path)))
+    return runs
+
+
 def main(argv=None) -> int:
     from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", nargs="*", default=[], metavar="NAME=PATH",
-                   help="extra weights to score (default table: official and shipped)")
+    add_weights_arguments(p)
     p.add_argument("--downscale", type=float, default=12)
-    p.add_argument("--no-defaults", action="store_true", help="score only --weights")
     args = p.parse_args(argv)
 
-    runs = [] if args.no_defaults else [("SGZ official `Epoch99.pth`", OFFICIAL), ("ours, shipped `sgz_lowlight.safetensors`", SHIPPED_WEIGHTS)]
-    for item in args.weights:
-        name, sep, path = item.partition("=")
-        if not sep:
-            p.error(f"--weights: expected NAME=PATH, got {item!r}")
-        runs.append((name, Path(path)))
+    defaults = [("SGZ official `Epoch99.pth`", OFFICIAL), ("ours, shipped `sgz_lowlight.safetensors`", SHIPPED_WEIGHTS)]
+    runs = weights_to_measure(p, args, defaults)
 
     pairs = lol_pairs()
     print(f"LOL eval15 ({len(pairs)} pairs, 600x400, uint8 outputs), downscale {args.downscale:g}\n")
