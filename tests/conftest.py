@@ -1,23 +1,20 @@
-"""Shared test fixtures: paths to the read-only shared material beside the repository."""
+"""Shared test fixtures: the read-only shared material beside the repository, and the real ComfyUI host."""
 
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helpers (comfy_host) importable by test modules
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helpers (comfy_host, ...) importable by test modules
 from comfy_host import comfy_browser, comfy_server  # noqa: E402,F401  session fixtures: real ComfyUI + its web UI
 from scuf_host import scuf_models  # noqa: E402,F401  session fixture: the tiny SCUF models in that server
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
+from shared_material import shared_path  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.fail(f"shared material not found at {SHARED} (expected beside the repository)")
-    return SHARED
+    """``../shared``; tests that take it are skipped on a clone without it (and fail under ``CI=true``)."""
+    return shared_path()
 
 
 @pytest.fixture(autouse=True)
