@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
+# LOWLIGHT_SHARED_DIR overrides the location (e.g. a path that does not exist, to see what a plain clone sees).
+SHARED = Path(os.environ.get("LOWLIGHT_SHARED_DIR") or REPO_ROOT.parent / "shared").resolve()
 
 
 def in_ci() -> bool:
