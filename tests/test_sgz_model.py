@@ -1,4 +1,8 @@
-"""SGZ model: parity with the official code, weights IO, fused vs reference recurrence, any size."""
+"""SGZ model: the shipped weights, parity with the official code, weights IO, fused vs reference recurrence, any size.
+
+Parity tests need the official ``Epoch99.pth`` and its golden outputs from ``../shared`` (skipped without it);
+everything else runs on the shipped ``lora_weights/sgz_lowlight.safetensors`` and images the tests make.
+"""
 
 import numpy as np
 import pytest
@@ -6,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from comfyui_lowlight.pipelines.sgz_model import (
+    SHIPPED_WEIGHTS,
     EnhancementFactorEstimator,
     apply_recurrence,
     apply_recurrence_reference,
@@ -18,8 +23,16 @@ from comfyui_lowlight.pipelines.sgz_model import (
     save_sgz_weights,
     upsample_factor,
 )
+from media import dark_scene
 
 CASES = ["lol111_s12", "lol1_s12", "lol111_s1", "lol1_s1"]
+OFFICIAL_KEYS = {f"e_conv{i}.{part}.{kind}" for i in range(1, 8) for part in ("depth_conv", "point_conv")
+                 for kind in ("weight", "bias")}
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_sgz_weights(SHIPPED_WEIGHTS)
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +53,45 @@ def _case_input(golden, case):
     return _nchw(golden[f"{case}_input_u8"]).float() / 255.0
 
 
+def _dark_batch(height=120, width=144, seeds=(0, 1)) -> torch.Tensor:
+    return torch.stack([_nchw(dark_scene(height, width, seed))[0] for seed in seeds]).float() / 255.0
+
+
 def test_architecture_matches_official_checkpoint(official):
     assert sum(p.numel() for p in official.parameters()) == 10561
-    keys = set(EnhancementFactorEstimator().state_dict())
-    assert keys == {f"e_conv{i}.{part}.{kind}" for i in range(1, 8) for part in ("depth_conv", "point_conv")
-                    for kind in ("weight", "bias")}
+    assert set(EnhancementFactorEstimator().state_dict()) == OFFICIAL_KEYS
+    assert official.padding_mode == "zeros"  # a .pth has no metadata: the official code's zero padding
+
+
+def test_shipped_weights_file_sizes_dtypes_and_metadata():
+    from safetensors import safe_open
+
+    expected_shapes = {k: tuple(v.shape) for k, v in EnhancementFactorEstimator().state_dict().items()}
+    with safe_open(str(SHIPPED_WEIGHTS), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata = handle.metadata()
+    assert set(tensors) == OFFICIAL_KEYS  # the official key names: interchangeable with Epoch99.pth
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == expected_shapes
+    assert {v.dtype for v in tensors.values()} == {torch.float32}
+    assert sum(v.numel() for v in tensors.values()) == 10561
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+    assert metadata["format"] == "sgz-efe" and metadata["padding_mode"] == "replicate"
+
+
+def test_shipped_weights_enhance_dark_images_at_any_size(shipped):
+    assert shipped.padding_mode == "replicate" and shipped.e_conv1.depth_conv.padding_mode == "replicate"
+    assert not shipped.training and all(p.dtype == torch.float32 for p in shipped.parameters())
+    image = _dark_batch(97, 131)  # odd size, not a multiple of the downscale
+    with torch.no_grad():
+        small = estimate_factor_lowres(shipped, image)
+        out = enhance(image, small)
+        as_u8 = enhance((image * 255).round().to(torch.uint8), small, out_dtype=torch.uint8)
+    assert small.shape == (2, 3, *lowres_size(97, 131, 12)) and small.dtype == torch.float32
+    assert out.shape == image.shape and out.dtype == torch.float32
+    assert as_u8.shape == image.shape and as_u8.dtype == torch.uint8
+    assert -1 <= small.min() and small.max() <= 1  # tanh
+    assert out.min() >= 0 and out.max() <= 1
+    assert (out.mean(dim=(1, 2, 3)) > image.mean(dim=(1, 2, 3)) + 0.15).all()  # dark images come out much brighter
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -78,16 +125,31 @@ def test_uint8_input_and_output_of_fused_pass(official, golden):
     assert (as_u8.float() - (expected.clamp(0, 1) * 255).round()).abs().max() <= 1
 
 
-def test_safetensors_round_trip(official, golden, tmp_path):
-    path = save_sgz_weights(official, tmp_path / "sgz.safetensors", metadata={"steps": "7"})
-    loaded = load_sgz_weights(path)
-    image = _case_input(golden, "lol111_s12")[..., :120, :144]
+def test_uint8_and_channels_last_match_the_float_path(shipped):
+    u8 = (_dark_batch(100, 150) * 255).round().to(torch.uint8)
+    channels_last = u8.contiguous(memory_format=torch.channels_last)
+    as_unit_float = u8.float() / 255
     with torch.no_grad():
-        assert torch.equal(estimate_factor(official, image), estimate_factor(loaded, image))
+        factor = estimate_factor_lowres(shipped, channels_last)
+        assert (factor - estimate_factor_lowres(shipped, as_unit_float)).abs().max() < 1e-6
+        as_float = enhance(channels_last, factor, out_dtype=torch.float32)
+        as_u8 = enhance(channels_last, factor, out_dtype=torch.uint8)
+    expected = apply_recurrence_reference(as_unit_float, upsample_factor(factor, u8.shape[-2:]))
+    assert (as_float - expected).abs().max() < 1e-5
+    assert as_u8.dtype == torch.uint8 and as_u8.is_contiguous(memory_format=torch.channels_last)
+    assert (as_u8.float() - (expected.clamp(0, 1) * 255).round()).abs().max() <= 1
+
+
+def test_safetensors_round_trip(shipped, tmp_path):
+    path = save_sgz_weights(shipped, tmp_path / "sgz.safetensors", metadata={"steps": "7"})
+    loaded = load_sgz_weights(path)
+    image = _dark_batch()
+    with torch.no_grad():
+        assert torch.equal(estimate_factor(shipped, image), estimate_factor(loaded, image))
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as handle:
-        assert handle.metadata() == {"steps": "7", "padding_mode": "zeros"}
+        assert handle.metadata() == {"steps": "7", "padding_mode": "replicate"}
     assert not [p for p in tmp_path.iterdir() if p.name != "sgz.safetensors"]  # no temp file left behind
 
 
@@ -162,8 +224,16 @@ def test_init_weights_for_training_is_seeded_and_scaled():
     assert abs(a.e_conv3.point_conv.weight.std().item() - 0.02) < 0.004
 
 
-def test_padding_mode_round_trip_and_official_is_zeros(official, tmp_path):
-    assert official.padding_mode == "zeros"
+def test_pth_state_dict_loads_with_zero_padding(shipped, tmp_path):
+    """A foreign ``.pth`` (a plain state dict, as the official Epoch99.pth) carries no padding mode: zeros."""
+    torch.save(shipped.state_dict(), tmp_path / "foreign.pth")
+    loaded = load_sgz_weights(tmp_path / "foreign.pth")
+    assert loaded.padding_mode == "zeros" and loaded.e_conv4.depth_conv.padding_mode == "zeros"
+    for key, value in shipped.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_padding_mode_round_trip(tmp_path):
     model = EnhancementFactorEstimator(padding_mode="replicate")
     init_weights_for_training(model, torch.Generator().manual_seed(1))
     loaded = load_sgz_weights(save_sgz_weights(model, tmp_path / "rep.safetensors"))
@@ -174,22 +244,22 @@ def test_padding_mode_round_trip_and_official_is_zeros(official, tmp_path):
         assert torch.equal(model.eval()(image), loaded(image))
 
 
-def test_replicate_padding_has_no_border_band(official):
+def test_replicate_padding_has_no_border_band(shipped):
     """On a flat grey image the replicate-padded EFE predicts the same factor everywhere; zero padding does not."""
-    replicate = EnhancementFactorEstimator(padding_mode="replicate")
-    replicate.load_state_dict(official.state_dict())
+    zeros = EnhancementFactorEstimator(padding_mode="zeros")
+    zeros.load_state_dict(shipped.state_dict())
     flat = torch.full((1, 3, 40, 60), 0.2)
     with torch.no_grad():
-        spread_replicate = replicate.eval()(flat).amax((2, 3)) - replicate(flat).amin((2, 3))
-        spread_zeros = official(flat).amax((2, 3)) - official(flat).amin((2, 3))
+        spread_replicate = shipped(flat).amax((2, 3)) - shipped(flat).amin((2, 3))
+        spread_zeros = zeros.eval()(flat).amax((2, 3)) - zeros(flat).amin((2, 3))
     assert spread_replicate.max() < 1e-6
     assert spread_zeros.max() > 1e-2
 
 
-def test_unknown_padding_mode_names_file(official, tmp_path):
+def test_unknown_padding_mode_names_file(shipped, tmp_path):
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in official.state_dict().items()}, str(tmp_path / "pad.safetensors"),
+    save_file({k: v.contiguous() for k, v in shipped.state_dict().items()}, str(tmp_path / "pad.safetensors"),
               metadata={"padding_mode": "circular"})
     with pytest.raises(ValueError, match=r"pad\.safetensors.*padding_mode='circular'.*zeros.*replicate"):
         load_sgz_weights(tmp_path / "pad.safetensors")

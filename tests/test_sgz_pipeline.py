@@ -1,5 +1,10 @@
-"""SGZPipeline: input kinds, sizes, dtypes, exposure control, temporal smoothing, errors."""
+"""SGZPipeline: input kinds, sizes, dtypes, exposure control, temporal smoothing, errors.
 
+Behaviour tests run the shipped weights on the bundled night photo; only parity with the official code's golden
+outputs needs ``../shared`` (skipped without it).
+"""
+
+import re
 import subprocess
 import sys
 
@@ -9,19 +14,28 @@ import torch
 from PIL import Image
 
 from comfyui_lowlight.pipelines import SGZPipeline
+from comfyui_lowlight.pipelines import sgz_pipeline as sgz_pipeline_module
 from comfyui_lowlight.pipelines.image_convert import to_tensor_batch
 from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS, EnhancementFactorEstimator, init_weights_for_training
+from media import sample_night
 
 
 @pytest.fixture(scope="module")
-def pipe(shared_dir):
+def pipe():
+    """The shipped weights (the default of ``from_pretrained``): every behaviour test runs on a plain clone."""
+    return SGZPipeline.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def official_pipe(shared_dir):
+    """The official ``Epoch99.pth``: only for parity with the official code's golden outputs."""
     return SGZPipeline.from_pretrained(shared_dir / "reference" / "sgz" / "Epoch99.pth")
 
 
 @pytest.fixture(scope="module")
-def low_u8(shared_dir):
-    """A real LOL low-light image crop, uint8 HxWx3 (odd size on purpose)."""
-    return np.asarray(Image.open(shared_dir / "data" / "lol_eval15" / "low" / "1.png").convert("RGB"))[:97, :131].copy()
+def low_u8():
+    """A crop of the bundled real night photo (statues under lamps, mean ~29/255), uint8 HxWx3, odd size on purpose."""
+    return sample_night()[150:247, 180:311].copy()
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +43,8 @@ def golden(shared_dir):
     return dict(np.load(shared_dir / "reference" / "sgz" / "golden_official.npz"))
 
 
-def test_numpy_uint8_matches_golden(pipe, golden):
-    out, factor = pipe(golden["lol111_s12_input_u8"], return_factor=True)
+def test_numpy_uint8_matches_golden(official_pipe, golden):
+    out, factor = official_pipe(golden["lol111_s12_input_u8"], return_factor=True)
     expected = np.round(np.clip(golden["lol111_s12_output"], 0, 1) * 255)
     assert out.dtype == np.uint8 and out.shape == expected.shape
     assert np.abs(out.astype(np.float64) - expected).max() <= 1
@@ -38,9 +52,9 @@ def test_numpy_uint8_matches_golden(pipe, golden):
     assert factor.dtype == np.uint8 and np.abs(factor.astype(np.float64) - expected_factor).max() <= 1
 
 
-def test_torch_matches_golden_and_returns_raw_factor(pipe, golden):
+def test_torch_matches_golden_and_returns_raw_factor(official_pipe, golden):
     image = torch.from_numpy(golden["lol1_s1_input_u8"]).permute(2, 0, 1)[None].float() / 255.0
-    out, factor = pipe(image, downscale=1, return_factor=True)
+    out, factor = official_pipe(image, downscale=1, return_factor=True)
     assert out.dtype == torch.float32 and out.shape == image.shape
     assert (out - torch.from_numpy(golden["lol1_s1_output"]).permute(2, 0, 1)).abs().max() < 1e-4
     assert (factor - torch.from_numpy(golden["lol1_s1_factor"]).permute(2, 0, 1)).abs().max() < 1e-4
@@ -95,13 +109,13 @@ def test_tiny_and_odd_sizes(pipe, size):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_inputs_and_models(pipe, low_u8, shared_dir, dtype):
+def test_low_precision_inputs_and_models(pipe, low_u8, dtype):
     image = torch.from_numpy(low_u8).permute(2, 0, 1)[None].float() / 255
     reference = pipe(image)
     out = pipe(image.to(dtype))
     assert out.dtype == dtype and out.shape == image.shape
     assert (out.float() - reference).abs().max() < 2e-2
-    low_model = SGZPipeline.from_pretrained(shared_dir / "reference" / "sgz" / "Epoch99.pth", dtype=dtype)
+    low_model = SGZPipeline.from_pretrained(dtype=dtype)
     assert low_model.dtype == dtype
     out = low_model(image)
     assert out.dtype == torch.float32 and (out - reference).abs().mean() < 2e-2
@@ -135,7 +149,7 @@ def _flicker_sequence(low_u8, frames=12):
 
 
 def _exposure_sequence(low_u8, gains) -> np.ndarray:
-    """The LOL crop under a per-frame global exposure gain, uint8 N x H x W x 3 (as the CLI feeds video)."""
+    """The night crop under a per-frame global exposure gain, uint8 N x H x W x 3 (as the CLI feeds video)."""
     frames = low_u8[None].astype(np.float32) * np.asarray(gains, np.float32)[:, None, None, None]
     return np.clip(frames, 0, 255).round().astype(np.uint8)
 
@@ -223,14 +237,14 @@ def test_bad_inputs_raise_clear_errors(pipe):
         to_tensor_batch([Image.new("RGB", (4, 4)), Image.new("RGB", (5, 4))])
 
 
-def test_weights_errors_name_the_file(tmp_path):
+def test_weights_errors_name_the_file(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         SGZPipeline.from_pretrained(tmp_path / "missing.safetensors")
-    if SHIPPED_WEIGHTS.is_file():
-        assert isinstance(SGZPipeline.from_pretrained().model, EnhancementFactorEstimator)
-    else:
-        with pytest.raises(FileNotFoundError, match="sgz_lowlight.safetensors"):
-            SGZPipeline.from_pretrained()
+    assert SHIPPED_WEIGHTS.is_file()  # the repository ships them: the default needs no download
+    assert isinstance(SGZPipeline.from_pretrained().model, EnhancementFactorEstimator)
+    monkeypatch.setattr(sgz_pipeline_module, "SHIPPED_WEIGHTS", tmp_path / "gone" / "sgz_lowlight.safetensors")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "gone" / "sgz_lowlight.safetensors"))):
+        SGZPipeline.from_pretrained()
 
 
 def test_save_pretrained_round_trip(tmp_path):
