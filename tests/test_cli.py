@@ -1,4 +1,8 @@
-"""The ``lowlight enhance`` command line on images, folders, videos and bad input."""
+"""The ``lowlight enhance`` command line on images, folders, videos and bad input.
+
+Everything runs on the shipped weights, the bundled sample and images and clips the tests make (``media.py``);
+only the check that the released official ``Epoch99.pth`` loads needs ``../shared``.
+"""
 
 import subprocess
 import sys
@@ -8,26 +12,22 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from comfyui_lowlight.cli import main
 from comfyui_lowlight.pipelines import video_io
 from comfyui_lowlight.pipelines.image_io import read_image
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def official_weights(shared_dir) -> Path:
-    return shared_dir / "reference" / "sgz" / "Epoch99.pth"
+from comfyui_lowlight.pipelines.sgz_model import load_sgz_weights
+from media import REPO_ROOT, SHIPPED_SGZ_WEIGHTS, dark_clip_frames, decoded_pts_and_frames, write_video
 
 
 @pytest.fixture
-def run(official_weights, capsys):
-    """Run the CLI in-process with the official weights on CPU; returns (exit code, stdout, stderr)."""
+def run(capsys):
+    """Run the CLI in-process with the shipped weights on CPU; returns (exit code, stdout, stderr)."""
 
-    def _run(*args):
-        code = main(["enhance", *map(str, args), "--weights", str(official_weights), "--device", "cpu"])
+    def _run(*args, weights=SHIPPED_SGZ_WEIGHTS):
+        code = main(["enhance", *map(str, args), "--weights", str(weights), "--device", "cpu"])
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 
@@ -56,7 +56,7 @@ def test_images_are_enhanced_with_their_size_and_format(tmp_path, run):
     for source in inputs:
         before, after = read_image(source).pixels, read_image(tmp_path / "out" / source.name).pixels
         assert after.shape == before.shape
-        assert after.mean() > before.mean() + 10  # the official weights brighten dark images a lot
+        assert after.mean() > before.mean() + 10  # the shipped weights brighten dark images a lot
     with Image.open(tmp_path / "out" / "b.png") as written:
         assert written.format == "PNG"
 
@@ -165,6 +165,22 @@ def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, run):
     assert _no_hidden_files(tmp_path)
 
 
+def test_foreign_pth_state_dict_is_accepted_as_weights(tmp_path, run):
+    """``--weights`` takes a plain PyTorch state dict (.pth), the official checkpoint's format."""
+    torch.save(load_sgz_weights(SHIPPED_SGZ_WEIGHTS).state_dict(), tmp_path / "foreign.pth")
+    source = _dark_image(tmp_path / "a.png")
+    code, out, err = run(source, "-o", tmp_path / "out", weights=tmp_path / "foreign.pth")
+    assert code == 0 and _summary(out) == "lowlight: 1 written, 0 skipped, 0 failed", err
+    assert read_image(tmp_path / "out" / "a.png").pixels.mean() > read_image(source).pixels.mean() + 10
+
+
+def test_official_released_weights_are_accepted(shared_dir, tmp_path, run):
+    source = _dark_image(tmp_path / "a.png")
+    code, out, err = run(source, "-o", tmp_path / "out", weights=shared_dir / "reference" / "sgz" / "Epoch99.pth")
+    assert code == 0 and _summary(out) == "lowlight: 1 written, 0 skipped, 0 failed", err
+    assert read_image(tmp_path / "out" / "a.png").pixels.mean() > read_image(source).pixels.mean() + 10
+
+
 def test_bad_weights_exit_2_naming_the_file(tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"nonsense")
@@ -188,28 +204,47 @@ def _decoded(path: Path):
     return frames, audio, rate
 
 
-def test_video_keeps_timestamps_and_audio_and_brightens(shared_dir, tmp_path, run):
-    source = shared_dir / "data" / "video" / "night_street.mp4"
+@pytest.fixture(scope="module")
+def night_clip(tmp_path_factory) -> Path:
+    """A dark phone-like clip: portrait 96x170, H.264 with B-frames, variable frame rate around 29.97 fps (1/90000
+    time base), AAC stereo audio; 12 frames of a panning night scene with +-15 % exposure jitter (mean ~11/255)."""
+    gains = 1 + 0.15 * np.random.default_rng(0).standard_normal(12)
+    frames = dark_clip_frames(12, 170, 96, gains)
+    path = tmp_path_factory.mktemp("video") / "night_street.mp4"
+    return write_video(path, frames, fps=Fraction(30000, 1001), irregular_timestamps=True, with_audio=True)
+
+
+def _audio_packets(path: Path) -> list[tuple[int, bytes]]:
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        return [(packet.pts, bytes(packet)) for packet in container.demux(stream) if packet.size]
+
+
+def test_video_keeps_timestamps_and_audio_and_brightens(night_clip, tmp_path, run):
     out = tmp_path / "out"
-    code, stdout, err = run(source, "-o", out, "--max-frames", "6", "--chunk-size", "4")
+    code, stdout, err = run(night_clip, "-o", out, "--max-frames", "6", "--chunk-size", "4")
     assert code == 0, err
     enhanced, audio_tracks, _ = _decoded(out / "night_street.mp4")
-    with av.open(str(source)) as container:
-        original = [(f.pts, f.to_ndarray(format="rgb24")) for _, f in zip(range(6), container.decode(video=0))]
-    assert [pts for pts, _ in enhanced] == [pts for pts, _ in original]
-    assert enhanced[0][1].shape == original[0][1].shape == (850, 478, 3)
+    original = decoded_pts_and_frames(night_clip, max_frames=6)
+    assert len(enhanced) == 6
+    assert [pts for pts, _ in enhanced] == [pts for pts, _ in original]  # irregular: not recomputable from the fps
+    assert len(set(np.diff([pts for pts, _ in original]))) > 1
+    assert enhanced[0][1].shape == original[0][1].shape == (170, 96, 3)
     assert audio_tracks == 1
+    # the audio is copied, not re-encoded, and stops where the (truncated) video stops
+    copied, source_audio = _audio_packets(out / "night_street.mp4"), _audio_packets(night_clip)
+    assert 0 < len(copied) < len(source_audio) and copied == source_audio[: len(copied)]
     assert np.mean([f.mean() for _, f in enhanced]) > np.mean([f.mean() for _, f in original]) + 5
     assert _no_hidden_files(out)
 
 
-def test_temporal_smoothing_carries_across_chunks(shared_dir, tmp_path, run):
-    source = shared_dir / "data" / "video" / "night_street.mp4"
+def test_temporal_smoothing_carries_across_chunks(night_clip, tmp_path, run):
     # --crf 0 (lossless H.264): at crf 18 float-noise differences between batch sizes change x264's decisions.
     for chunk_size in (2, 6):
-        code = run(source, "-o", tmp_path / f"c{chunk_size}", "--max-frames", "6", "--chunk-size", chunk_size, "--crf", 0)[0]
+        code = run(night_clip, "-o", tmp_path / f"c{chunk_size}", "--max-frames", "6", "--chunk-size", chunk_size,
+                   "--crf", 0)[0]
         assert code == 0
-    assert run(source, "-o", tmp_path / "off", "--max-frames", "6", "--crf", 0, "--no-temporal-smoothing")[0] == 0
+    assert run(night_clip, "-o", tmp_path / "off", "--max-frames", "6", "--crf", 0, "--no-temporal-smoothing")[0] == 0
     small, _, _ = _decoded(tmp_path / "c2" / "night_street.mp4")
     large, _, _ = _decoded(tmp_path / "c6" / "night_street.mp4")
     unsmoothed, _, _ = _decoded(tmp_path / "off" / "night_street.mp4")
@@ -217,34 +252,15 @@ def test_temporal_smoothing_carries_across_chunks(shared_dir, tmp_path, run):
     def mean_difference(x, y):
         return np.mean([np.abs(a.astype(float) - b.astype(float)).mean() for (_, a), (_, b) in zip(x, y)])
 
+    assert len(small) == len(large) == len(unsmoothed) == 6
     assert mean_difference(small, large) < 0.02  # the smoothing state is not reset per chunk
     assert mean_difference(small, unsmoothed) > 0.1  # ...and smoothing does change the frames
 
 
 def _synthetic_clip(path: Path, codec: str, frames: int = 8, with_audio: bool = False, rotation: int = 0):
-    """A small dark clip with a gradient, optionally with a sine tone and a display rotation, written with PyAV."""
-    with av.open(str(path), "w") as container:
-        video = container.add_stream(codec, rate=Fraction(24))
-        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
-        if rotation:
-            video.set_display_rotation(rotation)
-        audio = None
-        if with_audio:
-            audio = container.add_stream("aac", rate=44100)
-            audio.layout = "mono"
-        for index in range(frames):
-            pixels = np.full((48, 64, 3), 20 + index, np.uint8)
-            pixels[:, :32] += 15
-            container.mux(video.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        container.mux(video.encode(None))
-        if audio is not None:
-            samples = frames * 44100 // 24
-            tone = (0.2 * np.sin(np.arange(samples) * 2 * np.pi * 440 / 44100)).astype(np.float32)[None]
-            sound = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-            sound.sample_rate, sound.pts = 44100, 0
-            container.mux(audio.encode(sound))
-            container.mux(audio.encode(None))
-    return path
+    """A small dark 64x48 clip at 24 fps, optionally with a sine tone and a display rotation, written with PyAV."""
+    return write_video(path, dark_clip_frames(frames, 48, 64, seed=1), codec=codec, with_audio=with_audio,
+                       rotation=rotation)
 
 
 @pytest.mark.parametrize("name, codec, with_audio", [("clip.mov", "libx264", True), ("clip.avi", "mpeg4", False)])
@@ -265,7 +281,7 @@ def test_video_display_rotation_is_kept(tmp_path, run):
     assert (frame.width, frame.height, frame.rotation) == (64, 48, 90)
 
 
-def test_failure_in_the_middle_of_a_video_leaves_no_file(shared_dir, tmp_path, run, monkeypatch):
+def test_failure_in_the_middle_of_a_video_leaves_no_file(night_clip, tmp_path, run, monkeypatch):
     calls = []
     original_write = video_io.VideoWriter.write
 
@@ -276,8 +292,7 @@ def test_failure_in_the_middle_of_a_video_leaves_no_file(shared_dir, tmp_path, r
         original_write(self, chunk)
 
     monkeypatch.setattr(video_io.VideoWriter, "write", failing_write)
-    source = shared_dir / "data" / "video" / "night_street.mp4"
-    code, out, err = run(source, "-o", tmp_path / "out", "--max-frames", "4", "--chunk-size", "2")
+    code, out, err = run(night_clip, "-o", tmp_path / "out", "--max-frames", "4", "--chunk-size", "2")
     assert code == 1 and "simulated encoder failure" in err and "night_street.mp4" in err
     assert _summary(out) == "lowlight: 0 written, 0 skipped, 1 failed"
     assert list((tmp_path / "out").iterdir()) == []  # neither the output nor its temporary file
