@@ -1,9 +1,9 @@
 """Node classes outside ComfyUI, with stub ``comfy`` / ``folder_paths`` modules (fast; the real server is in
-test_comfy_server.py)."""
+test_comfy_server.py). Runs on the shipped weights and images the repository has or the tests make: no ``../shared``.
+"""
 
 import re
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +14,11 @@ from comfyui_lowlight import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from comfyui_lowlight.nodes import model_folders, sgz_nodes
 from comfyui_lowlight.nodes.illumination_nodes import IlluminationPrompt
 from comfyui_lowlight.nodes.sgz_nodes import SGZEnhance
+from comfyui_lowlight.pipelines.sgz_model import load_sgz_weights
 from comfy_stubs import StubProgressBar, install_comfy_stubs
+from media import SHIPPED_SGZ_WEIGHTS, dark_scene, sample_night
 
-OFFICIAL_PTH = Path("reference/sgz/Epoch99.pth")
+SHIPPED_CHOICE = "lora_weights/sgz_lowlight.safetensors"
 
 
 @pytest.fixture
@@ -25,24 +27,27 @@ def comfy_stubs(monkeypatch, tmp_path):
     return install_comfy_stubs(monkeypatch, tmp_path)
 
 
-@pytest.fixture
-def night_frames(shared_dir):
-    """Three small real low-light frames, ComfyUI IMAGE ``[3, 48, 72, 3]`` float32 0..1."""
-    frames = []
-    for name in ("1.png", "111.png", "146.png"):
-        image = Image.open(shared_dir / "data" / "lol_eval15" / "low" / name).convert("RGB").resize((72, 48))
-        frames.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0))
-    return torch.stack(frames)
+def _comfy_image(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255.0)
 
 
 @pytest.fixture
-def official_in_models(comfy_stubs, shared_dir):
+def night_frames():
+    """Three small low-light frames (the bundled night photo, two synthetic night scenes), ComfyUI IMAGE
+    ``[3, 48, 72, 3]`` float32 0..1, mean about 0.06."""
+    photo = np.asarray(Image.fromarray(sample_night()).resize((72, 48), Image.Resampling.LANCZOS))
+    return torch.stack([_comfy_image(photo), _comfy_image(dark_scene(48, 72, 1)), _comfy_image(dark_scene(48, 72, 2))])
+
+
+@pytest.fixture
+def pth_in_models(comfy_stubs):
+    """A user's ``.pth`` checkpoint (a plain state dict, the official format) in ``models/sgz``: the shipped weights."""
     model_folders.register_model_folders()
     sgz_dir = comfy_stubs.models_dir / "sgz"
     sgz_dir.mkdir()
-    (sgz_dir / "Epoch99.pth").symlink_to(shared_dir / OFFICIAL_PTH)
+    torch.save(load_sgz_weights(SHIPPED_SGZ_WEIGHTS).state_dict(), sgz_dir / "my_sgz.pth")
     sgz_nodes._PIPELINE_CACHE.clear()
-    return "Epoch99.pth"
+    return "my_sgz.pth"
 
 
 def test_every_node_is_documented_and_categorised():
@@ -89,12 +94,12 @@ def test_model_folders_keep_extra_model_paths_entries(comfy_stubs, tmp_path):
     assert comfy_stubs.folder_paths.folder_names_and_paths["sgz"][0] == [yaml_dir, str(tmp_path / "sgz")]
 
 
-def test_weight_choices_and_resolution(official_in_models, comfy_stubs):
+def test_weight_choices_and_resolution(pth_in_models, comfy_stubs):
     choices = SGZEnhance.INPUT_TYPES()["required"]["weights"][0]
     assert choices[0] == "lora_weights/sgz_lowlight.safetensors"
-    assert official_in_models in choices
-    resolved = model_folders.resolve_weights("sgz", official_in_models)
-    assert resolved == comfy_stubs.models_dir / "sgz" / "Epoch99.pth"
+    assert pth_in_models in choices
+    resolved = model_folders.resolve_weights("sgz", pth_in_models)
+    assert resolved == comfy_stubs.models_dir / "sgz" / "my_sgz.pth"
     with pytest.raises(FileNotFoundError, match=r"missing\.pth.*" + re.escape(str(comfy_stubs.models_dir / "sgz"))):
         model_folders.resolve_weights("sgz", "missing.pth")
 
@@ -107,11 +112,11 @@ def test_weight_choices_outside_comfyui_list_the_shipped_file(monkeypatch):
     assert not model_folders.register_model_folders()
 
 
-def test_sgz_enhance_matches_the_pipeline_with_progress_and_cache(official_in_models, comfy_stubs, night_frames):
+def test_sgz_enhance_matches_the_pipeline_with_progress_and_cache(pth_in_models, comfy_stubs, night_frames):
     from comfyui_lowlight.pipelines import SGZPipeline
 
     node = SGZEnhance()
-    args = dict(weights=official_in_models, recurrences=8, downscale=4, strength=1.0, temporal_smoothing=0.5)
+    args = dict(weights=pth_in_models, recurrences=8, downscale=4, strength=1.0, temporal_smoothing=0.5)
     image, factor = node.enhance(night_frames, **args)
     assert image.shape == factor.shape == night_frames.shape
     assert image.dtype == torch.float32 and image.device.type == "cpu"
@@ -120,7 +125,7 @@ def test_sgz_enhance_matches_the_pipeline_with_progress_and_cache(official_in_mo
     assert StubProgressBar.instances[-1].current == 3
     assert comfy_stubs.calls["interrupt_checks"] == 3
 
-    pipe = SGZPipeline.from_pretrained(comfy_stubs.models_dir / "sgz" / "Epoch99.pth", device="cpu")
+    pipe = SGZPipeline.from_pretrained(comfy_stubs.models_dir / "sgz" / "my_sgz.pth", device="cpu")
     expected, expected_factor = pipe(
         night_frames.permute(0, 3, 1, 2).contiguous(), downscale=4, recurrences=8, strength=1.0,
         temporal_smoothing=0.5, return_factor=True,
@@ -133,38 +138,52 @@ def test_sgz_enhance_matches_the_pipeline_with_progress_and_cache(official_in_mo
     assert sgz_nodes._PIPELINE_CACHE["pipe"] is cached
 
 
-def test_sgz_enhance_strength_zero_is_identity(official_in_models, comfy_stubs, night_frames):
-    image, _ = SGZEnhance().enhance(night_frames[:1], official_in_models, 8, 12, 0.0, 0.0)
+def test_sgz_enhance_default_choice_is_the_shipped_weights(comfy_stubs, night_frames):
+    from comfyui_lowlight.pipelines import SGZPipeline
+
+    model_folders.register_model_folders()
+    sgz_nodes._PIPELINE_CACHE.clear()
+    weights = SGZEnhance.INPUT_TYPES()["required"]["weights"][0][0]
+    assert weights == SHIPPED_CHOICE
+    assert model_folders.resolve_weights("sgz", weights) == SHIPPED_SGZ_WEIGHTS
+    image, factor = SGZEnhance().enhance(night_frames, weights, 8, 12, 1.0, 0.0)
+    assert image.shape == factor.shape == night_frames.shape and image.dtype == factor.dtype == torch.float32
+    assert (image.mean(dim=(1, 2, 3)) > night_frames.mean(dim=(1, 2, 3)) + 0.1).all()  # every frame brightened
+    expected = SGZPipeline.from_pretrained(device="cpu")(night_frames.permute(0, 3, 1, 2).contiguous())
+    torch.testing.assert_close(image, expected.clamp(0, 1).permute(0, 2, 3, 1), atol=1e-5, rtol=0)
+
+
+def test_sgz_enhance_strength_zero_is_identity(pth_in_models, comfy_stubs, night_frames):
+    image, _ = SGZEnhance().enhance(night_frames[:1], pth_in_models, 8, 12, 0.0, 0.0)
     torch.testing.assert_close(image, night_frames[:1], atol=1e-6, rtol=0)
 
 
-def test_sgz_enhance_stops_between_frames_when_interrupted(official_in_models, comfy_stubs, night_frames):
+def test_sgz_enhance_stops_between_frames_when_interrupted(pth_in_models, comfy_stubs, night_frames):
     comfy_stubs.calls["interrupt_after"] = 1
     with pytest.raises(RuntimeError, match="interrupted"):
-        SGZEnhance().enhance(night_frames, official_in_models, 8, 12, 1.0, 0.0)
+        SGZEnhance().enhance(night_frames, pth_in_models, 8, 12, 1.0, 0.0)
     assert StubProgressBar.instances[-1].current == 1
 
 
-def test_sgz_enhance_unreadable_weights_names_the_file(comfy_stubs, official_in_models, night_frames):
+def test_sgz_enhance_unreadable_weights_names_the_file(comfy_stubs, pth_in_models, night_frames):
     broken = comfy_stubs.models_dir / "sgz" / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="broken.pth"):
         SGZEnhance().enhance(night_frames[:1], "broken.pth", 8, 12, 1.0, 0.0)
 
 
-def test_sgz_enhance_runs_inside_inference_mode_like_comfyui(official_in_models, comfy_stubs, shared_dir):
+def test_sgz_enhance_runs_inside_inference_mode_like_comfyui(pth_in_models, comfy_stubs):
     # ComfyUI executes nodes under torch.inference_mode(); the fused pass writes a full-size frame tile by tile, with
     # each op split over torch's threads, into the (inference-mode) output tensor.
-    image = Image.open(shared_dir / "data" / "lol_eval15" / "low" / "111.png").convert("RGB")
-    frame = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+    frame = _comfy_image(dark_scene(400, 600))[None]  # a LOL-sized 600x400 frame: many tiles
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with torch.inference_mode():
-            enhanced, _ = SGZEnhance().enhance(frame, official_in_models, 8, 12, 1.0, 0.0)
+            enhanced, _ = SGZEnhance().enhance(frame, pth_in_models, 8, 12, 1.0, 0.0)
     finally:
         torch.set_num_threads(threads)
-    expected, _ = SGZEnhance().enhance(frame, official_in_models, 8, 12, 1.0, 0.0)
+    expected, _ = SGZEnhance().enhance(frame, pth_in_models, 8, 12, 1.0, 0.0)
     torch.testing.assert_close(enhanced, expected)
 
 
