@@ -1,28 +1,30 @@
-"""scuf_batch under ``accelerate launch`` with 2 CPU processes on a folder of images (tiny fixture model)."""
+"""scuf_batch under ``accelerate launch`` with 2 CPU processes on a folder of images (the tiny SCUF model of
+tests/tiny_scuf.py)."""
 
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-
-@pytest.fixture(scope="module")
-def scuf_dir(shared_dir) -> Path:
-    return shared_dir / "reference" / "scuf"
+from tiny_scuf import tiny_scuf  # noqa: F401  session fixture: the tiny SCUF model (no ../shared needed)
 
 
 @pytest.fixture(scope="module")
-def batch_run(tmp_path_factory, scuf_dir):
+def scuf(tiny_scuf):  # noqa: F811
+    return tiny_scuf
+
+
+@pytest.fixture(scope="module")
+def batch_run(tmp_path_factory, scuf):
     root = tmp_path_factory.mktemp("scuf_batch")
     source, output = root / "in", root / "out"
     (source / "sub").mkdir(parents=True)
     output.mkdir()
-    image = Image.open(scuf_dir / "inputs" / "img64x64.png").convert("RGB")
+    image = scuf.image("img64x64")
     image.save(source / "a.png")
     image.resize((40, 24)).save(source / "b.jpg", quality=95)
     image.convert("L").save(source / "sub" / "c.png")
@@ -35,8 +37,8 @@ def batch_run(tmp_path_factory, scuf_dir):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        "-m", "comfyui_lowlight.scuf_batch", "--base", str(scuf_dir / "base"),
-        "--image-encoder", str(scuf_dir / "clip_tiny.pt"), "--scuf-weights", str(scuf_dir / "scuf_official_tiny.pkl"),
+        "-m", "comfyui_lowlight.scuf_batch", "--base", str(scuf.base),
+        "--image-encoder", str(scuf.clip), "--scuf-weights", str(scuf.official),
         "--input", str(source), "--output", str(output),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -71,14 +73,11 @@ def test_outputs_keep_size_mode_and_skip_existing(batch_run):
     assert np.asarray(Image.open(output / "done.png")).shape == (8, 8, 3)  # untouched
 
 
-def test_output_matches_the_pipeline(batch_run, scuf_dir):
-    from comfyui_lowlight.pipelines import SCUFPipeline
+def test_output_matches_the_pipeline(batch_run, scuf):
     from comfyui_lowlight.pipelines.image_io import to_integer_pixels
 
     source, output, _ = batch_run
-    pipe = SCUFPipeline.from_pretrained(scuf_dir / "base", image_encoder=scuf_dir / "clip_tiny.pt",
-                                        scuf_weights=scuf_dir / "scuf_official_tiny.pkl")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = scuf.pipeline()
     expected = to_integer_pixels(pipe(Image.open(source / "a.png"), output_type="np").images[0])
     written = np.asarray(Image.open(output / "a.png"))
     assert np.abs(written.astype(int) - expected.astype(int)).max() <= 1

@@ -1,4 +1,5 @@
-"""SCUF node classes outside ComfyUI with stub ``comfy`` / ``folder_paths`` modules and the tiny SCUF fixture.
+"""SCUF node classes outside ComfyUI with stub ``comfy`` / ``folder_paths`` modules and the tiny SCUF model of
+tests/tiny_scuf.py.
 
 The real-server counterpart is tests/test_scuf_comfy_server.py.
 """
@@ -6,18 +7,17 @@ The real-server counterpart is tests/test_scuf_comfy_server.py.
 import gc
 import sys
 import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from comfy_stubs import StubProgressBar, install_comfy_stubs
 from comfyui_lowlight import NODE_CLASS_MAPPINGS
 from comfyui_lowlight.nodes import model_folders, scuf_nodes
 from comfyui_lowlight.nodes.illumination_nodes import IlluminationPrompt
 from comfyui_lowlight.nodes.scuf_nodes import SCUFAdapterLoader, SCUFLighten, SCUFLoadSDTurbo
+from tiny_scuf import low_light_image, tiny_scuf  # noqa: F401  (session fixture: the tiny SCUF model)
 
 PARITY_ATOL = 1e-5  # node output vs SCUFPipeline on the same float input (same ops, batch of one)
 
@@ -45,37 +45,29 @@ def comfy(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fixture_dir(shared_dir) -> Path:
-    return shared_dir / "reference" / "scuf"
+def scuf(tiny_scuf):  # noqa: F811
+    return tiny_scuf
 
 
 @pytest.fixture
-def staged(comfy, fixture_dir):
-    """The tiny base, CLIP and official checkpoint linked into the stub model folders."""
-    (comfy.models_dir / "diffusers" / "sd-turbo").symlink_to(fixture_dir / "base")
-    (comfy.models_dir / "clip_vision" / "clip_tiny.pt").symlink_to(fixture_dir / "clip_tiny.pt")
-    (comfy.models_dir / "scuf" / "official.pkl").symlink_to(fixture_dir / "scuf_official_tiny.pkl")
+def staged(comfy, scuf):
+    """The tiny base, CLIP and official-format checkpoint linked into the stub model folders."""
+    (comfy.models_dir / "diffusers" / "sd-turbo").symlink_to(scuf.base)
+    (comfy.models_dir / "clip_vision" / "clip_tiny.pt").symlink_to(scuf.clip)
+    (comfy.models_dir / "scuf" / "official.pkl").symlink_to(scuf.official)
     return comfy
 
 
 @pytest.fixture(scope="module")
-def reference_pipe(fixture_dir):
-    from comfyui_lowlight.pipelines import SCUFPipeline
-
-    pipe = SCUFPipeline.from_pretrained(fixture_dir / "base", image_encoder=fixture_dir / "clip_tiny.pt",
-                                        scuf_weights=fixture_dir / "scuf_official_tiny.pkl")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def reference_pipe(scuf):
+    return scuf.pipeline()
 
 
 @pytest.fixture(scope="module")
-def frames(shared_dir) -> torch.Tensor:
-    """Two small real low-light frames as a ComfyUI IMAGE ``[2, 44, 60, 3]`` (not a multiple of 8 wide)."""
-    out = []
-    for name in ("1.png", "146.png"):
-        image = Image.open(shared_dir / "data" / "lol_eval15" / "low" / name).convert("RGB").resize((60, 44))
-        out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0))
-    return torch.stack(out)
+def frames() -> torch.Tensor:
+    """Two small dark frames as a ComfyUI IMAGE ``[2, 44, 60, 3]`` (not a multiple of 8 wide)."""
+    images = [low_light_image(60, 44, seed) for seed in (11, 12)]
+    return torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0) for image in images])
 
 
 def load_chain(weights="official.pkl", scale=1.0, dtype="float32"):

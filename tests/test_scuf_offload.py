@@ -1,4 +1,5 @@
-"""``enable_model_cpu_offload`` on SCUFPipeline, exercised on the CPU (tiny fixture model).
+"""``enable_model_cpu_offload`` on SCUFPipeline, exercised on the CPU (the tiny SCUF model of
+tests/tiny_scuf.py).
 
 Without a GPU the offload target is the CPU itself (``device="cpu"``), so weights do not actually move and memory is
 not saved; what is tested is that diffusers' hook chain (``model_cpu_offload_seq``) is installed on every model, that
@@ -6,38 +7,22 @@ every hook fires during a call (the SCUF encode/decode and CLIP paths bypass ``f
 themselves), that the execution device is resolved from the hooks, and that results are unchanged, also when tiled.
 """
 
-from pathlib import Path
-
 import numpy as np
-import pytest
-from PIL import Image
+
+from tiny_scuf import tiny_scuf  # noqa: F401  session fixture: the tiny SCUF model (no ../shared needed)
 
 MODELS = ["text_encoder", "image_encoder", "image_proj", "unet", "vae"]
 
 
-@pytest.fixture(scope="module")
-def scuf_dir(shared_dir) -> Path:
-    return shared_dir / "reference" / "scuf"
-
-
-def _load(scuf_dir):
-    from comfyui_lowlight.pipelines import SCUFPipeline
-
-    pipe = SCUFPipeline.from_pretrained(scuf_dir / "base", image_encoder=scuf_dir / "clip_tiny.pt",
-                                        scuf_weights=scuf_dir / "scuf_official_tiny.pkl")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def test_offload_sequence_names_every_model(scuf_dir):
+def test_offload_sequence_names_every_model():
     from comfyui_lowlight.pipelines.scuf_pipeline import SCUFPipeline
 
     assert SCUFPipeline.model_cpu_offload_seq.split("->") == MODELS
 
 
-def test_model_cpu_offload_hooks_fire_and_results_match(scuf_dir):
-    pipe = _load(scuf_dir)
-    image = Image.open(scuf_dir / "inputs" / "img96x80.png")
+def test_model_cpu_offload_hooks_fire_and_results_match(tiny_scuf):  # noqa: F811
+    pipe = tiny_scuf.pipeline()
+    image = tiny_scuf.image("img96x80")
     expected = pipe(image, output_type="np").images
 
     pipe.enable_model_cpu_offload(device="cpu")

@@ -1,43 +1,42 @@
-"""SCUFPipeline behaviour on the tiny fixture model: inputs, batches, determinism, weights IO and bad input."""
+"""SCUFPipeline behaviour on the tiny SCUF model made in code (tests/tiny_scuf.py): inputs, batches, determinism,
+weights IO, the official-checkpoint converter and bad input. Golden parity with the official code:
+tests/test_scuf_parity.py."""
 
 import os
 import pickle
-from pathlib import Path
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-
-@pytest.fixture(scope="module")
-def scuf_dir(shared_dir) -> Path:
-    return shared_dir / "reference" / "scuf"
+from tiny_scuf import tiny_scuf  # noqa: F401  session fixture: the tiny SCUF model (no ../shared needed)
 
 
 @pytest.fixture(scope="module")
-def official_pkl(scuf_dir) -> Path:
-    return scuf_dir / "scuf_official_tiny.pkl"
-
-
-def _load(scuf_dir, scuf_weights=None):
-    from comfyui_lowlight.pipelines import SCUFPipeline
-
-    pipe = SCUFPipeline.from_pretrained(
-        scuf_dir / "base", image_encoder=scuf_dir / "clip_tiny.pt", scuf_weights=scuf_weights
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def scuf(tiny_scuf):  # noqa: F811
+    return tiny_scuf
 
 
 @pytest.fixture(scope="module")
-def pipe(scuf_dir, official_pkl):
-    return _load(scuf_dir, official_pkl)
+def official_pkl(scuf):
+    return scuf.official
+
+
+def _load(scuf, scuf_weights=None):
+    return scuf.pipeline(scuf_weights)
 
 
 @pytest.fixture(scope="module")
-def low_image(scuf_dir) -> Image.Image:
-    return Image.open(scuf_dir / "inputs" / "img64x64.png").convert("RGB")
+def pipe(scuf, official_pkl):
+    return _load(scuf, official_pkl)
+
+
+@pytest.fixture(scope="module")
+def low_image(scuf) -> Image.Image:
+    return scuf.image("img64x64")
 
 
 def _pt(pipe, image, **kwargs):
@@ -158,9 +157,9 @@ def test_pipeline_dtype_float32_output(pipe, low_image):
     assert isinstance(images, list) and images[0].size == low_image.size
 
 
-def test_mixed_component_dtypes(scuf_dir, official_pkl, pipe, low_image):
+def test_mixed_component_dtypes(scuf, official_pkl, pipe, low_image):
     """Components may run in different dtypes (here a bfloat16 UNet + encoders, float32 VAE); output stays float32."""
-    mixed = _load(scuf_dir, official_pkl)
+    mixed = _load(scuf, official_pkl)
     for name in ("unet", "text_encoder", "image_encoder", "image_proj"):
         getattr(mixed, name).to(torch.bfloat16)
     out = _pt(mixed, low_image)
@@ -192,14 +191,14 @@ def test_save_pretrained_round_trip(pipe, low_image, tmp_path):
     assert torch.equal(_pt(pipe, low_image), _pt(reloaded, low_image))
 
 
-def test_official_conversion_round_trip(pipe, scuf_dir, official_pkl, low_image, tmp_path):
+def test_official_conversion_round_trip(pipe, scuf, official_pkl, low_image, tmp_path):
     from safetensors import safe_open
 
     from comfyui_lowlight.pipelines.scuf_weights import main, safe_torch_load
 
     out = tmp_path / "scuf_ours.safetensors"
     assert main(["convert", str(official_pkl), str(out)]) == 0
-    ours = _load(scuf_dir, out)
+    ours = _load(scuf, out)
     assert torch.equal(_pt(ours, low_image), _pt(pipe, low_image))
     official = safe_torch_load(official_pkl)
     with safe_open(out, "pt") as f:
@@ -223,9 +222,37 @@ def test_official_conversion_round_trip(pipe, scuf_dir, official_pkl, low_image,
     with safe_open(out, "pt") as a, safe_open(again, "pt") as b:
         assert sorted(a.keys()) == sorted(b.keys())
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    # the fixture's checkpoint was written from the same lighten modules as its file in our format
+    with safe_open(out, "pt") as a, safe_open(scuf.scuf_weights, "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    assert torch.equal(_pt(_load(scuf, "ours"), low_image), _pt(pipe, low_image))
 
 
-def test_darken_direction_differs(scuf_dir, official_pkl, low_image):
+def test_converter_command_line(scuf, official_pkl, tmp_path):
+    """``python -m comfyui_lowlight.pipelines.scuf_weights convert``: the darken direction, the base's UNet config."""
+    from comfyui_lowlight.pipelines.scuf_weights import load_scuf_file
+
+    out = tmp_path / "darken.safetensors"
+    command = [sys.executable, "-m", "comfyui_lowlight.pipelines.scuf_weights", "convert", str(official_pkl),
+               str(out), "--direction", "b2a", "--unet-config", str(scuf.base / "unet" / "config.json")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"wrote {out}: {74 * 2 + 4 + 4 + 48} tensors, direction b2a" in done.stdout
+    converted, config, base_shapes, meta = load_scuf_file(out)
+    expected, expected_config, _, _ = load_scuf_file(official_pkl, "b2a")
+    assert meta["direction"] == "b2a" and meta["source"] == official_pkl.name and not base_shapes
+    assert config == expected_config and converted.keys() == expected.keys()
+    assert all(torch.equal(converted[k], expected[k]) for k in expected)
+    lighten, _, _, _ = load_scuf_file(scuf.scuf_weights)
+    assert not torch.equal(converted["vae.decoder.skip_conv_1.weight"], lighten["vae.decoder.skip_conv_1.weight"])
+    # the output is refused unless it is a .safetensors file, and nothing is written then
+    bad = subprocess.run(command[:5] + [str(tmp_path / "out.pkl")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "must end with .safetensors" in bad.stderr
+    assert not (tmp_path / "out.pkl").exists()
+
+
+def test_darken_direction_differs(scuf, official_pkl, low_image):
     from comfyui_lowlight.pipelines.scuf_weights import load_scuf_file
 
     a2b, _, _, _ = load_scuf_file(official_pkl, "a2b")
@@ -243,7 +270,7 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_malicious_pickle_refused_without_execution(scuf_dir, tmp_path):
+def test_malicious_pickle_refused_without_execution(scuf, tmp_path):
     from comfyui_lowlight.pipelines.scuf_weights import SCUFWeightsError
 
     marker = tmp_path / "pwned"
@@ -252,7 +279,7 @@ def test_malicious_pickle_refused_without_execution(scuf_dir, tmp_path):
         pickle.dump({"rank_vae": 4, "payload": _Exploit(marker)}, f, protocol=2)
     torch_path = tmp_path / "evil_torch.pkl"
     torch.save({"rank_vae": 4, "payload": _Exploit(marker)}, torch_path)
-    pipe = _load(scuf_dir)
+    pipe = _load(scuf)
     for p in (path, torch_path):
         with pytest.raises(SCUFWeightsError, match="refused"):
             pipe.load_scuf_weights(p)
@@ -260,27 +287,27 @@ def test_malicious_pickle_refused_without_execution(scuf_dir, tmp_path):
     assert pipe.scuf_config is None  # nothing attached on failure
 
 
-def test_not_a_scuf_checkpoint(scuf_dir, tmp_path):
+def test_not_a_scuf_checkpoint(scuf, tmp_path):
     from comfyui_lowlight.pipelines.scuf_weights import SCUFWeightsError
 
     path = tmp_path / "other.pkl"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
     with pytest.raises(SCUFWeightsError, match="missing"):
-        _load(scuf_dir).load_scuf_weights(path)
+        _load(scuf).load_scuf_weights(path)
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(SCUFWeightsError, match="format"):
-        _load(scuf_dir).load_scuf_weights(tmp_path / "other.safetensors")
+        _load(scuf).load_scuf_weights(tmp_path / "other.safetensors")
 
 
-def test_weights_for_another_base_model(scuf_dir, official_pkl):
+def test_weights_for_another_base_model(scuf, official_pkl):
     """A VAE of different widths: the error lists the keys and both shapes."""
     from diffusers import AutoencoderKL
 
     from comfyui_lowlight.pipelines.scuf_weights import SCUFWeightsError
 
-    pipe = _load(scuf_dir)
+    pipe = _load(scuf)
     config = dict(pipe.vae.config)
     config["block_out_channels"] = [8, 8, 16, 16]
     pipe.register_modules(vae=AutoencoderKL.from_config(config))
@@ -293,12 +320,12 @@ def test_weights_for_another_base_model(scuf_dir, official_pkl):
     assert "more" in message  # long listings are cut, with a count
 
 
-def test_unet_mismatch_lists_keys(scuf_dir, official_pkl, tmp_path):
+def test_unet_mismatch_lists_keys(scuf, official_pkl, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from comfyui_lowlight.pipelines.scuf_weights import SCUFWeightsError
 
-    pipe = _load(scuf_dir, official_pkl)
+    pipe = _load(scuf, official_pkl)
     path = tmp_path / "ours.safetensors"
     pipe.save_scuf_weights(path)
     from safetensors import safe_open
@@ -312,42 +339,42 @@ def test_unet_mismatch_lists_keys(scuf_dir, official_pkl, tmp_path):
     tensors["image_proj.norm.weight"] = torch.ones(64)
     save_file(tensors, path, metadata=metadata)
     with pytest.raises(SCUFWeightsError) as info:
-        _load(scuf_dir).load_scuf_weights(path)
+        _load(scuf).load_scuf_weights(path)
     message = str(info.value)
     assert removed in message and "up_blocks.0.attentions.0" in message
     assert "image_proj.norm.weight: file (64,) vs model (32,)" in message
 
 
-def test_base_model_missing(tmp_path, scuf_dir):
+def test_base_model_missing(tmp_path, scuf):
     from comfyui_lowlight.pipelines import SCUFPipeline
 
     with pytest.raises(FileNotFoundError) as info:
-        SCUFPipeline.from_pretrained(tmp_path / "no-such-sd-turbo", image_encoder=scuf_dir / "clip_tiny.pt")
+        SCUFPipeline.from_pretrained(tmp_path / "no-such-sd-turbo", image_encoder=scuf.clip)
     assert "stabilityai/sd-turbo" in str(info.value) and "models/checkpoints" in str(info.value)
     with pytest.raises(FileNotFoundError, match="sd_turbo.safetensors"):
-        SCUFPipeline.from_single_file(tmp_path / "sd_turbo.safetensors", image_encoder=scuf_dir / "clip_tiny.pt")
+        SCUFPipeline.from_single_file(tmp_path / "sd_turbo.safetensors", image_encoder=scuf.clip)
 
 
-def test_hub_base_model_not_cached(tmp_path, scuf_dir):
+def test_hub_base_model_not_cached(tmp_path, scuf):
     from comfyui_lowlight.pipelines import SCUFPipeline
 
     with pytest.raises(OSError) as info:
-        SCUFPipeline.from_pretrained("stabilityai/sd-turbo", image_encoder=scuf_dir / "clip_tiny.pt",
+        SCUFPipeline.from_pretrained("stabilityai/sd-turbo", image_encoder=scuf.clip,
                                      local_files_only=True, cache_dir=tmp_path)
     assert "huggingface-cli download stabilityai/sd-turbo" in str(info.value)
     assert "models/checkpoints" in str(info.value)
 
 
-def test_weights_required_before_call(scuf_dir, low_image):
+def test_weights_required_before_call(scuf, low_image):
     with pytest.raises(RuntimeError, match="load_scuf_weights"):
-        _load(scuf_dir)(low_image)
+        _load(scuf)(low_image)
 
 
-def test_training_init_matches_official(scuf_dir, low_image):
+def test_training_init_matches_official(scuf, low_image):
     """Fresh modules for training: skip convs 1e-5, LoRA B = 0 (so the VAE starts as the base one)."""
     from comfyui_lowlight.pipelines.scuf_modules import scuf_vae_trainable_parameters
 
-    pipe = _load(scuf_dir)
+    pipe = _load(scuf)
     pipe.init_scuf_modules()
     params = pipe.scuf_parameters()
     assert len(params) == 74 * 2 + 4 + 4 + 48
@@ -362,10 +389,10 @@ def test_training_init_matches_official(scuf_dir, low_image):
         pipe.init_scuf_modules()
 
 
-def test_openai_and_transformers_clip_agree(scuf_dir, tmp_path):
+def test_openai_and_transformers_clip_agree(scuf, tmp_path):
     from comfyui_lowlight.pipelines.clip_image_encoder import clip_image_embedding, load_clip_image_encoder
 
-    from_openai = load_clip_image_encoder(scuf_dir / "clip_tiny.pt")
+    from_openai = load_clip_image_encoder(scuf.clip)
     from_openai.save_pretrained(tmp_path / "clip")
     from_folder = load_clip_image_encoder(tmp_path / "clip")
     from safetensors.torch import save_file

@@ -1,18 +1,18 @@
-"""SCUFPipeline in reduced precision on the tiny fixture (../shared/reference/scuf): bfloat16 vs float32.
+"""SCUFPipeline in reduced precision on the tiny SCUF model (tests/tiny_scuf.py): bfloat16 vs float32.
 
 The one-step x0 formula divides by sqrt(alphas_cumprod[999]) ~ 0.068, so rounding errors of the latent and of the
-UNet's noise prediction reach the output ~14.6x amplified; on the fixture's random weights that makes the bfloat16
-*maximum* error 0.06-0.21 while the *mean* error stays around 0.5-1.2e-2. The issue's goal ("bfloat16 output within
-2e-2 of float32") is asserted on the mean absolute error per image; the maximum is bounded loosely (measured
-values in the README, "SCUF: speed, memory and precision").
+UNet's noise prediction reach the output ~14.6x amplified; on random weights that makes the bfloat16 *maximum* error
+0.1-0.23 while the *mean* error stays around 0.8-1.5e-2 (measured on the tiny model; the official fixture of
+../shared/reference/scuf gives 0.06-0.21 and 0.5-1.2e-2, the values in the README, "SCUF: speed, memory and
+precision"). The issue's goal ("bfloat16 output within 2e-2 of float32") is asserted on the mean absolute error per
+image; the maximum is bounded loosely.
 """
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from tiny_scuf import tiny_scuf  # noqa: F401  session fixture: the tiny SCUF model (no ../shared needed)
 
 CASES = ["img64x64", "img96x80", "img70x50", "img232x120"]
 MEAN_TOLERANCE = 2e-2
@@ -20,30 +20,23 @@ MAX_TOLERANCE = 0.3
 
 
 @pytest.fixture(scope="module")
-def scuf_dir(shared_dir) -> Path:
-    return shared_dir / "reference" / "scuf"
+def scuf(tiny_scuf):  # noqa: F811
+    return tiny_scuf
 
 
-def _load(scuf_dir, **kwargs):
-    from comfyui_lowlight.pipelines import SCUFPipeline
-
-    pipe = SCUFPipeline.from_pretrained(
-        scuf_dir / "base", image_encoder=scuf_dir / "clip_tiny.pt",
-        scuf_weights=scuf_dir / "scuf_official_tiny.pkl", **kwargs,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def _load(scuf, **kwargs):
+    return scuf.pipeline(**kwargs)
 
 
 @pytest.fixture(scope="module")
-def float32_outputs(scuf_dir):
-    pipe = _load(scuf_dir)
-    return {case: pipe(Image.open(scuf_dir / "inputs" / f"{case}.png"), output_type="np").images for case in CASES}
+def float32_outputs(scuf):
+    pipe = _load(scuf)
+    return {case: pipe(scuf.image(case), output_type="np").images for case in CASES}
 
 
 @pytest.fixture(scope="module")
-def bf16_pipe(scuf_dir):
-    return _load(scuf_dir, dtype=torch.bfloat16)
+def bf16_pipe(scuf):
+    return _load(scuf, dtype=torch.bfloat16)
 
 
 def _module_dtypes(pipe) -> set:
@@ -52,11 +45,11 @@ def _module_dtypes(pipe) -> set:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bfloat16_close_to_float32(bf16_pipe, float32_outputs, scuf_dir, case):
+def test_bfloat16_close_to_float32(bf16_pipe, float32_outputs, scuf, case):
     assert _module_dtypes(bf16_pipe) == {torch.bfloat16}
     # SCUF modules loaded after the cast must follow the base model's dtype
     assert {p.dtype for p in bf16_pipe.scuf_parameters().values()} == {torch.bfloat16}
-    out = bf16_pipe(Image.open(scuf_dir / "inputs" / f"{case}.png"), output_type="np").images
+    out = bf16_pipe(scuf.image(case), output_type="np").images
     ref = float32_outputs[case]
     assert out.dtype == np.float32 and out.shape == ref.shape
     assert 0.0 <= out.min() and out.max() <= 1.0
@@ -65,21 +58,21 @@ def test_bfloat16_close_to_float32(bf16_pipe, float32_outputs, scuf_dir, case):
     assert error.max() <= MAX_TOLERANCE, f"{case}: max |bf16 - fp32| = {error.max():.4f}"
 
 
-def test_bfloat16_tensor_output_is_float32(bf16_pipe, scuf_dir):
-    image = Image.open(scuf_dir / "inputs" / "img64x64.png")
+def test_bfloat16_tensor_output_is_float32(bf16_pipe, scuf):
+    image = scuf.image("img64x64")
     out = bf16_pipe(image, output_type="pt").images
     assert out.dtype == torch.float32 and out.shape == (1, 3, 64, 64)
     pil = bf16_pipe(image).images[0]
     assert pil.mode == "RGB" and pil.size == (64, 64)
 
 
-def test_float16_with_float32_vae(scuf_dir, float32_outputs):
+def test_float16_with_float32_vae(scuf, float32_outputs):
     """The GPU recipe for float16: the SD 2.x VAE overflows in float16 (``force_upcast``), so it stays float32."""
-    pipe = _load(scuf_dir, dtype=torch.float16)
+    pipe = _load(scuf, dtype=torch.float16)
     pipe.vae.to(torch.float32)
     assert pipe.vae.config.force_upcast
     assert next(pipe.unet.parameters()).dtype == torch.float16
-    out = pipe(Image.open(scuf_dir / "inputs" / "img96x80.png"), output_type="np").images
+    out = pipe(scuf.image("img96x80"), output_type="np").images
     error = np.abs(out - float32_outputs["img96x80"])
     assert out.dtype == np.float32 and np.isfinite(out).all()
     assert error.mean() <= MEAN_TOLERANCE and error.max() <= MAX_TOLERANCE

@@ -1,6 +1,7 @@
-"""``SCUFPipeline.from_single_file`` offline: an SD-2.x/SD-Turbo-layout single file built from the tiny fixture.
+"""``SCUFPipeline.from_single_file`` offline: an SD-2.x/SD-Turbo-layout single file built from the tiny SCUF model
+(tests/tiny_scuf.py).
 
-The fixture base model is written back into the original (LDM/OpenCLIP) single-file key layout that
+The tiny base model is written back into the original (LDM/OpenCLIP) single-file key layout that
 ``sd_turbo.safetensors`` uses, then loaded with diffusers' own single-file conversion, and must give exactly
 the same output as ``from_pretrained`` on the diffusers folder.
 """
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tiny_scuf import official_fixture, tiny_scuf  # noqa: F401  (session fixture: the tiny SCUF model)
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
            "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
@@ -116,15 +119,15 @@ def _text_to_open_clip(sd: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def scuf_dir(shared_dir) -> Path:
-    return shared_dir / "reference" / "scuf"
+def scuf(tiny_scuf):  # noqa: F811
+    return tiny_scuf
 
 
 @pytest.fixture(scope="module")
-def single_file(scuf_dir, tmp_path_factory) -> Path:
+def single_file(scuf, tmp_path_factory) -> Path:
     from safetensors.torch import load_file, save_file
 
-    base = scuf_dir / "base"
+    base = scuf.base
     unet_cfg = json.loads((base / "unet" / "config.json").read_text())
     vae_cfg = json.loads((base / "vae" / "config.json").read_text())
     checkpoint = {}
@@ -138,19 +141,17 @@ def single_file(scuf_dir, tmp_path_factory) -> Path:
     return path
 
 
-def test_from_single_file_matches_from_pretrained(scuf_dir, single_file):
-    from PIL import Image
-
+def test_from_single_file_matches_from_pretrained(scuf, single_file):
     from comfyui_lowlight.pipelines import SCUFPipeline
 
-    kwargs = dict(image_encoder=scuf_dir / "clip_tiny.pt", scuf_weights=scuf_dir / "scuf_official_tiny.pkl")
-    from_file = SCUFPipeline.from_single_file(single_file, config=str(scuf_dir / "base"), **kwargs)
-    from_folder = SCUFPipeline.from_pretrained(scuf_dir / "base", **kwargs)
+    kwargs = dict(image_encoder=scuf.clip, scuf_weights=scuf.official)
+    from_file = SCUFPipeline.from_single_file(single_file, config=str(scuf.base), **kwargs)
+    from_folder = SCUFPipeline.from_pretrained(scuf.base, **kwargs)
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(from_file, name).state_dict(), getattr(from_folder, name).state_dict()
         assert a.keys() == b.keys(), name
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    image = Image.open(scuf_dir / "inputs" / "img96x80.png")
+    image = scuf.image("img96x80")
     # bit-equal weights; some converted tensors are strided views (LDM 1x1 convs), hence float noise only
     out_file = from_file(image, output_type="pt").images
     assert torch.allclose(out_file, from_folder(image, output_type="pt").images, atol=1e-5, rtol=0)
@@ -193,27 +194,51 @@ def test_tokenizer_lookup_error_is_actionable(tmp_path, monkeypatch):
         assert tokenizer.pad_token == "!"
 
 
-def test_tokenizer_from_comfyui_install(scuf_dir, tmp_path, monkeypatch):
-    """Inside ComfyUI the bundled ``comfy/sd1_tokenizer`` (SD 1.x padding) is used, with SD-Turbo's pad "!"."""
+def _comfyui_install_tokenizer(base: Path, root: Path, monkeypatch):
+    """``find_clip_tokenizer`` inside a fake ComfyUI whose ``comfy/sd1_tokenizer`` holds ``base``'s BPE files with
+    ComfyUI's SD 1.x padding (``<|endoftext|>``)."""
     import shutil
     import sys
     import types
 
     from comfyui_lowlight.pipelines.scuf_pipeline import find_clip_tokenizer
 
-    folder = tmp_path / "comfy" / "sd1_tokenizer"
+    folder = root / "comfy" / "sd1_tokenizer"
     folder.mkdir(parents=True)
-    (tmp_path / "comfy" / "__init__.py").write_text("")
+    (root / "comfy" / "__init__.py").write_text("")
     for name in ("vocab.json", "merges.txt"):
-        shutil.copy(scuf_dir / "base" / "tokenizer" / name, folder / name)
-    config = json.loads((scuf_dir / "base" / "tokenizer" / "tokenizer_config.json").read_text())
+        shutil.copy(base / "tokenizer" / name, folder / name)
+    config = json.loads((base / "tokenizer" / "tokenizer_config.json").read_text())
     config["pad_token"] = "<|endoftext|>"  # as ComfyUI ships it (SD 1.x)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     fake_comfy = types.ModuleType("comfy")
-    fake_comfy.__file__ = str(tmp_path / "comfy" / "__init__.py")
+    fake_comfy.__file__ = str(root / "comfy" / "__init__.py")
     monkeypatch.setitem(sys.modules, "comfy", fake_comfy)  # restored (or removed) after the test
-    tokenizer = find_clip_tokenizer(str(tmp_path / "no-config"))
+    return find_clip_tokenizer(str(root / "no-config"))
+
+
+def test_tokenizer_from_comfyui_install(scuf, tmp_path, monkeypatch):
+    """Inside ComfyUI the bundled ``comfy/sd1_tokenizer`` (SD 1.x padding) is used, with SD-Turbo's pad "!"."""
+    from transformers import CLIPTokenizer
+
+    from comfyui_lowlight.pipelines.scuf_pipeline import DEFAULT_PROMPT
+
+    tokenizer = _comfyui_install_tokenizer(scuf.base, tmp_path, monkeypatch)
     assert tokenizer.pad_token == "!" and tokenizer.pad_token_id == 0
-    golden = __import__("numpy").load(scuf_dir / "golden.npz")
+    ids = tokenizer(DEFAULT_PROMPT, max_length=77, padding="max_length", truncation=True).input_ids
+    own = CLIPTokenizer.from_pretrained(scuf.base / "tokenizer")  # the base model's own tokenizer (pad "!")
+    assert ids == own(DEFAULT_PROMPT, max_length=77, padding="max_length", truncation=True).input_ids
+    end = ids.index(own.eos_token_id)
+    assert ids[0] == own.bos_token_id and 2 < end < 76 and ids[end + 1:] == [0] * (76 - end)
+
+
+def test_tokenizer_from_comfyui_install_matches_official_ids(tmp_path, monkeypatch):
+    """Same, on the official fixture: the ids of the official tokenizer (golden ``prompt_input_ids``)."""
+    import numpy as np
+
+    fixture = official_fixture()
+    tokenizer = _comfyui_install_tokenizer(fixture.base, tmp_path, monkeypatch)
+    assert tokenizer.pad_token == "!" and tokenizer.pad_token_id == 0
+    golden = np.load(fixture.root / "golden.npz")
     ids = tokenizer(str(golden["prompt"]), max_length=77, padding="max_length", truncation=True).input_ids
     assert ids == golden["prompt_input_ids"][0].tolist()

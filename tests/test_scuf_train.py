@@ -1,5 +1,6 @@
-"""SCUF fine-tuning script on the tiny fixture (CPU): losses, trained/frozen parameters, checkpoints, exact resume,
-bad data, captions (tiny random BLIP), and a 2-process run through ``accelerate launch``."""
+"""SCUF fine-tuning script on the tiny SCUF model of tests/tiny_scuf.py (CPU, random RetinexNet weights): losses,
+trained/frozen parameters, checkpoints, exact resume, bad data, captions (tiny random BLIP), and a 2-process run
+through ``accelerate launch``."""
 
 import json
 import os
@@ -21,6 +22,7 @@ from comfyui_lowlight.pipelines.captions import (
     night_to_day,
     save_captions,
 )
+from tiny_scuf import tiny_scuf  # noqa: F401  session fixture: the tiny SCUF model (no ../shared needed)
 
 LOW = ["dark0.png", "sub/dark1.jpg", "dark2.webp"]
 NORMAL = ["day0.png", "day1.jpg", "day2.png"]
@@ -50,12 +52,16 @@ def data(tmp_path_factory):
     return root
 
 
-def _args(shared_dir, data, output, *extra):
-    scuf = shared_dir / "reference" / "scuf"
-    return ["--pretrained", str(scuf / "base"), "--image_encoder", str(scuf / "clip_tiny.pt"),
+@pytest.fixture(scope="module")
+def scuf(tiny_scuf):  # noqa: F811
+    return tiny_scuf
+
+
+def _args(scuf, data, output, *extra):
+    return ["--pretrained", str(scuf.base), "--image_encoder", str(scuf.clip),
             "--low", str(data / "low"), "--normal", str(data / "normal"), "--output", str(output),
             "--captions", str(data / "captions.json"),
-            "--retinex_weights", str(shared_dir / "reference" / "retinex" / "decomp.pth"),
+            "--retinex_weights", str(scuf.decomnet),
             "--resolution", "32", "--resize", "40", "--max_train_steps", str(STEPS), "--checkpointing_steps", "5",
             "--validation_steps", "5", "--num_validation_images", "2", "--seed", "3", "--no_progress", *extra]
 
@@ -65,7 +71,7 @@ def _log(output):
 
 
 @pytest.fixture(scope="module")
-def run(shared_dir, data, tmp_path_factory):
+def run(scuf, data, tmp_path_factory):
     """One 10-step run; the in-memory training model is kept for the frozen/trained checks."""
     torch.set_num_threads(1)
     captured = {}
@@ -78,18 +84,14 @@ def run(shared_dir, data, tmp_path_factory):
     output = tmp_path_factory.mktemp("scuf_run") / "out"
     train_scuf.build_training = capture
     try:
-        assert train_scuf.main(_args(shared_dir, data, output)) == 0
+        assert train_scuf.main(_args(scuf, data, output)) == 0
     finally:
         train_scuf.build_training = original
     return output, captured["result"]
 
 
-def _fresh_pipe(shared_dir, seed=None):
-    from comfyui_lowlight.pipelines.scuf_pipeline import SCUFPipeline
-
-    scuf = shared_dir / "reference" / "scuf"
-    pipe = SCUFPipeline.from_pretrained(str(scuf / "base"), image_encoder=str(scuf / "clip_tiny.pt"))
-    pipe.set_progress_bar_config(disable=True)
+def _fresh_pipe(scuf, seed=None):
+    pipe = scuf.pipeline(None)
     if seed is not None:
         torch.manual_seed(seed)  # the trainer's initialisation
         pipe.init_scuf_modules(init="official")
@@ -97,9 +99,9 @@ def _fresh_pipe(shared_dir, seed=None):
 
 
 @pytest.fixture(scope="module")
-def initial_pipe(shared_dir):
+def initial_pipe(scuf):
     """The trainer's starting point (seed 3): base weights + freshly initialised SCUF modules."""
-    return _fresh_pipe(shared_dir, seed=3)
+    return _fresh_pipe(scuf, seed=3)
 
 
 def test_every_loss_finite_and_present(run):
@@ -119,7 +121,7 @@ def test_every_loss_finite_and_present(run):
         assert im.size == (48, 40)  # shorter side --resize
 
 
-def test_trained_parameters_changed_and_frozen_unchanged(run, shared_dir, initial_pipe):
+def test_trained_parameters_changed_and_frozen_unchanged(run, scuf, initial_pipe):
     from comfyui_lowlight.pipelines.retinex import load_decomnet
     from comfyui_lowlight.pipelines.scuf_weights import scuf_parameters
 
@@ -150,18 +152,18 @@ def test_trained_parameters_changed_and_frozen_unchanged(run, shared_dir, initia
         for key, value in vae.state_dict().items():
             if ".lora_" not in key and not key.startswith("decoder.skip_conv_"):
                 assert torch.equal(value, base_vae[key]), key
-    official = load_decomnet(shared_dir / "reference" / "retinex" / "decomp.pth")
+    official = load_decomnet(scuf.decomnet)
     assert all(torch.equal(v, official.state_dict()[k]) for k, v in model.decomposer.state_dict().items())
     assert not any(p.requires_grad for p in list(pipe.unet.parameters()) if p not in set(gen_params))
 
 
-def test_checkpoint_loads_into_pipeline_and_changes_output(run, shared_dir, initial_pipe):
+def test_checkpoint_loads_into_pipeline_and_changes_output(run, scuf, initial_pipe):
     from comfyui_lowlight.pipelines.scuf_weights import load_scuf_file
 
     output, _ = run
-    image = np.asarray(Image.open(shared_dir / "reference" / "scuf" / "inputs" / "img64x64.png").convert("RGB"))
+    image = np.asarray(scuf.image("img64x64"))
     before = initial_pipe(image, output_type="np").images[0]
-    trained = _fresh_pipe(shared_dir)
+    trained = _fresh_pipe(scuf)
     config = trained.load_scuf_weights(output / "checkpoint-10" / "scuf_weights.safetensors")
     after = trained(image, output_type="np").images[0]
     assert config.lora_rank == 4 and after.shape == (64, 64, 3)
@@ -169,9 +171,8 @@ def test_checkpoint_loads_into_pipeline_and_changes_output(run, shared_dir, init
     # the ComfyUI adapter loader reads the same file into its cached base pipeline
     from comfyui_lowlight.nodes import scuf_nodes
 
-    scuf = shared_dir / "reference" / "scuf"
-    spec = scuf_nodes.SCUFBaseSpec(model="tiny", model_path=str(scuf / "base"), single_file=False,
-                                   clip_path=str(scuf / "clip_tiny.pt"), dtype="float32", stamp=())
+    spec = scuf_nodes.SCUFBaseSpec(model="tiny", model_path=str(scuf.base), single_file=False,
+                                   clip_path=str(scuf.clip), dtype="float32", stamp=())
     try:
         weights = scuf_nodes.read_scuf_weights(spec, "trained", output / "checkpoint-10" / "scuf_weights.safetensors")
         node_pipe = scuf_nodes.activate(scuf_nodes.SCUFModel(spec, weights))
@@ -187,14 +188,14 @@ def test_checkpoint_loads_into_pipeline_and_changes_output(run, shared_dir, init
     assert any(not torch.equal(darken[k], final[k]) for k in final if k.startswith("vae."))
 
 
-def test_resume_reproduces_the_uninterrupted_run(run, shared_dir, data, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run(run, scuf, data, tmp_path):
     output, _ = run
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(output / "checkpoint-5", resumed / "checkpoint-5")
     # as if interrupted after step 7: the log lines after the checkpoint are dropped on resume
     (resumed / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in _log(output)[:7]))
-    assert train_scuf.main(_args(shared_dir, data, resumed, "--resume", "latest")) == 0
+    assert train_scuf.main(_args(scuf, data, resumed, "--resume", "latest")) == 0
     full, part = _log(output), _log(resumed)
     assert [e["step"] for e in part] == list(range(1, STEPS + 1))
     for a, b in zip(full[5:], part[5:]):
@@ -211,12 +212,12 @@ def test_resume_reproduces_the_uninterrupted_run(run, shared_dir, data, tmp_path
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "unreadable", "caption_missing", "caption_extra", "caption_bad"])
-def test_bad_data_fails_before_any_model_is_loaded(case, shared_dir, data, tmp_path, monkeypatch, capsys):
+def test_bad_data_fails_before_any_model_is_loaded(case, scuf, data, tmp_path, monkeypatch, capsys):
     def no_model(*a, **k):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(train_scuf, "load_pipeline", no_model)
-    args = _args(shared_dir, data, tmp_path / "out")
+    args = _args(scuf, data, tmp_path / "out")
     captions = data / "captions.json"
     expected = {
         "missing": "--low: folder not found",
@@ -319,9 +320,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_cpu_run_through_accelerate(shared_dir, data, tmp_path):
+def test_two_process_cpu_run_through_accelerate(scuf, data, tmp_path):
     output = tmp_path / "ddp"
-    args = _args(shared_dir, data, output)
+    args = _args(scuf, data, output)
     args[args.index("--max_train_steps") + 1] = "2"
     args[args.index("--checkpointing_steps") + 1] = "2"
     args[args.index("--validation_steps") + 1] = "0"
@@ -340,13 +341,13 @@ def test_two_process_cpu_run_through_accelerate(shared_dir, data, tmp_path):
                                                                                         "rng_state_1.pt"]
 
 
-def test_plain_unet_twin_shares_weights_and_runs_without_the_adapter(shared_dir):
+def test_plain_unet_twin_shares_weights_and_runs_without_the_adapter(scuf):
     from diffusers import UNet2DConditionModel
 
     from comfyui_lowlight.pipelines.scuf_modules import add_cycle_attn_processors
     from comfyui_lowlight.pipelines.scuf_training import plain_unet_twin
 
-    path = shared_dir / "reference" / "scuf" / "base" / "unet"
+    path = scuf.base / "unet"
     plain = UNet2DConditionModel.from_pretrained(path).eval()
     unet = UNet2DConditionModel.from_pretrained(path).eval()
     torch.manual_seed(0)
