@@ -24,7 +24,7 @@ installed then; the server runs with ``LOWLIGHT_COMFY_PYTHON`` if set, else ``ve
 ``.venv/bin/python`` inside that folder if present, else the interpreter running pytest. That ComfyUI must be
 about 0.33 (it is started with 0.33's command-line flags).
 
-:class:`ComfyServer` links this repository into the host's ``custom_nodes/`` (as a user's ``git clone`` would),
+:class:`ComfyServer` links this repository into a per-session ``custom_nodes`` folder (as a user's ``git clone`` would),
 runs ``main.py --cpu`` on a free loopback port with per-session input/output/temp/user folders and model folders
 (an extra ``extra_model_paths.yaml`` naming ``models/sgz``, ``models/scuf``, ``checkpoints``, ...), and talks to
 its HTTP API. The ``comfy_server`` fixture (session scope, registered in ``conftest.py``) shares one server
