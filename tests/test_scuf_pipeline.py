@@ -406,8 +406,9 @@ def test_openai_and_transformers_clip_agree(scuf, tmp_path):
         a = clip_image_embedding(from_openai, x)
         b = clip_image_embedding(from_folder, x)
         c = clip_image_embedding(from_single, x)
+        d = clip_image_embedding(load_clip_image_encoder(scuf.clip_folder), x)  # the fixture's transformers folder
         tiny = clip_image_embedding(from_openai, x[:, :, :8, :8])  # smaller than a patch: class token only
-    assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
     assert torch.allclose(a.norm(dim=-1), torch.ones(2), atol=1e-6)
     assert torch.isfinite(tiny).all() and tiny.shape == (2, 512)
 
