@@ -12,3 +12,28 @@ def test_import_and_node_listing_stay_cheap():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_command_line_help_does_not_import_torch():
+    """``lowlight --help`` must answer at once: nothing heavy is imported before a subcommand needs it."""
+    code = (
+        "import sys, runpy; sys.argv = ['lowlight', '--help'];\n"
+        "try:\n    runpy.run_module('comfyui_lowlight', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_pack_init_imports_outside_its_package(tmp_path):
+    """pytest imports the repository's ``__init__.py`` under the clone's folder name (``comfyui-lowlight``, not a
+    valid package name) while collecting; it must not fail there, or every test of a fresh clone errors."""
+    import importlib.util
+    from pathlib import Path
+
+    init = Path(__file__).resolve().parents[1] / "__init__.py"
+    spec = importlib.util.spec_from_file_location("comfyui-lowlight", init)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert getattr(module, "setup_module", None) is None
