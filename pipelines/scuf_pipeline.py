@@ -45,6 +45,7 @@ from .scuf_weights import (
     load_scuf_file,
     save_scuf_file,
     scuf_parameters,
+    shipped_config_dir,
 )
 
 from .scuf_prompts import DARKEN_PROMPT, DEFAULT_PROMPT  # noqa: F401  (re-exported)
@@ -60,11 +61,6 @@ BASE_MODEL_HELP = (
 _RESIZE_MULTIPLE = 8
 #: Float inputs may overshoot 0..1 by resampling noise; anything beyond this is a scaling mistake.
 _RANGE_SLACK = 1e-3
-
-
-def shipped_config_dir() -> str:
-    """Folder of the SD-Turbo diffusers configs shipped with the package (for offline ``from_single_file``)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sd-turbo")
 
 
 # ------------------------------------------------------------------------------------------ image input

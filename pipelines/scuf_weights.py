@@ -31,6 +31,11 @@ import torch
 from .image_io import atomic_output
 from .scuf_modules import VAE_ADAPTER_NAME, SCUFConfig
 
+
+def shipped_config_dir() -> str:
+    """Folder of the SD-Turbo diffusers configs shipped with the package (for offline ``from_single_file``)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sd-turbo")
+
 FORMAT_NAME = "comfyui-lowlight/scuf"
 FORMAT_VERSION = "1"
 #: Official checkpoint top-level keys needed for inference.
@@ -92,8 +97,6 @@ def official_unet_layer_names(unet_config: dict | None = None) -> list[str]:
     from diffusers import UNet2DConditionModel
 
     if unet_config is None:
-        from .scuf_pipeline import shipped_config_dir
-
         unet_config = UNet2DConditionModel.load_config(os.path.join(shipped_config_dir(), "unet"))
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
