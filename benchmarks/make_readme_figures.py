@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from comfyui_lowlight.cli import DEFAULT_TEMPORAL_SMOOTHING
 from comfyui_lowlight.pipelines import SGZPipeline
-from comfyui_lowlight.pipelines.image_io import atomic_output, read_image
+from comfyui_lowlight.pipelines.atomic_files import atomic_output
+from comfyui_lowlight.pipelines.image_io import read_image
 from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS
 from comfyui_lowlight.pipelines.video_io import VideoReader
 

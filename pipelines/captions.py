@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
+
+from .atomic_files import atomic_output
 
 CAPTIONS_FORMAT = "comfyui-lowlight/scuf-captions"
 CAPTIONS_VERSION = 1
@@ -55,17 +56,10 @@ def save_captions(path, captions: dict[str, dict[str, str]], captioner: str) -> 
     data = {"format": CAPTIONS_FORMAT, "format_version": CAPTIONS_VERSION, "captioner": captioner}
     for domain in DOMAINS:
         data[domain] = dict(sorted(captions.get(domain, {}).items()))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_output(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(data, handle, ensure_ascii=False, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_captions(path) -> dict[str, dict[str, str]]:

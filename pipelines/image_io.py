@@ -11,22 +11,21 @@
 - CMYK (e.g. print JPEGs) is converted to sRGB, through the embedded ICC profile when there is one;
 - the EXIF orientation tag is applied, so the pixels are upright and the tag is not written back.
 
-Writes are atomic: the file is written under a hidden temporary name in the destination folder and renamed
-over the destination with ``os.replace``, so an interrupted run never leaves a partial image under the real name.
+Writes are atomic (``atomic_files.atomic_output``): an interrupted run never leaves a partial image under the
+real name.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
+
+from .atomic_files import atomic_output
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -165,30 +164,6 @@ def to_integer_pixels(image: np.ndarray, bit_depth: int = 8) -> np.ndarray:
     dtype = np.uint8 if bit_depth == 8 else np.uint16
     maximum = float(np.iinfo(dtype).max)
     return np.clip(np.asarray(image, dtype=np.float32) * maximum + 0.5, 0.0, maximum).astype(dtype)
-
-
-def temporary_path_for(path: str | os.PathLike) -> Path:
-    """A unique hidden path beside ``path`` that keeps its extension (writers infer the format from it).
-
-    The leading dot makes folder scans skip leftovers of a killed run.
-    """
-    path = Path(path)
-    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.part{path.suffix}")
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
-
-    On any error (or interrupt) the temporary file is removed and ``path`` is untouched.
-    """
-    temporary = temporary_path_for(path)
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def write_image(

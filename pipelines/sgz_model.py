@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .atomic_files import atomic_output
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "lora_weights" / "sgz_lowlight.safetensors"
 
@@ -175,7 +176,7 @@ def load_sgz_weights(path: PathLike, map_location: Union[str, torch.device] = "c
 def save_sgz_weights(
     model: EnhancementFactorEstimator, path: PathLike, metadata: Optional[Dict[str, str]] = None
 ) -> Path:
-    """Write the EFE weights as float32 safetensors, atomically (temp file in the same folder + ``os.replace``).
+    """Write the EFE weights as float32 safetensors, atomically (``atomic_files.atomic_output``).
 
     ``metadata``: optional ``dict[str, str]`` stored in the safetensors header (e.g. training data and steps);
     the model's ``padding_mode`` is always recorded there.
@@ -187,16 +188,8 @@ def save_sgz_weights(
         raise ValueError("metadata: expected dict[str, str]")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={**(metadata or {}), "padding_mode": model.padding_mode})
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_output(path) as temporary:
+        save_file(tensors, str(temporary), metadata={**(metadata or {}), "padding_mode": model.padding_mode})
     return path
 
 

@@ -17,7 +17,7 @@ from typing import Iterator
 import av
 import numpy as np
 
-from .image_io import temporary_path_for
+from .atomic_files import temporary_path_for
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".avi", ".mkv", ".m4v"})
 

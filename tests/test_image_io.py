@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_lowlight.pipelines import image_io
+from comfyui_lowlight.pipelines import atomic_files
 from comfyui_lowlight.pipelines.image_io import ImageFileError, read_image, to_integer_pixels, write_image
 
 
@@ -183,5 +183,5 @@ def test_failed_write_leaves_destination_untouched_and_no_temp_file(tmp_path, mo
 
 
 def test_temporary_name_is_hidden_beside_the_destination_and_keeps_the_extension(tmp_path):
-    temporary = image_io.temporary_path_for(tmp_path / "photo.jpg")
+    temporary = atomic_files.temporary_path_for(tmp_path / "photo.jpg")
     assert temporary.parent == tmp_path and temporary.name.startswith(".") and temporary.suffix == ".jpg"
