@@ -23,8 +23,6 @@ import torch
 
 from .pipelines.atomic_files import atomic_output
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
 
 @dataclass
 class TrainConfig:
@@ -73,12 +71,14 @@ class TrainConfig:
 
 def find_images(dirs: list[str]) -> list[Path]:
     """All files with an image suffix under ``dirs`` (recursive), sorted for reproducibility."""
+    from .pipelines.image_io import IMAGE_EXTENSIONS
+
     files = []
     for d in dirs:
         root = Path(d)
         if not root.is_dir():
             raise FileNotFoundError(f"--data: not a folder: {root}")
-        files += [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        files += [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(files)
 
 
@@ -88,17 +88,21 @@ def load_images(files: list[Path], max_side: int) -> tuple[list[torch.Tensor], l
     Returns (images, failures) where failures lists (path, reason) of unreadable files, which are skipped.
     """
     import numpy as np
-    from PIL import Image, ImageOps
+    from PIL import Image
+
+    from .pipelines.image_io import read_image
 
     images, failures = [], []
     for path in files:
         try:
-            with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im).convert("RGB")
-                scale = max_side / max(im.size)
-                if scale < 1:
-                    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
-                images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous())
+            pixels = read_image(path).pixels  # upright RGB, the same reader as every other face
+            if pixels.dtype != np.uint8:  # 16-bit PNG: round to 8 bits
+                pixels = np.clip(pixels / 257.0 + 0.5, 0, 255).astype(np.uint8)
+            im = Image.fromarray(pixels)
+            scale = max_side / max(im.size)
+            if scale < 1:
+                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
+            images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous())
         except Exception as error:  # any decoding problem: skip the file, report it
             failures.append((path, f"{type(error).__name__}: {error}"))
     return images, failures
