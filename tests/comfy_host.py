@@ -18,6 +18,8 @@ of them reinstalls. A lock file makes parallel sessions wait for one install.
 
 Without ``../shared`` (a user's clone) the server tests are skipped, naming the missing tarball; under
 ``CI=true`` they fail (``tests/shared_material.py``). A missing headless Chromium is handled the same way.
+The tarball is the only shared material they need: the example inputs and models they stage are made from the
+repository (:func:`stage_examples`, tests/scuf_host.py), so with ``LOWLIGHT_COMFY_HOST`` they all run on a plain clone.
 
 Your own ComfyUI instead: set ``LOWLIGHT_COMFY_HOST`` to its folder (the one with ``main.py``). Nothing is
 installed then; the server runs with ``LOWLIGHT_COMFY_PYTHON`` if set, else ``venv/bin/python`` or
@@ -53,6 +55,7 @@ import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -450,40 +453,58 @@ class ComfyServer:
         return target
 
 
-# Example inputs named by the pack's workflows (workflows/*.json), made from ../shared material.
-EXAMPLE_IMAGE = "night_example.png"  # LOL eval15 low/111.png, 600x400
-EXAMPLE_FRAMES = "night_frames.webp"  # 8 frames of data/video/night_street.mp4, lossless animated WebP
+# Example inputs named by the pack's workflows (workflows/*.json), made from repository material (tests/media.py),
+# so the server tests need nothing from ../shared once a host is there (e.g. LOWLIGHT_COMFY_HOST on a plain clone).
+# The bundled assets/sample_night.jpg (512x384) scaled to 600x450 and cropped to 600x400: the side-by-side workflows
+# (sgz_before_after, scuf_sgz_side_by_side) pad by the width of their example, 600 px.
+EXAMPLE_IMAGE = "night_example.png"
+EXAMPLE_IMAGE_SIZE = (600, 400)  # width, height
+# 8 frames of an H.264 clip (tests/media.py) panning over the same photo with exposure changes, lossless animated WebP
+EXAMPLE_FRAMES = "night_frames.webp"
 EXAMPLE_FRAME_COUNT = 8
-OFFICIAL_SGZ = "Epoch99.pth"
-SHIPPED_SGZ_CHOICE = "lora_weights/sgz_lowlight.safetensors"
+EXAMPLE_CLIP_SIZE = (320, 240)  # width, height
+SHIPPED_SGZ_CHOICE = "lora_weights/sgz_lowlight.safetensors"  # what the workflows name
+SGZ_PTH = "sgz_lowlight_state_dict.pth"  # the shipped weights as a plain .pth state dict (the official format)
 
 
-def stage_examples(server: ComfyServer, shared: Path) -> None:
-    """Put the workflows' example inputs in the server's input folder and the official SGZ weights in models/sgz."""
-    server.add_input(shared / "data" / "lol_eval15" / "low" / "111.png", EXAMPLE_IMAGE)
+def example_clip_frames() -> np.ndarray:
+    """uint8 ``[8, 240, 320, 3]``: 448x336 windows of the bundled sample moving (8, 4) px a frame, scaled down,
+    with exposure gains 0.8 to 1.2 (a handheld night clip whose exposure drifts)."""
+    from media import sample_night
+    from PIL import Image
+
+    photo = Image.fromarray(sample_night())
+    frames = []
+    for i, gain in enumerate(np.linspace(0.8, 1.2, EXAMPLE_FRAME_COUNT)):
+        window = photo.crop((8 * i, 4 * i, 8 * i + 448, 4 * i + 336)).resize(EXAMPLE_CLIP_SIZE, Image.LANCZOS)
+        frames.append(np.clip(np.asarray(window, np.float32) * gain, 0, 255).round().astype(np.uint8))
+    return np.stack(frames)
+
+
+def stage_examples(server: ComfyServer) -> None:
+    """Put the workflows' example inputs in the server's input folder and a ``.pth`` SGZ checkpoint in models/sgz
+    (idempotent)."""
+    from media import decoded_pts_and_frames, sample_night, write_video
+    from PIL import Image
+
+    image_path = server.input_dir / EXAMPLE_IMAGE
+    if not image_path.exists():
+        width, height = EXAMPLE_IMAGE_SIZE
+        scaled = Image.fromarray(sample_night()).resize((width, width * 3 // 4), Image.LANCZOS)
+        top = (scaled.height - height) // 2
+        scaled.crop((0, top, width, top + height)).save(image_path)
     frames_path = server.input_dir / EXAMPLE_FRAMES
     if not frames_path.exists():
-        import av
-
-        frames = []
-        with av.open(str(shared / "data" / "video" / "night_street.mp4")) as container:
-            for frame in container.decode(video=0):
-                frames.append(frame.to_image())
-                if len(frames) == EXAMPLE_FRAME_COUNT:
-                    break
+        clip = write_video(server.session_dir / "night_clip.mp4", example_clip_frames())
+        frames = [Image.fromarray(rgb) for _, rgb in decoded_pts_and_frames(clip, EXAMPLE_FRAME_COUNT)]
         frames[0].save(frames_path, save_all=True, append_images=frames[1:], lossless=True, duration=100)
-    server.add_model("sgz", shared / "reference" / "sgz" / OFFICIAL_SGZ)
+    pth_path = server.models_dir / "sgz" / SGZ_PTH
+    if not pth_path.exists():
+        import torch
 
+        from comfyui_lowlight.pipelines.sgz_model import load_sgz_weights
 
-def runnable(graph: dict) -> dict:
-    """``graph`` with SGZ weights it can run with here: the shipped file, or the official one until it ships."""
-    if (REPO_ROOT / SHIPPED_SGZ_CHOICE).is_file():
-        return graph
-    graph = json.loads(json.dumps(graph))
-    for node in graph.values():
-        if node["inputs"].get("weights") == SHIPPED_SGZ_CHOICE:
-            node["inputs"]["weights"] = OFFICIAL_SGZ
-    return graph
+        torch.save(load_sgz_weights(REPO_ROOT / SHIPPED_SGZ_CHOICE).state_dict(), pth_path)
 
 
 def history_error(entry: dict) -> Optional[dict]:
@@ -629,16 +650,6 @@ class ComfyBrowser:
             "const done = arguments[arguments.length - 1];"
             "app.graphToPrompt().then((p) => done(JSON.stringify(p.output, null, 2)),"
             "                         (e) => done(JSON.stringify({error: String(e)})));"
-        )
-
-    def set_widget_values(self, node_id: int, values: dict) -> None:
-        """Set widgets of a node in the loaded graph, as a user editing them would."""
-        self.driver.execute_script(
-            "const node = app.graph.getNodeById(arguments[0]);"
-            "for (const [name, value] of Object.entries(arguments[1])) {"
-            "  const widget = node.widgets.find((w) => w.name === name); widget.value = value; widget.callback?.(value);"
-            "}",
-            node_id, values,
         )
 
     def queue_and_wait(self, timeout: float = 120.0) -> tuple:

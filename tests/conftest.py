@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helpers (comfy_
 from comfy_host import comfy_browser, comfy_server  # noqa: E402,F401  session fixtures: real ComfyUI + its web UI
 from scuf_host import scuf_models  # noqa: E402,F401  session fixture: the tiny SCUF models in that server
 from shared_material import shared_path  # noqa: E402
+from tiny_scuf import tiny_scuf  # noqa: E402,F401  session fixture: the tiny SCUF model made in code
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,9 @@
 
 The server is the session fixture ``comfy_server`` (tests/comfy_host.py); the first run installs the host from
 ``../shared/hosts`` into a cache folder (about 4 minutes), later runs reuse it. Without that material the tests
-are skipped (failed under ``CI=true``); ``LOWLIGHT_COMFY_HOST`` runs them in your own ComfyUI instead.
+are skipped (failed under ``CI=true``); ``LOWLIGHT_COMFY_HOST`` runs them in your own ComfyUI instead. Their
+inputs and models are made from the repository (the bundled sample photo, a clip made with tests/media.py, the
+shipped SGZ weights), so nothing else from ``../shared`` is needed.
 """
 
 import json
@@ -15,12 +17,12 @@ from PIL import Image, ImageSequence
 
 from comfy_host import (
     EXAMPLE_FRAME_COUNT,
+    EXAMPLE_FRAMES,
     EXAMPLE_IMAGE,
-    OFFICIAL_SGZ,
     REPO_ROOT,
+    SGZ_PTH,
     PromptRejected,
     history_error,
-    runnable,
     stage_examples,
 )
 from comfyui_lowlight import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
@@ -31,8 +33,8 @@ API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
 
 
 @pytest.fixture(scope="module")
-def server(comfy_server, shared_dir):
-    stage_examples(comfy_server, shared_dir)
+def server(comfy_server):
+    stage_examples(comfy_server)
     return comfy_server
 
 
@@ -73,15 +75,15 @@ def test_object_info_lists_every_node_with_tooltips_and_types(object_info):
 
 def test_weights_dropdown_lists_shipped_and_model_folder_files(object_info):
     choices = object_info["LowLightSGZEnhance"]["input"]["required"]["weights"][0]
-    # The shipped entry comes first; Epoch99.pth sits in models/sgz given by an extra_model_paths.yaml `sgz:` entry,
+    # The shipped entry comes first; a .pth sits in models/sgz given by an extra_model_paths.yaml `sgz:` entry,
     # which the pack's own folder registration must keep.
     assert choices[0] == "lora_weights/sgz_lowlight.safetensors"
-    assert OFFICIAL_SGZ in choices
+    assert SGZ_PTH in choices
 
 
 @pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda p: p.stem)
 def test_api_workflow_completes(server, workflow):
-    entry = server.run(runnable(json.loads(workflow.read_text())))
+    entry = server.run(json.loads(workflow.read_text()))
     assert entry["status"]["status_str"] == "success", history_error(entry)
     saved = server.output_files(entry)
     assert saved, "the workflow saved no file"
@@ -124,7 +126,7 @@ def check_before_after(server, entry, saved):
 
 def check_video_frames(server, entry, saved):
     (path,) = saved["3"]
-    with Image.open(server.input_dir / "night_frames.webp") as source, Image.open(path) as output:
+    with Image.open(server.input_dir / EXAMPLE_FRAMES) as source, Image.open(path) as output:
         assert output.n_frames == source.n_frames == EXAMPLE_FRAME_COUNT
         for before, after in zip(ImageSequence.Iterator(source), ImageSequence.Iterator(output)):
             before_rgb = np.asarray(before.convert("RGB"), dtype=np.float64)
@@ -142,7 +144,7 @@ SAVED_OUTPUT_CHECKS = {
 
 
 def enhance_graph(**sgz_inputs) -> dict:
-    graph = runnable(json.loads((WORKFLOWS / "api" / "sgz_enhance_image.json").read_text()))
+    graph = json.loads((WORKFLOWS / "api" / "sgz_enhance_image.json").read_text())
     graph["2"]["inputs"].update(sgz_inputs)
     return graph
 

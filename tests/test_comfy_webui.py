@@ -16,7 +16,7 @@ import os
 import pytest
 from PIL import Image
 
-from comfy_host import OFFICIAL_SGZ, REPO_ROOT, SHIPPED_SGZ_CHOICE, stage_examples
+from comfy_host import REPO_ROOT, stage_examples
 from comfyui_lowlight import NODE_CLASS_MAPPINGS
 
 WORKFLOWS = REPO_ROOT / "workflows"
@@ -24,8 +24,8 @@ SCREENSHOTS = REPO_ROOT / "docs" / "images"
 
 
 @pytest.fixture(scope="module")
-def browser(comfy_browser, scuf_models, shared_dir):
-    stage_examples(scuf_models, shared_dir)  # (scuf_models: the SCUF workflows' tiny models, staged too)
+def browser(comfy_browser, scuf_models):
+    stage_examples(scuf_models)  # (scuf_models: the SCUF workflows' tiny models, staged too)
     comfy_browser.refresh_node_definitions()  # the page opened before the files were there
     return comfy_browser
 
@@ -48,10 +48,6 @@ def test_ui_workflow_loads_converts_runs_and_is_screenshotted(browser, workflow)
     twin = json.loads(twin_path.read_text())
     assert browser.graph_to_prompt() == twin
 
-    if not (REPO_ROOT / SHIPPED_SGZ_CHOICE).is_file():  # until trained weights ship, run with the official ones
-        for node_id, node in twin.items():
-            if node["inputs"].get("weights") == SHIPPED_SGZ_CHOICE:
-                browser.set_widget_values(int(node_id), {"weights": OFFICIAL_SGZ})
     prompt_id, shown = browser.queue_and_wait()
     entry = browser.server.get(f"/history/{prompt_id}")[prompt_id]
     produced = {node_id: len(out["images"]) for node_id, out in entry["outputs"].items() if out.get("images")}

@@ -1,4 +1,5 @@
-"""The SCUF nodes inside the real ComfyUI 0.33 server (headless on CPU), with the tiny SCUF fixture.
+"""The SCUF nodes inside the real ComfyUI 0.33 server (headless on CPU), with the tiny SCUF model made in code
+(tests/tiny_scuf.py).
 
 The tiny models take the names the workflows use (tests/scuf_host.py). Parity: every saved PNG equals what
 :class:`SCUFPipeline` computes for the same input, after ComfyUI's SaveImage quantisation (``uint8(255 x)``,
@@ -18,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_host import EXAMPLE_IMAGE, REPO_ROOT, history_error, runnable
-from scuf_host import SCUF_CONVERTED_NAME, SCUF_OFFICIAL_NAME, scuf_fixture_dir
+from comfy_host import EXAMPLE_IMAGE, REPO_ROOT, history_error
+from scuf_host import SCUF_CONVERTED_NAME, SCUF_OFFICIAL_NAME
 
 WORKFLOWS = REPO_ROOT / "workflows"
 SCUF_NODES = ("LowLightSCUFLoadSDTurbo", "LowLightSCUFAdapterLoader", "LowLightSCUFLighten")
@@ -32,15 +33,8 @@ def server(scuf_models):
 
 
 @pytest.fixture(scope="module")
-def reference_pipe(shared_dir):
-    from comfyui_lowlight.pipelines import SCUFPipeline
-
-    fixture = scuf_fixture_dir(shared_dir)
-    pipe = SCUFPipeline.from_pretrained(
-        fixture / "base", image_encoder=fixture / "clip_tiny.pt", scuf_weights=fixture / SCUF_OFFICIAL_NAME
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def reference_pipe(tiny_scuf):
+    return tiny_scuf.pipeline("official")  # the models the server has (tests/scuf_host.py)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def source(server) -> torch.Tensor:
 
 def api_graph(name: str, **changes) -> dict:
     """An API workflow with ``{node_id: {input: value}}`` changes applied."""
-    graph = runnable(json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()))
+    graph = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
     for node_id, inputs in changes.items():
         graph[node_id]["inputs"].update(inputs)
     return graph
@@ -159,7 +153,7 @@ def test_missing_base_model_names_the_file_and_folder_and_the_server_keeps_servi
     assert server.run(api_graph("scuf_lighten_image"))["status"]["status_str"] == "success"
 
 
-def test_mismatched_scuf_weights_name_the_file_and_folder_and_the_server_keeps_serving(server, shared_dir, tmp_path):
+def test_mismatched_scuf_weights_name_the_file_and_folder_and_the_server_keeps_serving(server, tmp_path):
     from comfyui_lowlight.pipelines.scuf_weights import load_scuf_file, save_scuf_file
 
     converted = server.models_dir / "scuf" / SCUF_CONVERTED_NAME
