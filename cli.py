@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .pipelines.image_io import IMAGE_EXTENSIONS
+from .pipelines.sgz_options import DOWNSCALE, RECURRENCES, SGZ_OPTIONS, STRENGTH, TEMPORAL_SMOOTHING, VIDEO_TEMPORAL_SMOOTHING
 from .pipelines.video_io import VIDEO_EXTENSIONS
-
-DEFAULT_TEMPORAL_SMOOTHING = 0.8
 
 
 @dataclass
@@ -102,18 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output folder (or the output file name for a single input file)")
     enhance.add_argument("--weights", type=Path, default=None,
                          help="SGZ weights: our .safetensors or the official .pth (default: the shipped weights)")
-    enhance.add_argument("--downscale", type=float, default=12,
-                         help="the enhancement factor is estimated at 1/DOWNSCALE resolution (default 12; 1 = full)")
-    enhance.add_argument("--recurrences", type=int, default=8, help="enhancement iterations (default 8; more = brighter)")
-    enhance.add_argument("--strength", type=float, default=1.0,
-                         help="exposure: 0 = unchanged, 1 = model (default), >1 brighter")
+    for option in (DOWNSCALE, RECURRENCES, STRENGTH):
+        enhance.add_argument(option.flag, type=option.type, default=option.default,
+                             help=f"{option.help} {option.min:g}..{option.max:g} (default {option.default:g})")
     enhance.add_argument("--device", default="auto", help="torch device: auto (default: cuda, then mps, then cpu), cpu, cuda:0, ...")
     enhance.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     smoothing = enhance.add_mutually_exclusive_group()
-    smoothing.add_argument("--temporal-smoothing", type=float, default=DEFAULT_TEMPORAL_SMOOTHING, metavar="S",
-                           help=f"video deflicker: steadies the enhancement factor and the output brightness across "
-                                f"frames (scene cuts restart it), 0 <= S < 1 (default {DEFAULT_TEMPORAL_SMOOTHING}; "
-                                f"higher = steadier, slower to follow real changes)")
+    smoothing.add_argument(TEMPORAL_SMOOTHING.flag, type=float, default=VIDEO_TEMPORAL_SMOOTHING, metavar="S",
+                           help=f"video deflicker. {TEMPORAL_SMOOTHING.help} {TEMPORAL_SMOOTHING.min:g}.."
+                                f"{TEMPORAL_SMOOTHING.max:g} (default {VIDEO_TEMPORAL_SMOOTHING:g} for videos)")
     smoothing.add_argument("--no-temporal-smoothing", dest="temporal_smoothing", action="store_const", const=0.0,
                            help="video: enhance every frame independently")
     enhance.add_argument("--max-frames", type=int, default=None, help="video: only the first N frames (audio cut to match)")
@@ -124,14 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if not 0.0 <= args.temporal_smoothing < 1.0:
-        parser.error(f"--temporal-smoothing: expected 0 <= S < 1, got {args.temporal_smoothing}")
-    if args.downscale < 1:
-        parser.error(f"--downscale: expected >= 1, got {args.downscale}")
-    if args.recurrences < 0:
-        parser.error(f"--recurrences: expected >= 0, got {args.recurrences}")
-    if args.strength < 0:
-        parser.error(f"--strength: expected >= 0, got {args.strength}")
+    for option in SGZ_OPTIONS.values():
+        problem = option.problem(getattr(args, option.name))
+        if problem is not None:
+            parser.error(f"{option.flag}: {problem}")
     if args.max_frames is not None and args.max_frames < 1:
         parser.error(f"--max-frames: expected >= 1, got {args.max_frames}")
     if args.chunk_size < 1:

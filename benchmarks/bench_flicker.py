@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from comfyui_lowlight.cli import DEFAULT_TEMPORAL_SMOOTHING
+from comfyui_lowlight.pipelines.sgz_options import VIDEO_TEMPORAL_SMOOTHING
 from comfyui_lowlight.pipelines import SGZPipeline
 from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS
 from comfyui_lowlight.pipelines.video_io import VideoReader
@@ -69,7 +69,7 @@ def print_table(series: dict[str, list[float]]) -> None:
         else:
             s = float(key)
             label = "off (`--no-temporal-smoothing`)" if s == 0 else f"{s:g}"
-            label += " (CLI default)" if s == DEFAULT_TEMPORAL_SMOOTHING else ""
+            label += " (CLI default)" if s == VIDEO_TEMPORAL_SMOOTHING else ""
             ratio = f"{mean_step / off:.2f}x"
         print(f"| {label} | {brightness.mean():.2f} | {mean_step:.3f} | {max_step:.2f} | {ratio} |")
 
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--max-frames", type=int, default=None)
     parser.add_argument("--chunk-size", type=int, default=16)
-    parser.add_argument("--smoothing", type=float, nargs="+", default=sorted({0.5, DEFAULT_TEMPORAL_SMOOTHING, 0.9}))
+    parser.add_argument("--smoothing", type=float, nargs="+", default=sorted({0.5, VIDEO_TEMPORAL_SMOOTHING, 0.9}))
     parser.add_argument("--noise-frames", type=int, default=120, help="length of the synthetic noisy still clip")
     parser.add_argument("--noise-sigma", type=float, default=3.0, help="its sensor noise, in 0..255 units")
     parser.add_argument("--exposure-jitter", type=float, default=0.1, help="relative gain jitter of the third clip")
@@ -178,7 +178,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f})")
     if args.speed_repeats > 0:
         print()
-        speed_table(pipe, [0.0, DEFAULT_TEMPORAL_SMOOTHING], args.speed_repeats, threads=[2, 1])
+        speed_table(pipe, [0.0, VIDEO_TEMPORAL_SMOOTHING], args.speed_repeats, threads=[2, 1])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from comfyui_lowlight.cli import DEFAULT_TEMPORAL_SMOOTHING
+from comfyui_lowlight.pipelines.sgz_options import VIDEO_TEMPORAL_SMOOTHING
 from comfyui_lowlight.pipelines import SGZPipeline
 from comfyui_lowlight.pipelines.atomic_files import atomic_output
 from comfyui_lowlight.pipelines.image_io import read_image
@@ -99,7 +99,7 @@ def main() -> None:
     state = pipe.new_video_state()
     with VideoReader(SHARED / "data" / "video" / "night_street.mp4") as reader:
         for chunk in reader.chunks(16, max_frames=VIDEO_FRAME + 1):  # the last frame read is VIDEO_FRAME
-            enhanced = pipe(chunk.frames, temporal_smoothing=DEFAULT_TEMPORAL_SMOOTHING, video_state=state)
+            enhanced = pipe(chunk.frames, temporal_smoothing=VIDEO_TEMPORAL_SMOOTHING, video_state=state)
     panels = [(Image.fromarray(chunk.frames[-1]), f"video frame {VIDEO_FRAME}"), (Image.fromarray(enhanced[-1]), label)]
     save_jpeg(side_by_side(panels, 640), "sgz_video_frame.jpg")
 

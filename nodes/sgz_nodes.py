@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..pipelines.sgz_model import SHIPPED_WEIGHTS
+from ..pipelines.sgz_options import SGZ_OPTIONS, SGZOption
 from .comfy_tensors import bchw_to_image, image_to_bchw
 from .model_folders import SGZ_FOLDER, resolve_weights, weight_choices
 
@@ -29,6 +30,13 @@ def load_cached_pipeline(path: Path, device: torch.device):
         _PIPELINE_CACHE["pipe"] = SGZPipeline.from_pretrained(path, device=device)
         _PIPELINE_CACHE["key"] = key
     return _PIPELINE_CACHE["pipe"]
+
+
+def _number_input(option: SGZOption) -> tuple:
+    """A ComfyUI INT/FLOAT input with the table's default, bounds and help (the widget enforces the bounds)."""
+    kind = "INT" if option.type is int else "FLOAT"
+    return (kind, {"default": option.default, "min": option.min, "max": option.max, "step": option.step,
+                   "tooltip": option.help})
 
 
 class SGZEnhance:
@@ -60,30 +68,7 @@ class SGZEnhance:
                         "ComfyUI's models/sgz folder (our .safetensors or the official Epoch99.pth).",
                     },
                 ),
-                "recurrences": (
-                    "INT",
-                    {"default": 8, "min": 1, "max": 16, "step": 1,
-                     "tooltip": "How many times the enhancement curve is applied (8 in the paper); more = brighter."},
-                ),
-                "downscale": (
-                    "INT",
-                    {"default": 12, "min": 1, "max": 64, "step": 1,
-                     "tooltip": "The factor is estimated on the image shrunk by this much (12 in the paper); "
-                     "larger is faster and smoother, 1 estimates at full resolution."},
-                ),
-                "strength": (
-                    "FLOAT",
-                    {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05,
-                     "tooltip": "Exposure control: scales the enhancement factor. 0 leaves the image unchanged, "
-                     "1 is the model as trained, above 1 is brighter."},
-                ),
-                "temporal_smoothing": (
-                    "FLOAT",
-                    {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,
-                     "tooltip": "For video frames (the batch in order): deflicker strength. Steadies the enhancement "
-                     "factor and the output brightness across frames; scene cuts restart it. 0 treats frames "
-                     "independently, 0.8 is a good video setting."},
-                ),
+                **{name: _number_input(option) for name, option in SGZ_OPTIONS.items()},
             }
         }
 

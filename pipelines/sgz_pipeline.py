@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from .image_convert import to_tensor_batch
+from .sgz_options import DOWNSCALE, RECURRENCES, STRENGTH, TEMPORAL_SMOOTHING, check_sgz_options
 from .sgz_model import (
     SHIPPED_WEIGHTS,
     EnhancementFactorEstimator,
@@ -127,10 +128,10 @@ class SGZPipeline:
     def __call__(
         self,
         images: Any,
-        downscale: float = 12,
-        recurrences: int = 8,
-        strength: float = 1.0,
-        temporal_smoothing: float = 0.0,
+        downscale: int = DOWNSCALE.default,
+        recurrences: int = RECURRENCES.default,
+        strength: float = STRENGTH.default,
+        temporal_smoothing: float = TEMPORAL_SMOOTHING.default,
         return_factor: bool = False,
         video_state: Optional[SGZVideoState] = None,
     ):
@@ -140,11 +141,12 @@ class SGZPipeline:
             images: PIL image or list of them, numpy uint8/uint16/float ``HxW[x3|x4]`` or ``NxHxWx3``, or a torch
                 float tensor ``[B, 3, H, W]`` in 0..1 (see :mod:`.image_convert`). A list of PIL images of
                 different sizes is processed image by image.
-            downscale: the factor network runs at ``round(H/s) x round(W/s)``; 12 as in the paper, 1 = full size.
-            recurrences: number of curve applications (8 in the paper); more = brighter.
-            strength: exposure control, multiplies the factor ``x_r`` (clamped to -1..1 so the curve stays
+            downscale: integer 1..64; the factor network runs at ``round(H/s) x round(W/s)``; 12 as in the paper,
+                1 = full size.
+            recurrences: number of curve applications, 0..16 (8 in the paper); more = brighter.
+            strength: exposure control, 0..4, multiplies the factor ``x_r`` (clamped to -1..1 so the curve stays
                 monotone in 0..1): 0 = identity, 1 = the model, > 1 brighter, < 1 gentler.
-            temporal_smoothing: in [0, 1): video deflicker over the batch taken as consecutive frames; 0 = off.
+            temporal_smoothing: 0..0.99: video deflicker over the batch taken as consecutive frames; 0 = off.
                 The low-resolution factor is averaged (``s_t = a * s_{t-1} + (1 - a) * x_r``) and each frame's
                 factor is then scaled (within bounds) so that its output's mean brightness follows the same
                 running average of the output brightness; scene cuts restart both (see :func:`_deflicker`).
@@ -153,8 +155,12 @@ class SGZPipeline:
             video_state: from :meth:`new_video_state`, carries smoothing across calls.
         Returns:
             The enhanced images, same kind/size/dtype as the input; or ``(images, factor)``.
+        Raises:
+            ValueError naming the parameter and its range (:mod:`.sgz_options`) when an option is out of range.
         """
-        _check_options(downscale, recurrences, strength, temporal_smoothing)
+        check_sgz_options(
+            downscale=downscale, recurrences=recurrences, strength=strength, temporal_smoothing=temporal_smoothing
+        )
         if isinstance(images, (list, tuple)) and len({getattr(im, "size", None) for im in images}) > 1:
             state = video_state if video_state is not None else self.new_video_state()
             results = [
@@ -190,7 +196,7 @@ _SERIAL_EFE_PIXELS = 256 * 256
 
 
 @contextlib.contextmanager
-def _serial_if_small(batch: torch.Tensor, downscale: float):
+def _serial_if_small(batch: torch.Tensor, downscale: int):
     height, width = lowres_size(*batch.shape[-2:], downscale)
     threads = torch.get_num_threads()
     serial = batch.device.type == "cpu" and threads > 1 and batch.shape[0] * height * width <= _SERIAL_EFE_PIXELS
@@ -201,16 +207,6 @@ def _serial_if_small(batch: torch.Tensor, downscale: float):
     finally:
         if serial:
             torch.set_num_threads(threads)
-
-
-def _check_options(downscale, recurrences, strength, temporal_smoothing) -> None:
-    lowres_size(1, 1, downscale)  # validates downscale
-    if not isinstance(recurrences, int) or isinstance(recurrences, bool) or recurrences < 0:
-        raise ValueError(f"recurrences: expected an integer >= 0, got {recurrences!r}")
-    if not (isinstance(strength, (int, float)) and math.isfinite(strength)):
-        raise ValueError(f"strength: expected a finite number (0 = identity, 1 = model), got {strength!r}")
-    if not (isinstance(temporal_smoothing, (int, float)) and 0.0 <= temporal_smoothing < 1.0):
-        raise ValueError(f"temporal_smoothing: expected a number in [0, 1), got {temporal_smoothing!r}")
 
 
 # Deflicker bounds. A frame whose input brightness differs from its running level by more than this factor (either
