@@ -1,4 +1,4 @@
-"""``python -m comfyui_lowlight ...``: the ``lowlight`` command line (see ``cli.py``)."""
+"""``python -m comfyui_lowlight ...``: the ``lowlight`` command line (see ``cli/__init__.py``)."""
 
 import sys
 

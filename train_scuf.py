@@ -1,10 +1,10 @@
 """Fine-tune SCUF LoRAs on your own unpaired low-light and normal-light photos (paper sec. 3-4, appendix A).
 
-    python -m comfyui_lowlight.train_scuf --pretrained stabilityai/sd-turbo \
+    lowlight train scuf --pretrained stabilityai/sd-turbo \
         --image_encoder openai/clip-vit-base-patch32 --low DIR --normal DIR --output DIR \
         [--captions captions.json] [--retinex_weights decomp.pth] [--resume latest]
-    python -m comfyui_lowlight.train_scuf caption --low DIR --normal DIR --output captions.json
-    accelerate launch [--num_processes N] -m comfyui_lowlight.train_scuf ...   # several GPUs / processes
+    lowlight train scuf caption --low DIR --normal DIR --output captions.json
+    accelerate launch [--num_processes N] -m comfyui_lowlight train scuf ...   # several GPUs / processes
 
 Trainable: both directions' VAE LoRA + skip convs, the image-prompt projector, the cycle-attention adapters, the
 reflectance decoder and the two discriminator heads. Frozen: UNet, text encoder, CLIP, captioner, Retinex.
@@ -22,13 +22,11 @@ Output folder:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -47,77 +45,7 @@ class DataError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ arguments
-
-
-def build_train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lowlight-train-scuf",
-        description="SCUF unsupervised fine-tuning (cycle generation with caption and reflectance consistency). "
-                    "Subcommand `caption` writes the captions file first (see `caption --help`).",
-    )
-    p.add_argument("--low", required=True, help="folder of low-light images (png/jpg/webp/..., any size, recursive)")
-    p.add_argument("--normal", required=True, help="folder of normal-light images (unpaired)")
-    p.add_argument("--output", required=True, help="output folder (checkpoints, weights, logs, validation images)")
-    p.add_argument("--pretrained", default="stabilityai/sd-turbo",
-                   help="SD-Turbo: hub id, diffusers folder, or single .safetensors file (default: %(default)s)")
-    p.add_argument("--image_encoder", default="openai/clip-vit-base-patch32",
-                   help="CLIP ViT-B/32 image tower: hub id, transformers folder or OpenAI state-dict file")
-    p.add_argument("--captions", default=None,
-                   help="captions file from the `caption` subcommand (without it caption consistency is off)")
-    p.add_argument("--retinex_weights", default=None,
-                   help="RetinexNet decomp.pth for the reflectance targets (default: classical decomposition)")
-    p.add_argument("--no_reflectance", action="store_true", help="turn reflectance consistency off")
-    p.add_argument("--init_weights", default=None,
-                   help="start from existing SCUF weights (ours .safetensors or the official .pkl) instead of the "
-                        "official fresh initialisation (an official .pkl also initialises the darken VAE)")
-    p.add_argument("--resolution", type=int, default=256, help="random crop size (default: %(default)s)")
-    p.add_argument("--resize", type=int, default=384, help="shorter side before cropping (default: %(default)s)")
-    p.add_argument("--max_train_steps", type=int, default=25000, help="iterations (paper: 25k)")
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--validation_steps", type=int, default=500, help="0 = no validation images")
-    p.add_argument("--num_validation_images", type=int, default=4)
-    p.add_argument("--resume", default=None, help="'latest' (newest checkpoint in --output) or a checkpoint folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--learning_rate", type=float, default=1e-5)
-    p.add_argument("--weight_decay", type=float, default=1e-2)
-    p.add_argument("--adam_epsilon", type=float, default=1e-8)
-    p.add_argument("--adam_beta1", type=float, default=0.9)
-    p.add_argument("--adam_beta2", type=float, default=0.999)
-    p.add_argument("--max_grad_norm", type=float, default=10.0)
-    p.add_argument("--train_batch_size", type=int, default=1, help="per process (paper: 1)")
-    p.add_argument("--lambda_idt", type=float, default=0.5)
-    p.add_argument("--lambda_gan", type=float, default=1.0)
-    p.add_argument("--lambda_cycle_lpips", type=float, default=10.0)
-    p.add_argument("--lambda_idt_lpips", type=float, default=1.0)
-    p.add_argument("--lpips", default="vgg", choices=["vgg", "alex", "off"],
-                   help="LPIPS backbone when its weights are available locally (default: %(default)s)")
-    p.add_argument("--disc_levels", type=int, default=3, help="CLIP layers the discriminators look at")
-    p.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
-                   help="default: float32 (fp16 is reported to collapse this method)")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="UNet gradient checkpointing")
-    p.add_argument("--cpu", action="store_true",
-                   help="run on CPU even if a GPU is present; several CPU processes: `accelerate launch --multi_gpu "
-                        "--num_processes N -m comfyui_lowlight.train_scuf ... --cpu` (gloo)")
-    p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
-    return p
-
-
-def build_caption_parser() -> argparse.ArgumentParser:
-    from .pipelines.captions import DEFAULT_CAPTIONER
-
-    p = argparse.ArgumentParser(prog="lowlight-train-scuf caption",
-                                description="Caption every training image once with BLIP (transformers).")
-    p.add_argument("--low", required=True)
-    p.add_argument("--normal", required=True)
-    p.add_argument("--output", required=True, help="captions file to write (.json)")
-    p.add_argument("--captioner", default=DEFAULT_CAPTIONER, help="BLIP hub id or folder (default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_new_tokens", type=int, default=30)
-    p.add_argument("--keep_night_words", action="store_true",
-                   help="keep 'night', 'dark', ... (default: mapped to day words as the official script)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    return p
+# (the parsers are in cli/train.py: ``lowlight train scuf [caption] --help`` needs no torch)
 
 
 def _check_args(args) -> None:
@@ -680,22 +608,3 @@ def caption(args) -> Path:
     save_captions(out, result, args.captioner)
     log(f"wrote {out}: {len(result['low'])} low + {len(result['normal'])} normal captions")
     return out
-
-
-def main(argv=None) -> int:
-    from .pipelines.captions import CaptionsError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "caption":
-            caption(build_caption_parser().parse_args(argv[1:]))
-        else:
-            train(build_train_parser().parse_args(argv))
-    except (DataError, CaptionsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

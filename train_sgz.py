@@ -1,6 +1,6 @@
 """Zero-shot training of the SGZ enhancement factor estimator on any folders of (low-light) images.
 
-    python -m comfyui_lowlight.train_sgz --data DIR [DIR ...] --output runs/sgz [--minutes 55] [--resume]
+    lowlight train sgz --data DIR [DIR ...] --output runs/sgz [--minutes 55] [--resume]
 
 No labels and no reference images: the EFE learns from the five non-reference losses of the paper (eq. 2-7,
 ``pipelines/sgz_losses.py``), L_sem coming from a frozen segmentation net (``pipelines/semantic_segmentation.py``).
@@ -11,7 +11,6 @@ sampler state for ``--resume``) are written atomically.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -317,66 +316,3 @@ def train(config: TrainConfig) -> dict:
         "images": len(images),
         "unreadable": len(failures),
     }
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    p = argparse.ArgumentParser(prog="lowlight-train-sgz", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", nargs="+", required=True, help="folders of training images (recursive)")
-    p.add_argument("--output", default="sgz_runs", help="checkpoint folder (default: %(default)s)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
-    p.add_argument("--minutes", type=float, help="stop after this many minutes of this invocation")
-    p.add_argument("--batch-size", type=int, default=6)
-    p.add_argument("--crop-min", type=int, default=256)
-    p.add_argument("--crop-max", type=int, default=512)
-    p.add_argument("--max-side", type=int, default=1024, help="larger images are downscaled once on load")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
-                   help="constant lr (the paper) or cosine decay to --lr-min over the step/time budget")
-    p.add_argument("--lr-min", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--grad-clip", type=float, default=0.1, help="max gradient norm")
-    p.add_argument("--train-downscale", type=float, default=12,
-                   help="resolution of the EFE while training: 12 = the inference downscale (default), "
-                        "1 = full resolution as the official code; losses always use the full-resolution output")
-    p.add_argument("--backbone", default="efficientnet-lite0", choices=["efficientnet-lite0", "resnet50"],
-                   help="frozen segmentation backbone for L_sem")
-    p.add_argument("--backbone-weights", help="backbone weights file (default: packaged lite0 / HF cache resnet-50)")
-    p.add_argument("--no-semantic", dest="semantic", action="store_false", help="train without L_sem")
-    p.add_argument("--semantic-every", type=int, default=1, metavar="N",
-                   help="evaluate L_sem only every N-th step (it costs most of a step on CPU)")
-    p.add_argument("--exposure", type=float, default=0.6, help="target exposure E of L_bri")
-    p.add_argument("--brightness-region", type=int, default=16, metavar="PX",
-                   help="side of the square cells whose means L_bri pulls to E (default: %(default)s, the official "
-                        "code); larger = more global exposure, dark regions are brightened less")
-    p.add_argument("--brightness-weight", type=float, default=1.0, help="weight of L_bri (default: %(default)s)")
-    p.add_argument("--tv-weight", type=float, default=1.0,
-                   help="weight of L_tv on the factor x_r (default: %(default)s, the paper); larger = smoother factor")
-    p.add_argument("--spatial-weight", type=float, default=1.0, help="weight of L_spa (default: %(default)s)")
-    p.add_argument("--rgb-weight", type=float, default=1.0, help="weight of L_rgb (default: %(default)s)")
-    p.add_argument("--padding-mode", choices=["zeros", "replicate"], default="zeros",
-                   help="border handling of the EFE convs: zeros (default, the official network and the shipped "
-                        "weights) or replicate (no bright band along the image edges); with --init-weights the "
-                        "file's own mode is kept")
-    p.add_argument("--darken", type=float, default=0.0, metavar="P",
-                   help="probability of scaling a crop by a random exposure factor in --darken-min..1")
-    p.add_argument("--darken-min", type=float, default=0.1)
-    p.add_argument("--init-weights", help="start from these EFE weights (fresh optimizer) instead of N(0, 0.02)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.safetensors + last_state.pt")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    args = p.parse_args(argv)
-    if args.max_steps is None and args.minutes is None:
-        p.error("give a budget: --max-steps and/or --minutes")
-    return TrainConfig(**vars(args))
-
-
-def main(argv: list[str] | None = None) -> int:
-    summary = train(parse_args(argv))
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

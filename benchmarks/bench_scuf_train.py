@@ -49,21 +49,21 @@ def main() -> int:
     parser.add_argument("--output", default=None, help="keep the run here (default: a temporary folder)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from comfyui_lowlight import train_scuf
+    from comfyui_lowlight.cli import main as lowlight
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_data(root / "data")
         output = Path(args.output) if args.output else root / "out"
         scuf = SHARED / "reference" / "scuf"
-        argv = ["--pretrained", str(scuf / "base"), "--image_encoder", str(scuf / "clip_tiny.pt"),
+        argv = ["train", "scuf", "--pretrained", str(scuf / "base"), "--image_encoder", str(scuf / "clip_tiny.pt"),
                 "--low", str(root / "data" / "low"), "--normal", str(root / "data" / "normal"),
                 "--output", str(output), "--captions", str(root / "data" / "captions.json"),
                 "--retinex_weights", str(SHARED / "reference" / "retinex" / "decomp.pth"),
                 "--resolution", str(args.resolution), "--resize", str(args.resolution + args.resolution // 4),
                 "--max_train_steps", str(args.steps), "--checkpointing_steps", str(args.steps),
                 "--validation_steps", "0", "--learning_rate", str(args.lr), "--no_progress"]
-        if train_scuf.main(argv) != 0:
+        if lowlight(argv) != 0:
             return 1
         log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
     seconds = [e["seconds"] for e in log[1:]]  # the first step includes one-off allocations

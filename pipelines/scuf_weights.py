@@ -15,12 +15,12 @@ The official checkpoint (``torch.save`` of a dict by GEFU's ``src/train.py``) is
 (three) whole VAEs; we take the LoRA and skip-conv tensors of one direction and only check the base tensors' shapes
 against the loaded base model (PEFT froze them in training, they equal SD-Turbo's VAE).
 
-Converter: ``python -m comfyui_lowlight.pipelines.scuf_weights convert OFFICIAL.pkl OUT.safetensors``.
+Converter: :func:`convert_official_file`, on the command line
+``lowlight convert-scuf OFFICIAL.pkl OUT.safetensors``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import re
@@ -186,7 +186,7 @@ def load_scuf_file(path, direction: str = "a2b", layer_names: list[str] | None =
                 raise SCUFWeightsError(
                     f"{path}: not a SCUF weights file of this project (metadata format={metadata.get('format')!r},"
                     f" expected {FORMAT_NAME!r}); convert official checkpoints with "
-                    "`python -m comfyui_lowlight.pipelines.scuf_weights convert`"
+                    "`lowlight convert-scuf`"
                 )
             if metadata.get("format_version") != FORMAT_VERSION:
                 raise SCUFWeightsError(
@@ -289,38 +289,21 @@ def copy_into(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor
             param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
 
 
-# ------------------------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------------------------------------ converter
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m comfyui_lowlight.pipelines.scuf_weights",
-        description="SCUF weights tools.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help="official GEFU checkpoint (.pkl) -> our .safetensors")
-    conv.add_argument("official", help="checkpoint written by the official src/train.py (torch.save dict)")
-    conv.add_argument("output", help="output .safetensors path")
-    conv.add_argument("--direction", default="a2b", choices=sorted(OFFICIAL_VAE_PREFIX),
-                      help="a2b = lighten (default, what official inference uses), b2a = darken")
-    conv.add_argument("--unet-config", default=None,
-                      help="UNet config.json (or folder) of the base model; default: SD-Turbo's")
-    args = parser.parse_args(argv)
-    if not args.output.endswith(".safetensors"):
-        parser.error("output must end with .safetensors")
+def convert_official_file(official, output, direction: str = "a2b", unet_config=None) -> str:
+    """Convert the official checkpoint ``official`` (one ``direction``) into our file ``output``; returns a summary.
+
+    ``unet_config``: the base model's UNet ``config.json`` (or its folder) when it is not SD-Turbo's.
+    """
     layer_names = None
-    if args.unet_config:
+    if unet_config:
         from diffusers import UNet2DConditionModel
 
-        cfg_path = args.unet_config
-        if os.path.isfile(cfg_path):
-            cfg_path = os.path.dirname(os.path.abspath(cfg_path))
-        layer_names = official_unet_layer_names(UNet2DConditionModel.load_config(cfg_path))
-    tensors, config, _, _ = load_scuf_file(args.official, args.direction, layer_names)
-    save_scuf_file(args.output, tensors, config, args.direction, source=os.path.basename(args.official))
-    print(f"wrote {args.output}: {len(tensors)} tensors, direction {args.direction}, {config.to_json()}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        if os.path.isfile(unet_config):
+            unet_config = os.path.dirname(os.path.abspath(unet_config))
+        layer_names = official_unet_layer_names(UNet2DConditionModel.load_config(unet_config))
+    tensors, config, _, _ = load_scuf_file(official, direction, layer_names)
+    save_scuf_file(output, tensors, config, direction, source=os.path.basename(official))
+    return f"wrote {output}: {len(tensors)} tensors, direction {direction}, {config.to_json()}"

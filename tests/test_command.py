@@ -91,3 +91,29 @@ def test_every_face_accepts_the_bounds_and_rejects_beyond_them(name, capsys):
     # the node's widget bounds are the pipeline's: ComfyUI refuses values outside them before the node runs
     spec = SGZEnhance.INPUT_TYPES()["required"][name][1]
     assert (spec["min"], spec["max"]) == (option.min, option.max)
+
+
+def test_convert_scuf_directions_are_the_converters():
+    from comfyui_lowlight.cli.convert_scuf import DIRECTIONS
+    from comfyui_lowlight.pipelines.scuf_weights import OFFICIAL_VAE_PREFIX
+
+    assert sorted(DIRECTIONS) == sorted(OFFICIAL_VAE_PREFIX)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--method", "scuf", "--base", "sd", "--strength", "2"], "--strength is an option of --method sgz"),
+    (["--method", "scuf", "--base", "sd", "--no-temporal-smoothing"], "--temporal-smoothing is an option of --method sgz"),
+    (["--prompt", "a photo"], "--prompt is an option of --method scuf"),
+    (["--method", "scuf"], "--method scuf needs --base"),
+    (["--method", "scuf", "--base", "sd", "--device", "cuda:1"], "--device"),
+])
+def test_enhance_refuses_options_of_the_other_method(arguments, message, capsys):
+    with pytest.raises(SystemExit) as usage_error:
+        lowlight(["enhance", "in.png", "-o", "out", *arguments])
+    assert usage_error.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_scuf_training_errors_exit_2_without_a_traceback(tmp_path, capsys):
+    code = lowlight(["train", "scuf", "caption", "--low", str(tmp_path / "none"), "--normal", str(tmp_path),
+                     "--output", str(tmp_path / "captions.json")])
+    assert code == 2 and "none" in capsys.readouterr().err

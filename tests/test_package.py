@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def test_import_and_node_listing_stay_cheap():
     """ComfyUI imports every pack at start and asks each node for its inputs: neither may pull in diffusers."""
@@ -14,16 +16,20 @@ def test_import_and_node_listing_stay_cheap():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_command_line_help_does_not_import_torch():
-    """``lowlight --help`` must answer at once: nothing heavy is imported before a subcommand needs it."""
+@pytest.mark.parametrize("command", [[], ["enhance"], ["train"], ["train", "sgz"], ["train", "scuf"],
+                                     ["train", "scuf", "caption"], ["convert-scuf"]], ids=" ".join)
+def test_command_line_help_does_not_import_torch(command):
+    """``lowlight [SUBCOMMAND] --help`` must answer at once: nothing heavy is imported before a subcommand runs."""
     code = (
-        "import sys, runpy; sys.argv = ['lowlight', '--help'];\n"
+        f"import sys, runpy; sys.argv = ['lowlight', *{command!r}, '--help'];\n"
         "try:\n    runpy.run_module('comfyui_lowlight', run_name='__main__')\n"
-        "except SystemExit:\n    pass\n"
+        "except SystemExit as done:\n    assert done.code == 0, done.code\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: lowlight {' '.join(command)}".rstrip())
 
 
 def test_pack_init_imports_outside_its_package(tmp_path):

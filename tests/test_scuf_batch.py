@@ -1,4 +1,4 @@
-"""scuf_batch under ``accelerate launch`` with 2 CPU processes on a folder of images (the tiny SCUF model of
+"""``lowlight enhance --method scuf`` under ``accelerate launch`` with 2 CPU processes on a folder of images (the tiny SCUF model of
 tests/tiny_scuf.py)."""
 
 import os
@@ -37,9 +37,8 @@ def batch_run(tmp_path_factory, scuf):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        "-m", "comfyui_lowlight.scuf_batch", "--base", str(scuf.base),
-        "--image-encoder", str(scuf.clip), "--scuf-weights", str(scuf.official),
-        "--input", str(source), "--output", str(output),
+        "-m", "comfyui_lowlight", "enhance", "--method", "scuf", "--base", str(scuf.base),
+        "--image-encoder", str(scuf.clip), "--scuf-weights", str(scuf.official), str(source), "--output", str(output),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)

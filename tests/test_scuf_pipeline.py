@@ -194,10 +194,11 @@ def test_save_pretrained_round_trip(pipe, low_image, tmp_path):
 def test_official_conversion_round_trip(pipe, scuf, official_pkl, low_image, tmp_path):
     from safetensors import safe_open
 
-    from comfyui_lowlight.pipelines.scuf_weights import main, safe_torch_load
+    from comfyui_lowlight.cli import main
+    from comfyui_lowlight.pipelines.scuf_weights import safe_torch_load
 
     out = tmp_path / "scuf_ours.safetensors"
-    assert main(["convert", str(official_pkl), str(out)]) == 0
+    assert main(["convert-scuf", str(official_pkl), str(out)]) == 0
     ours = _load(scuf, out)
     assert torch.equal(_pt(ours, low_image), _pt(pipe, low_image))
     official = safe_torch_load(official_pkl)
@@ -230,11 +231,11 @@ def test_official_conversion_round_trip(pipe, scuf, official_pkl, low_image, tmp
 
 
 def test_converter_command_line(scuf, official_pkl, tmp_path):
-    """``python -m comfyui_lowlight.pipelines.scuf_weights convert``: the darken direction, the base's UNet config."""
+    """``lowlight convert-scuf`` (``python -m comfyui_lowlight convert-scuf``): the darken direction, the base's UNet config."""
     from comfyui_lowlight.pipelines.scuf_weights import load_scuf_file
 
     out = tmp_path / "darken.safetensors"
-    command = [sys.executable, "-m", "comfyui_lowlight.pipelines.scuf_weights", "convert", str(official_pkl),
+    command = [sys.executable, "-m", "comfyui_lowlight", "convert-scuf", str(official_pkl),
                str(out), "--direction", "b2a", "--unet-config", str(scuf.base / "unet" / "config.json")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from comfyui_lowlight import train_scuf
+from comfyui_lowlight.cli import main as lowlight
 from comfyui_lowlight.pipelines.captions import (
     CaptionsError,
     load_captions,
@@ -27,6 +28,11 @@ from tiny_scuf import tiny_scuf  # noqa: F401  session fixture: the tiny SCUF mo
 LOW = ["dark0.png", "sub/dark1.jpg", "dark2.webp"]
 NORMAL = ["day0.png", "day1.jpg", "day2.png"]
 STEPS = 10
+
+
+def train_scuf_command(argv):
+    """``lowlight train scuf ARGV...`` in-process."""
+    return lowlight(["train", "scuf", *argv])
 
 
 def _image(seed: int, size, gamma: float, gain: float) -> Image.Image:
@@ -84,7 +90,7 @@ def run(scuf, data, tmp_path_factory):
     output = tmp_path_factory.mktemp("scuf_run") / "out"
     train_scuf.build_training = capture
     try:
-        assert train_scuf.main(_args(scuf, data, output)) == 0
+        assert train_scuf_command(_args(scuf, data, output)) == 0
     finally:
         train_scuf.build_training = original
     return output, captured["result"]
@@ -195,7 +201,7 @@ def test_resume_reproduces_the_uninterrupted_run(run, scuf, data, tmp_path):
     shutil.copytree(output / "checkpoint-5", resumed / "checkpoint-5")
     # as if interrupted after step 7: the log lines after the checkpoint are dropped on resume
     (resumed / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in _log(output)[:7]))
-    assert train_scuf.main(_args(scuf, data, resumed, "--resume", "latest")) == 0
+    assert train_scuf_command(_args(scuf, data, resumed, "--resume", "latest")) == 0
     full, part = _log(output), _log(resumed)
     assert [e["step"] for e in part] == list(range(1, STEPS + 1))
     for a, b in zip(full[5:], part[5:]):
@@ -245,7 +251,7 @@ def test_bad_data_fails_before_any_model_is_loaded(case, scuf, data, tmp_path, m
         captions = tmp_path / "captions.json"
         captions.write_text(json.dumps(content))
         args[args.index("--captions") + 1] = str(captions)
-    assert train_scuf.main(args) == 2
+    assert train_scuf_command(args) == 2
     assert expected in capsys.readouterr().err
 
 
@@ -301,7 +307,7 @@ def test_caption_subcommand_with_tiny_blip(data, tmp_path, capsys):
     out = tmp_path / "captions.json"
     argv = ["caption", "--low", str(data / "low"), "--normal", str(data / "normal"), "--output", str(out),
             "--captioner", str(blip), "--max_new_tokens", "5", "--device", "cpu"]
-    assert train_scuf.main(argv) == 0
+    assert train_scuf_command(argv) == 0
     captions = load_captions(out)
     assert sorted(captions["low"]) == sorted(LOW) and sorted(captions["normal"]) == sorted(NORMAL)
     texts = list(captions["low"].values()) + list(captions["normal"].values())
@@ -311,7 +317,7 @@ def test_caption_subcommand_with_tiny_blip(data, tmp_path, capsys):
     # the trainer accepts it (matched in folder order), and the file is never overwritten silently
     assert len(match_captions(captions, "low", sorted(captions["low"]))) == 3
     with pytest.raises(SystemExit, match="exists"):
-        train_scuf.main(argv)
+        train_scuf_command(argv)
 
 
 def _free_port() -> int:
@@ -331,7 +337,7 @@ def test_two_process_cpu_run_through_accelerate(scuf, data, tmp_path):
     # (torchrun) and the trainer's --cpu makes them one gloo group.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "comfyui_lowlight.train_scuf", *args, "--cpu"]
+           "--main_process_port", str(_free_port()), "-m", "comfyui_lowlight", "train", "scuf", *args, "--cpu"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout

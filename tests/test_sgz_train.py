@@ -10,6 +10,9 @@ import torch
 from PIL import Image
 
 from comfyui_lowlight import train_sgz
+from comfyui_lowlight.cli import build_parser
+from comfyui_lowlight.cli import main as lowlight
+from comfyui_lowlight.cli.train import sgz_config
 from comfyui_lowlight.pipelines import semantic_segmentation
 from comfyui_lowlight.pipelines.semantic_segmentation import build_segmentation_net
 from comfyui_lowlight.pipelines.sgz_losses import SGZLossWeights
@@ -18,6 +21,17 @@ from comfyui_lowlight.pipelines.sgz_model import (
     init_weights_for_training,
     load_sgz_weights,
 )
+
+def train_sgz_command(argv):
+    """``lowlight train sgz ARGV...`` in-process."""
+    return lowlight(["train", "sgz", *argv])
+
+
+def parse_sgz(argv):
+    """The TrainConfig ``lowlight train sgz ARGV...`` trains with."""
+    parser = build_parser()
+    return sgz_config(parser.parse_args(["train", "sgz", *argv]), parser)
+
 
 SMALL = ["--crop-min", "64", "--crop-max", "96", "--batch-size", "2", "--lr", "1e-3", "--no-progress", "--threads", "1"]
 
@@ -51,7 +65,7 @@ def _fixed_batch_loss(model, root, seed=123):
 
 def test_short_run_lowers_loss_and_writes_loadable_checkpoint(dark_images, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train_sgz.main(["--data", str(dark_images), "--output", str(out), "--max-steps", "20",
+    assert train_sgz_command(["--data", str(dark_images), "--output", str(out), "--max-steps", "20",
                            "--save-every", "10", "--padding-mode", "replicate", *SMALL]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["step"] == 20 and summary["images"] == 3 and summary["unreadable"] == 1
@@ -93,7 +107,7 @@ def test_semantic_loss_trains_offline_on_the_packaged_efficientnet(dark_images, 
 
     monkeypatch.setattr(semantic_segmentation, "build_segmentation_net", recording_build)
     out = tmp_path / "sem"
-    assert train_sgz.main(["--data", str(dark_images), "--output", str(out), "--max-steps", "2",
+    assert train_sgz_command(["--data", str(dark_images), "--output", str(out), "--max-steps", "2",
                            "--semantic-every", "1", *SMALL]) == 0
     losses = json.loads(capsys.readouterr().out)["losses"]
     assert math.isfinite(losses["sem"]) and losses["sem"] > 0
@@ -125,10 +139,10 @@ def test_semantic_loss_trains_offline_on_the_packaged_efficientnet(dark_images, 
 def test_resume_continues_from_saved_step_exactly(dark_images, tmp_path):
     common = ["--data", str(dark_images), "--save-every", "5", "--seed", "3", *SMALL]
     straight = tmp_path / "straight"
-    train_sgz.main([*common, "--output", str(straight), "--max-steps", "10"])
+    train_sgz_command([*common, "--output", str(straight), "--max-steps", "10"])
     resumed = tmp_path / "resumed"
-    train_sgz.main([*common, "--output", str(resumed), "--max-steps", "5"])
-    config = train_sgz.parse_args([*common, "--output", str(resumed), "--max-steps", "10", "--resume"])
+    train_sgz_command([*common, "--output", str(resumed), "--max-steps", "5"])
+    config = parse_sgz([*common, "--output", str(resumed), "--max-steps", "10", "--resume"])
     summary = train_sgz.train(config)
     assert summary["step"] == 10 and summary["steps_this_run"] == 5
     a = load_sgz_weights(straight / "last.safetensors").state_dict()
@@ -154,7 +168,7 @@ def test_init_weights_starts_from_checkpoint(dark_images, tmp_path):
     from comfyui_lowlight.pipelines.sgz_model import save_sgz_weights
 
     save_sgz_weights(start, tmp_path / "start.safetensors")
-    config = train_sgz.parse_args(["--data", str(dark_images), "--output", str(tmp_path / "ft"), "--max-steps", "1",
+    config = parse_sgz(["--data", str(dark_images), "--output", str(tmp_path / "ft"), "--max-steps", "1",
                                    "--init-weights", str(tmp_path / "start.safetensors"), "--no-semantic", *SMALL])
     train_sgz.train(config)
     tuned = load_sgz_weights(tmp_path / "ft" / "last.safetensors").state_dict()
@@ -164,7 +178,7 @@ def test_init_weights_starts_from_checkpoint(dark_images, tmp_path):
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
-        train_sgz.parse_args(["--data", str(tmp_path)])  # no budget
+        parse_sgz(["--data", str(tmp_path)])  # no budget
     with pytest.raises(FileNotFoundError, match="not a folder"):
         train_sgz.train(train_sgz.TrainConfig(data=[str(tmp_path / "nope")], max_steps=1))
     with pytest.raises(FileNotFoundError, match="--resume"):
@@ -174,7 +188,7 @@ def test_bad_arguments(tmp_path):
 
 def test_loss_weight_and_region_flags_reach_the_objective(dark_images, tmp_path, capsys):
     out = tmp_path / "weighted"
-    train_sgz.main(["--data", str(dark_images), "--output", str(out), "--max-steps", "1", "--no-semantic",
+    train_sgz_command(["--data", str(dark_images), "--output", str(out), "--max-steps", "1", "--no-semantic",
                     "--tv-weight", "20", "--brightness-weight", "0.5", "--brightness-region", "64",
                     "--spatial-weight", "2", "--rgb-weight", "3", *SMALL])
     losses = json.loads(capsys.readouterr().out)["losses"]

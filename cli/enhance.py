@@ -1,0 +1,265 @@
+"""``lowlight enhance``: images, folders (recursively, relative layout kept) and videos, with SGZ or SCUF.
+
+    lowlight enhance INPUT... -o OUT [--method sgz] [SGZ options]
+    lowlight enhance INPUT... -o OUT --method scuf --base SD_TURBO [SCUF options]
+    accelerate launch --num_processes 2 [--multi_gpu] -m comfyui_lowlight enhance --method scuf ...
+
+Each output keeps its input's format (16-bit PNG stays 16-bit, alpha is kept, grey stays grey) and is written
+atomically. Failures are reported per file and the run goes on; the exit code is 1 when any file failed, 2 for
+unusable arguments or weights. ``--method scuf`` enhances images only (videos are reported as failures); under
+``accelerate launch`` every process plans the same sorted job list and takes its share
+(``PartialState.split_between_processes``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+from ..pipelines.sgz_options import SGZ_OPTIONS, TEMPORAL_SMOOTHING, VIDEO_TEMPORAL_SMOOTHING
+from .plan import Job, plan_jobs
+
+METHODS = ("sgz", "scuf")
+DTYPES = ("float32", "bfloat16", "float16")
+# Each method's own options: the other method refuses them instead of silently ignoring them.
+METHOD_OPTIONS = {
+    "sgz": ("weights", *SGZ_OPTIONS, "max_frames", "chunk_size", "quality", "crf"),
+    "scuf": ("base", "image_encoder", "scuf_weights", "dtype", "tile_size", "tile_overlap", "prompt"),
+}
+
+
+def add_parser(commands) -> None:
+    enhance = commands.add_parser(
+        "enhance",
+        help="enhance images, folders (recursively) and videos with SGZ (default) or SCUF",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    enhance.set_defaults(run=functools.partial(run, parser=enhance))
+    enhance.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image or video files, or folders")
+    enhance.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
+                         help="output folder (or the output file name for a single input file)")
+    enhance.add_argument("--method", choices=METHODS, default="sgz",
+                         help="sgz: real-time zero-shot (default); scuf: one-step SD-Turbo (images only)")
+    enhance.add_argument("--device", default="auto",
+                         help="torch device: auto (default: cuda, then mps, then cpu), cpu, cuda:0, ...; with "
+                              "--method scuf only auto (accelerate gives each process its device) or cpu")
+    enhance.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+
+    sgz = enhance.add_argument_group("SGZ options (--method sgz)")
+    sgz.add_argument("--weights", type=Path, default=None,
+                     help="SGZ weights: our .safetensors or the official .pth (default: the shipped weights)")
+    for option in SGZ_OPTIONS.values():
+        if option is not TEMPORAL_SMOOTHING:
+            sgz.add_argument(option.flag, type=option.type, default=option.default,
+                             help=f"{option.help} {option.min:g}..{option.max:g} (default {option.default:g})")
+    smoothing = sgz.add_mutually_exclusive_group()
+    smoothing.add_argument(TEMPORAL_SMOOTHING.flag, type=float, default=VIDEO_TEMPORAL_SMOOTHING, metavar="S",
+                           help=f"{TEMPORAL_SMOOTHING.help} {TEMPORAL_SMOOTHING.min:g}..{TEMPORAL_SMOOTHING.max:g} "
+                                f"(default {VIDEO_TEMPORAL_SMOOTHING:g} for videos)")
+    smoothing.add_argument("--no-temporal-smoothing", dest="temporal_smoothing", action="store_const", const=0.0,
+                           help="video: enhance every frame independently")
+    sgz.add_argument("--max-frames", type=int, default=None, help="video: only the first N frames (audio cut to match)")
+    sgz.add_argument("--chunk-size", type=int, default=8, help="video: frames processed at once (memory vs speed; default 8)")
+    sgz.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    sgz.add_argument("--crf", type=int, default=18, help="H.264 quality, lower is better (default 18)")
+
+    scuf = enhance.add_argument_group("SCUF options (--method scuf)")
+    scuf.add_argument("--base", type=Path, default=None,
+                      help="SD-Turbo (required): a diffusers folder (or one written by SCUFPipeline.save_pretrained) "
+                           "or the single file sd_turbo.safetensors")
+    scuf.add_argument("--image-encoder", default=None,
+                      help="CLIP ViT-B/32: OpenAI state-dict file, transformers folder or hub id (not needed if "
+                           "--base has an image_encoder folder)")
+    scuf.add_argument("--scuf-weights", type=Path, default=None,
+                      help="SCUF weights (ours .safetensors or the official .pkl); not needed if --base has them")
+    scuf.add_argument("--dtype", choices=DTYPES, default="float32",
+                      help="compute precision (bfloat16: fast on recent CPUs; float16 keeps the VAE in float32)")
+    scuf.add_argument("--tile-size", type=int, default=None,
+                      help="process images larger than this many pixels in tiles (multiple of 8, e.g. 512)")
+    scuf.add_argument("--tile-overlap", type=int, default=64, help="tile overlap in pixels (default 64)")
+    scuf.add_argument("--prompt", default=None, help="text prompt (default: the paper's lighten prompt)")
+
+
+def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for method, names in METHOD_OPTIONS.items():
+        for name in names:
+            if method != args.method and getattr(args, name) != parser.get_default(name):
+                parser.error(f"--{name.replace('_', '-')} is an option of --method {method}, not {args.method}")
+    if args.method == "scuf":
+        if args.base is None:
+            parser.error("--method scuf needs --base (SD-Turbo: a diffusers folder or sd_turbo.safetensors)")
+        if args.device not in ("auto", "cpu"):
+            parser.error(f"--device: --method scuf takes auto or cpu, got {args.device!r}")
+        return
+    for option in SGZ_OPTIONS.values():
+        problem = option.problem(getattr(args, option.name))
+        if problem is not None:
+            parser.error(f"{option.flag}: {problem}")
+    if args.max_frames is not None and args.max_frames < 1:
+        parser.error(f"--max-frames: expected >= 1, got {args.max_frames}")
+    if args.chunk_size < 1:
+        parser.error(f"--chunk-size: expected >= 1, got {args.chunk_size}")
+    if not 1 <= args.quality <= 100:
+        parser.error(f"--quality: expected 1..100, got {args.quality}")
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _validate(args, parser)
+    return run_scuf(args) if args.method == "scuf" else run_sgz(args)
+
+
+# ------------------------------------------------------------------------------------------------------ SGZ
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class _Enhancer:
+    """Runs the pipeline on decoded pixels with the command-line settings."""
+
+    def __init__(self, pipe, args: argparse.Namespace):
+        self.pipe = pipe
+        self.args = args
+        self.settings = dict(downscale=args.downscale, recurrences=args.recurrences, strength=args.strength)
+
+    def image(self, job: Job) -> None:
+        from ..pipelines.image_io import read_image, write_image
+
+        loaded = read_image(job.source)
+        # uint8 in -> uint8 out, uint16 (16-bit PNG) in -> uint16 out: the pipeline keeps the dtype.
+        enhanced = self.pipe(loaded.pixels, **self.settings)
+        write_image(job.destination, enhanced, loaded.alpha, grayscale=loaded.grayscale,
+                    icc_profile=loaded.icc_profile, quality=self.args.quality)
+
+    def video(self, job: Job, progress_position: int) -> None:
+        from tqdm import tqdm
+
+        from ..pipelines.video_io import VideoChunk, VideoReader, VideoWriter
+
+        smoothing = self.args.temporal_smoothing
+        with VideoReader(job.source) as reader, VideoWriter(job.destination, reader, crf=self.args.crf) as writer:
+            total = reader.frame_count
+            if self.args.max_frames is not None:
+                total = min(total or self.args.max_frames, self.args.max_frames)
+            state = self.pipe.new_video_state() if smoothing > 0 else None
+            with tqdm(total=total, desc=job.source.name, unit="frame", position=progress_position, leave=False) as bar:
+                for chunk in reader.chunks(self.args.chunk_size, self.args.max_frames):
+                    # uint8 [N, H, W, 3] in and out: the pipeline's fused pass converts tile by tile.
+                    enhanced = self.pipe(chunk.frames, temporal_smoothing=smoothing, video_state=state, **self.settings)
+                    writer.write(VideoChunk(enhanced, chunk.pts))
+                    bar.update(len(chunk.pts))
+            writer.close(complete=self.args.max_frames is None)
+
+
+def _report_failure(source: Path, error: BaseException | str) -> None:
+    from tqdm import tqdm
+
+    message = str(error)
+    if str(source) not in message:
+        message = f"{source}: {message}"
+    tqdm.write(f"lowlight: failed: {message}", file=sys.stderr)
+
+
+def run_sgz(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..pipelines.sgz_pipeline import SGZPipeline
+
+    plan = plan_jobs(args.inputs, args.output)
+    for source, reason in plan.failures:
+        _report_failure(source, reason)
+    if not plan.jobs and not plan.failures:
+        print(f"lowlight: no images or videos found in {', '.join(map(str, args.inputs))}", file=sys.stderr)
+        return 2
+    try:
+        pipe = SGZPipeline.from_pretrained(args.weights, device=_resolve_device(args.device))
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"lowlight: cannot load the weights: {error}", file=sys.stderr)
+        return 2
+    enhancer = _Enhancer(pipe, args)
+    written = skipped = 0
+    failed = len(plan.failures)
+    with tqdm(plan.jobs, desc="lowlight", unit="file") as bar:
+        for job in bar:
+            if job.destination.exists() and not args.overwrite:
+                skipped += 1
+                continue
+            try:
+                job.destination.parent.mkdir(parents=True, exist_ok=True)
+                if job.is_video:
+                    enhancer.video(job, progress_position=1)
+                else:
+                    enhancer.image(job)
+                written += 1
+            except KeyboardInterrupt:
+                raise
+            except Exception as error:  # one bad file must not stop the batch; it is reported and counted
+                failed += 1
+                _report_failure(job.source, error)
+    hint = " (outputs already exist; --overwrite replaces them)" if skipped else ""
+    print(f"lowlight: {written} written, {skipped} skipped{hint}, {failed} failed")
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------------- SCUF
+
+
+def run_scuf(args: argparse.Namespace) -> int:
+    import torch
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from ..scuf_batch import enhance_file, load_pipeline
+
+    # without an accelerator, accelerate only forms a multi-process (gloo) group when asked for CPU explicitly
+    state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available())
+    tag = f"[process {state.process_index + 1}/{state.num_processes}]"
+    plan = plan_jobs(args.inputs, args.output)
+    if not plan.jobs and not plan.failures:
+        print(f"{tag} no images found in {', '.join(map(str, args.inputs))}", file=sys.stderr)
+        return 2
+    failures = [(src, why) for src, why in plan.failures]
+    jobs, skipped = [], 0
+    for job in plan.jobs:
+        if job.is_video:
+            failures.append((job.source, "videos are not supported by --method scuf (images only)"))
+        elif job.destination.exists() and not args.overwrite:
+            skipped += 1
+        else:
+            jobs.append(job)
+    if state.is_main_process:
+        for source, why in failures:
+            print(f"{tag} failed: {source}: {why}", file=sys.stderr, flush=True)
+    else:
+        failures = []  # planning failures are reported once, by the main process
+    try:
+        pipe = load_pipeline(args, state.device)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"{tag} could not load the SCUF model: {exc}", file=sys.stderr)
+        return 2
+    done = 0
+    with state.split_between_processes(jobs) as shard:
+        for job in tqdm(shard, desc=f"SCUF {tag}", disable=not state.is_main_process):
+            try:
+                enhance_file(pipe, job.source, job.destination, args.prompt)
+                done += 1
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
+                failures.append((job.source, f"{type(exc).__name__}: {exc}"))
+                tqdm.write(f"{tag} failed: {job.source}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{tag} enhanced {done} of {len(shard)} images, {len(failures)} failed"
+              + (f"; skipped {skipped} existing outputs" if state.is_main_process and skipped else ""),
+              file=sys.stderr, flush=True)
+    state.wait_for_everyone()
+    return 1 if failures else 0
