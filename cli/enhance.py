@@ -62,7 +62,8 @@ def add_parser(commands) -> None:
     smoothing.add_argument("--no-temporal-smoothing", dest="temporal_smoothing", action="store_const", const=0.0,
                            help="video: enhance every frame independently")
     sgz.add_argument("--max-frames", type=int, default=None, help="video: only the first N frames (audio cut to match)")
-    sgz.add_argument("--chunk-size", type=int, default=8, help="video: frames processed at once (memory vs speed; default 8)")
+    sgz.add_argument("--chunk-size", type=int, default=8,
+                     help="video: frames processed at once (memory vs speed; default 8)")
     sgz.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
     sgz.add_argument("--crf", type=int, default=18, help="H.264 quality, lower is better (default 18)")
 

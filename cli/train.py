@@ -17,6 +17,7 @@ import json
 import sys
 
 from ..pipelines.captions import DEFAULT_CAPTIONER
+from ..pipelines.sgz_options import DOWNSCALE
 
 SCUF_CAPTION = "caption"
 _DISPATCH_KEYS = ("command", "trainer", "run")
@@ -79,9 +80,10 @@ def _add_sgz_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-min", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--grad-clip", type=float, default=0.1, help="max gradient norm")
-    p.add_argument("--train-downscale", type=float, default=12,
-                   help="resolution of the EFE while training: 12 = the inference downscale (default), "
-                        "1 = full resolution as the official code; losses always use the full-resolution output")
+    p.add_argument("--train-downscale", type=float, default=DOWNSCALE.default,
+                   help=f"resolution of the EFE while training: {DOWNSCALE.default} = the inference downscale "
+                        "(default), 1 = full resolution as the official code; losses always use the full-resolution "
+                        "output")
     p.add_argument("--backbone", default="efficientnet-lite0", choices=["efficientnet-lite0", "resnet50"],
                    help="frozen segmentation backbone for L_sem")
     p.add_argument("--backbone-weights", help="backbone weights file (default: packaged lite0 / HF cache resnet-50)")
@@ -118,7 +120,8 @@ def sgz_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
     if args.max_steps is None and args.minutes is None:
         parser.error("give a budget: --max-steps and/or --minutes")
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
+    names = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)]
+    return TrainConfig(**{name: getattr(args, name) for name in names})
 
 
 def run_sgz(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -179,35 +182,27 @@ def _add_scuf_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
 
 
-def _scuf_errors(run):
-    """Data and captions errors end the run with exit code 2 and one line on stderr, not a traceback."""
-
-    @functools.wraps(run)
-    def wrapped(args: argparse.Namespace) -> int:
-        from ..pipelines.captions import CaptionsError
-        from ..train_scuf import DataError
-
-        # the core gets (and records in its checkpoints) its own arguments only, not the command's dispatch keys
-        core_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in _DISPATCH_KEYS})
-        try:
-            run(core_args)
-        except (DataError, CaptionsError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        return 0
-
-    return wrapped
-
-
-@_scuf_errors
-def run_scuf(args: argparse.Namespace) -> None:
+def run_scuf(args: argparse.Namespace) -> int:
     from ..train_scuf import train
 
-    train(args)
+    return _run_scuf_core(train, args)
 
 
-@_scuf_errors
-def run_scuf_caption(args: argparse.Namespace) -> None:
+def run_scuf_caption(args: argparse.Namespace) -> int:
     from ..train_scuf import caption
 
-    caption(args)
+    return _run_scuf_core(caption, args)
+
+
+def _run_scuf_core(core, args: argparse.Namespace) -> int:
+    """``core(args)`` without the command's dispatch keys (the trainer records its arguments in its checkpoints);
+    unusable data or captions end the run with exit code 2 and one line on stderr, not a traceback."""
+    from ..pipelines.captions import CaptionsError
+    from ..train_scuf import DataError
+
+    try:
+        core(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in _DISPATCH_KEYS}))
+    except (DataError, CaptionsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

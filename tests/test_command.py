@@ -102,7 +102,8 @@ def test_convert_scuf_directions_are_the_converters():
 
 @pytest.mark.parametrize("arguments, message", [
     (["--method", "scuf", "--base", "sd", "--strength", "2"], "--strength is an option of --method sgz"),
-    (["--method", "scuf", "--base", "sd", "--no-temporal-smoothing"], "--temporal-smoothing is an option of --method sgz"),
+    (["--method", "scuf", "--base", "sd", "--no-temporal-smoothing"],
+     "--temporal-smoothing is an option of --method sgz"),
     (["--prompt", "a photo"], "--prompt is an option of --method scuf"),
     (["--method", "scuf"], "--method scuf needs --base"),
     (["--method", "scuf", "--base", "sd", "--device", "cuda:1"], "--device"),
