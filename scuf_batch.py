@@ -17,20 +17,11 @@ def load_pipeline(args: argparse.Namespace, device):
 
     from .pipelines.scuf_pipeline import SCUFPipeline
 
-    dtype = getattr(torch, args.dtype)
-    kwargs = {"dtype": dtype}
-    if args.image_encoder is not None:
-        kwargs["image_encoder"] = args.image_encoder
-    if args.base.is_file():
-        pipe = SCUFPipeline.from_single_file(args.base, scuf_weights=args.scuf_weights, **kwargs)
-    else:
-        pipe = SCUFPipeline.from_pretrained(args.base, scuf_weights=args.scuf_weights, **kwargs)
+    pipe = SCUFPipeline.from_path(args.base, dtype=getattr(torch, args.dtype), image_encoder=args.image_encoder,
+                                  scuf_weights=args.scuf_weights)
     if pipe.scuf_config is None:
         raise ValueError(f"no SCUF weights: pass --scuf-weights (the base model {args.base} has none)")
     pipe.to(device)
-    pipe.image_encoder.to(dtype)
-    if dtype == torch.float16 and pipe.vae.config.force_upcast:
-        pipe.vae.to(torch.float32)  # the SD 2.x VAE overflows in float16
     if args.tile_size is not None:
         pipe.enable_vae_tiling(args.tile_size, args.tile_overlap)
     pipe.set_progress_bar_config(disable=True)

@@ -8,7 +8,8 @@
 
 Trainable: both directions' VAE LoRA + skip convs, the image-prompt projector, the cycle-attention adapters, the
 reflectance decoder and the two discriminator heads. Frozen: UNet, text encoder, CLIP, captioner, Retinex.
-The math lives in ``pipelines/scuf_training.py``; this file is data, the loop, checkpoints and logging.
+The math and the order of the updates live in ``pipelines/scuf_training.py``; this file is data, accelerate, the
+loop, checkpoints and logging.
 
 Output folder:
 * ``checkpoint-<step>/``: ``scuf_weights.safetensors`` (lighten, our format: ``SCUFPipeline.load_scuf_weights``
@@ -179,9 +180,7 @@ def load_lpips(kind: str, device, log):
 def load_pipeline(args):
     from .pipelines.scuf_pipeline import SCUFPipeline
 
-    if str(args.pretrained).endswith((".safetensors", ".ckpt")):
-        return SCUFPipeline.from_single_file(args.pretrained, image_encoder=args.image_encoder)
-    return SCUFPipeline.from_pretrained(args.pretrained, image_encoder=args.image_encoder)
+    return SCUFPipeline.from_path(args.pretrained, image_encoder=args.image_encoder)
 
 
 def build_training(args, accelerator, log):
@@ -195,11 +194,12 @@ def build_training(args, accelerator, log):
         LossWeights,
         SCUFCycleModel,
         clip_levels,
+        load_vae_weights,
         make_reflectance_decoder,
         plain_unet_twin,
         reflectance_decoder_parameters,
     )
-    from .pipelines.scuf_weights import check_compatible, copy_into, load_scuf_file, scuf_parameters
+    from .pipelines.scuf_weights import scuf_parameters
 
     device = accelerator.device
     pipe = load_pipeline(args)
@@ -216,11 +216,7 @@ def build_training(args, accelerator, log):
         if str(args.init_weights).endswith(".safetensors"):
             log(f"initialised the lighten direction from {args.init_weights}; the darken VAE starts fresh")
         else:  # an official checkpoint holds both directions
-            layer_names = [name[: -len(".processor")] for name in pipe.unet.attn_processors]
-            tensors, _, _, _ = load_scuf_file(args.init_weights, "b2a", layer_names)
-            expected = {k: v for k, v in scuf_parameters(vae_b2a, None, pipe.unet).items() if k.startswith("vae.")}
-            check_compatible(args.init_weights, expected, {k: v for k, v in tensors.items() if k in expected})
-            copy_into(expected, tensors)
+            load_vae_weights(pipe, vae_b2a, args.init_weights, "b2a")
             log(f"initialised both directions from {args.init_weights}")
     ref_vae = decomposer = None
     if args.no_reflectance:
@@ -329,14 +325,13 @@ def load_checkpoint(accelerator, path: Path, model, named, optimizers, scalers) 
     """Restore weights, optimizer/scaler and RNG state from a checkpoint; returns its step."""
     from safetensors.torch import load_file
 
-    from .pipelines.scuf_weights import copy_into, load_scuf_file, scuf_parameters
+    from .pipelines.scuf_training import load_vae_weights
+    from .pipelines.scuf_weights import copy_into
 
     state = json.loads((path / STATE_NAME).read_text())
     pipe = model.pipe
     pipe.load_scuf_weights(path / "scuf_weights.safetensors")
-    tensors, _, _, _ = load_scuf_file(path / B2A_WEIGHTS_NAME, "b2a")
-    b2a = {k: v for k, v in scuf_parameters(model.vaes["b2a"], None, pipe.unet).items() if k.startswith("vae.")}
-    copy_into(b2a, tensors)
+    load_vae_weights(pipe, model.vaes["b2a"], path / B2A_WEIGHTS_NAME, "b2a")
     extra = load_file(str(path / MODULES_NAME))
     wanted = {k: v for k, v in named.items() if k.startswith(("ref.", "disc_"))}
     if set(extra) != set(wanted):
@@ -389,56 +384,6 @@ def _update(loss, params, optimizer, scaler, accelerator, max_norm: float) -> No
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def training_iteration(model, batch, gen, opt_gen, opt_disc, gen_params, disc_params, scalers, accelerator, args):
-    """One SCUF iteration (the official update sequence, see ``pipelines/scuf_training.py``); returns losses."""
-    from .pipelines.scuf_training import gan_discriminator_loss, gan_generator_loss
-
-    low, normal, low_caption, normal_caption = batch
-    pipe = model.pipe
-    logs = {}
-
-    def total(losses: dict, prefix: str):
-        for k, v in losses.items():
-            logs[f"{prefix}_{k}"] = logs.get(f"{prefix}_{k}", 0.0) + float(v.detach())
-        return sum(losses.values())
-
-    with torch.no_grad():
-        cap_low = pipe.encode_prompt(low_caption, low.device) if low_caption is not None else None
-        cap_normal = pipe.encode_prompt(normal_caption, low.device) if normal_caption is not None else None
-        ref_low, ref_normal = model.reflectance_of(low), model.reflectance_of(normal)
-
-    for x, direction, cap, ref, name in ((low, "a2b", cap_low, ref_low, "low"),
-                                        (normal, "b2a", cap_normal, ref_normal, "normal")):
-        with accelerator.autocast():
-            loss = total(model.cycle_losses(x, direction, cap, ref, gen), f"cycle_{name}")
-        _update(loss, gen_params, opt_gen, scalers[0], accelerator, args.max_grad_norm)
-
-    with accelerator.autocast():
-        fake_normal = model.translate(low, "a2b", model.image_prompt_embedding(low, invert=True), gen).image
-        fake_low = model.translate(normal, "b2a", model.image_prompt_embedding(normal, invert=True), gen).image
-        gan = {"lighten": gan_generator_loss(model.discriminator_logits("a2b", fake_normal)) * args.lambda_gan,
-               "darken": gan_generator_loss(model.discriminator_logits("b2a", fake_low)) * args.lambda_gan}
-        loss = total(gan, "gan")
-    _update(loss, gen_params, opt_gen, scalers[0], accelerator, args.max_grad_norm)
-
-    with accelerator.autocast():
-        loss = total(model.identity_losses(normal, "a2b", cap_normal, ref_normal, gen), "idt_normal") \
-            + total(model.identity_losses(low, "b2a", cap_low, ref_low, gen), "idt_low")
-    _update(loss, gen_params, opt_gen, scalers[0], accelerator, args.max_grad_norm)
-
-    # The generator's GAN update also left gradients on the heads: the discriminator starts clean.
-    opt_disc.zero_grad(set_to_none=True)
-    for real, name in ((False, "fake"), (True, "real")):
-        with accelerator.autocast():
-            images_l = normal if real else fake_normal.detach()
-            images_d = low if real else fake_low.detach()
-            disc = {"lighten": gan_discriminator_loss(model.discriminator_logits("a2b", images_l), real) * args.lambda_gan,
-                    "darken": gan_discriminator_loss(model.discriminator_logits("b2a", images_d), real) * args.lambda_gan}
-            loss = total(disc, f"disc_{name}")
-        _update(loss, disc_params, opt_disc, scalers[1], accelerator, args.max_grad_norm)
-    return logs
 
 
 def _write_validation(model, data: UnpairedImages, output: Path, step: int, count: int) -> None:
@@ -504,6 +449,12 @@ def train(args) -> Path:
     log(f"trainable: {sum(p.numel() for p in gen_params):,} generator + {sum(p.numel() for p in disc_params):,} "
         f"discriminator parameters; {accelerator.num_processes} process(es) on {accelerator.device}")
 
+    def update(loss, which: str) -> None:
+        if which == "generator":
+            _update(loss, gen_params, opt_gen, scalers[0], accelerator, args.max_grad_norm)
+        else:
+            _update(loss, disc_params, opt_disc, scalers[1], accelerator, args.max_grad_norm)
+
     start = 0
     if args.resume:
         checkpoint = find_checkpoint(output, args.resume)
@@ -516,6 +467,8 @@ def train(args) -> Path:
         accelerator.init_trackers("scuf", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
     from tqdm.auto import tqdm
+
+    from .pipelines.scuf_training import training_iteration
 
     progress = tqdm(total=args.max_train_steps, initial=start, desc="SCUF steps",
                     disable=args.no_progress or not accelerator.is_local_main_process)
@@ -537,8 +490,7 @@ def train(args) -> Path:
         # Per-step generator: the posterior samples depend only on (seed, step, process), so resuming is exact.
         gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 4099 + rank)
         step_start = time.perf_counter()
-        logs = training_iteration(model, (low, normal, low_caption, normal_caption), gen, opt_gen, opt_disc,
-                                  gen_params, disc_params, scalers, accelerator, args)
+        logs = training_iteration(model, (low, normal, low_caption, normal_caption), gen, update, accelerator.autocast)
         if world > 1:
             keys = sorted(logs)
             values = accelerator.reduce(torch.tensor([logs[k] for k in keys], device=device), reduction="mean")

@@ -1,4 +1,5 @@
-"""The pack's model folders (``models/sgz``, ``models/scuf``) and the weights dropdowns built from them.
+"""The pack's model folders (``models/sgz``, ``models/scuf``), the weights dropdowns built from them, and the SCUF
+loader's dropdowns over ComfyUI's ``models/diffusers``, ``models/checkpoints`` and ``models/clip_vision``.
 
 ComfyUI's ``folder_paths`` is imported lazily and only if present: the pack is also imported outside ComfyUI
 (the CLI, the tests), where the dropdowns list the shipped weights in ``lora_weights/`` only.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, List
+from typing import Iterable, List, Optional, Tuple
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DIR = PACK_ROOT / "lora_weights"
@@ -108,3 +109,163 @@ def resolve_weights(folder_name: str, choice: str) -> Path:
         f"weights {choice!r} not found; put the file in one of: {', '.join(places)} "
         f"(ComfyUI model folder name {folder_name!r})"
     )
+
+
+DIFFUSERS_FOLDER, CHECKPOINTS_FOLDER, CLIP_VISION_FOLDER = "diffusers", "checkpoints", "clip_vision"
+DIFFUSERS_PREFIX, CHECKPOINTS_PREFIX = DIFFUSERS_FOLDER + "/", CHECKPOINTS_FOLDER + "/"
+# Always listed first, even before the files exist: saved workflows stay valid, and running them says where the
+# missing file goes instead of failing validation with "value not in list".
+DEFAULT_BASE = DIFFUSERS_PREFIX + "sd-turbo"
+DEFAULT_BASE_FILE = CHECKPOINTS_PREFIX + "sd_turbo.safetensors"
+DEFAULT_CLIP = "clip-vit-base-patch32"
+CLIP_FROM_BASE = "(image_encoder/ in the base model folder)"
+DEFAULT_SCUF_WEIGHTS = "scuf_lowlight.safetensors"
+
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
+CLIP_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")
+# Ours are .safetensors; the official GEFU trainer writes torch.save dicts (.pkl), read with weights_only=True.
+SCUF_EXTENSIONS = (".safetensors", ".pkl", ".pth", ".pt", ".ckpt")
+
+BASE_DOWNLOAD_HELP = (
+    "the diffusers folder of stabilityai/sd-turbo (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+    "scheduler/), or its single file sd_turbo.safetensors"
+)
+CLIP_DOWNLOAD_HELP = (
+    "the transformers folder of openai/clip-vit-base-patch32 (config.json + model.safetensors), or an OpenAI CLIP "
+    "ViT-B/32 state dict saved with torch.save(model.state_dict())"
+)
+
+
+# -------------------------------------------------------------------------- SCUF: SD-Turbo, CLIP, SCUF weights
+
+
+def _walk(folder_name: str):
+    """``(root, dirpath, subdirs, files)`` for every directory ComfyUI searches for ``folder_name`` (links followed)."""
+    for root in folder_dirs(folder_name):
+        if os.path.isdir(root):
+            for dirpath, subdirs, files in os.walk(root, followlinks=True):
+                subdirs.sort()
+                yield root, dirpath, subdirs, files
+
+
+def model_folders_with(folder_name: str, marker: str) -> List[str]:
+    """Relative paths (``/``-separated) of the folders under ``models/<folder_name>`` that contain ``marker``."""
+    found = []
+    for root, dirpath, subdirs, files in _walk(folder_name):
+        if dirpath != root and marker in files:
+            found.append(Path(os.path.relpath(dirpath, root)).as_posix())
+            subdirs[:] = []  # a model folder's own subfolders (unet/, vae/, ...) are not models
+    return sorted(set(found))
+
+
+def model_files(folder_name: str, extensions: Tuple[str, ...], skip_folders_with: Optional[str] = None) -> List[str]:
+    """Relative paths of the files under ``models/<folder_name>`` ending in ``extensions``.
+
+    Files inside a folder that contains ``skip_folders_with`` (e.g. a transformers folder's weights) are left out:
+    that folder is listed as one model instead.
+    """
+    found = []
+    for root, dirpath, subdirs, files in _walk(folder_name):
+        if skip_folders_with and dirpath != root and skip_folders_with in files:
+            subdirs[:] = []
+            continue
+        found += [
+            Path(os.path.relpath(os.path.join(dirpath, f), root)).as_posix()
+            for f in files
+            if f.lower().endswith(extensions)
+        ]
+    return sorted(set(found))
+
+
+def find_in_folder(folder_name: str, relative: str, want_dir: bool) -> Optional[Path]:
+    """The first existing ``<dir>/<relative>`` of ``models/<folder_name>`` (a directory if ``want_dir``, else a file)."""
+    for root in folder_dirs(folder_name):
+        candidate = Path(root) / relative
+        if (candidate.is_dir() if want_dir else candidate.is_file()):
+            return candidate
+    return None
+
+
+def _places(folder_name: str) -> str:
+    dirs = folder_dirs(folder_name)
+    return ", ".join(dirs) if dirs else f"ComfyUI's models/{folder_name}/"
+
+
+def _unique(items: List[str]) -> List[str]:
+    return list(dict.fromkeys(items))
+
+
+def base_choices() -> List[str]:
+    """``diffusers/<folder>`` for folders with ``model_index.json``, ``checkpoints/<file>`` for single files."""
+    folders = [DIFFUSERS_PREFIX + name for name in model_folders_with(DIFFUSERS_FOLDER, "model_index.json")]
+    files = [CHECKPOINTS_PREFIX + name for name in model_files(CHECKPOINTS_FOLDER, CHECKPOINT_EXTENSIONS)]
+    return _unique([DEFAULT_BASE] + folders + [DEFAULT_BASE_FILE] + files)
+
+
+def clip_choices() -> List[str]:
+    """CLIP image encoders: transformers folders and state-dict files in ``models/clip_vision``, or the base's own."""
+    folders = model_folders_with(CLIP_VISION_FOLDER, "config.json")
+    files = model_files(CLIP_VISION_FOLDER, CLIP_EXTENSIONS, skip_folders_with="config.json")
+    return _unique([DEFAULT_CLIP] + folders + files + [CLIP_FROM_BASE])
+
+
+def scuf_weight_choices() -> List[str]:
+    """SCUF weights: shipped ``lora_weights/scuf*.safetensors``, then every weights file in ``models/scuf``."""
+    return _unique([DEFAULT_SCUF_WEIGHTS] + shipped_weights("scuf*.safetensors")
+                   + model_files(SCUF_FOLDER, SCUF_EXTENSIONS))
+
+
+def resolve_base(choice: str) -> Path:
+    """Path of a :func:`base_choices` value (a diffusers folder or a single file); ``FileNotFoundError`` says where
+    it goes. ``SCUFPipeline.from_path`` tells the two apart."""
+    if choice.startswith(DIFFUSERS_PREFIX):
+        name = choice[len(DIFFUSERS_PREFIX):]
+        path = find_in_folder(DIFFUSERS_FOLDER, name, want_dir=True)
+        if path is not None and (path / "model_index.json").is_file():
+            return path
+        where = f"put {BASE_DOWNLOAD_HELP.split(', or')[0]} into one of: {_places(DIFFUSERS_FOLDER)} as {name}/"
+    elif choice.startswith(CHECKPOINTS_PREFIX):
+        name = choice[len(CHECKPOINTS_PREFIX):]
+        path = find_in_folder(CHECKPOINTS_FOLDER, name, want_dir=False)
+        if path is not None:
+            return path
+        where = f"put the single-file checkpoint {name} into one of: {_places(CHECKPOINTS_FOLDER)}"
+    else:
+        raise ValueError(f"model: {choice!r} is neither '{DIFFUSERS_PREFIX}<folder>' nor '{CHECKPOINTS_PREFIX}<file>'")
+    raise FileNotFoundError(
+        f"SD-Turbo base model {choice!r} not found: {where}. Download {BASE_DOWNLOAD_HELP} from "
+        "https://huggingface.co/stabilityai/sd-turbo."
+    )
+
+
+def resolve_clip(choice: str, base_path: Path) -> Optional[Path]:
+    """Path of a :func:`clip_choices` value (a folder or file); ``None`` = the base folder's ``image_encoder/``."""
+    if choice == CLIP_FROM_BASE:
+        if (base_path / "image_encoder" / "config.json").is_file():
+            return None
+        raise FileNotFoundError(
+            f"clip: the base model {base_path} has no image_encoder/ folder; choose a CLIP image encoder from "
+            f"{_places(CLIP_VISION_FOLDER)} ({CLIP_DOWNLOAD_HELP})"
+        )
+    folder = find_in_folder(CLIP_VISION_FOLDER, choice, want_dir=True)
+    if folder is not None and (folder / "config.json").is_file():
+        return folder
+    file = find_in_folder(CLIP_VISION_FOLDER, choice, want_dir=False)
+    if file is not None:
+        return file
+    raise FileNotFoundError(
+        f"CLIP image encoder {choice!r} not found: put {CLIP_DOWNLOAD_HELP} into one of: "
+        f"{_places(CLIP_VISION_FOLDER)} (a folder named {choice}/ for the transformers layout)"
+    )
+
+
+def file_stamp(path: Optional[Path]) -> tuple:
+    """Changes when the file (or a folder's files) is replaced, so that a new download is loaded, not the cache."""
+    if path is None:
+        return ()
+    if path.is_file():
+        stat = path.stat()
+        return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    stats = [(str(p.relative_to(path)), p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.rglob("*"))
+             if p.is_file()]
+    return (str(path.resolve()), tuple(stats))

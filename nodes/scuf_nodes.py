@@ -19,179 +19,32 @@ scale therefore never reloads the base model.
 from __future__ import annotations
 
 import gc
-import os
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import torch
 
 from .comfy_tensors import bchw_to_image, image_to_bchw
-from .model_folders import SCUF_FOLDER, SHIPPED_DIR, folder_dirs, resolve_weights, shipped_weights
+from .model_folders import (
+    SCUF_FOLDER,
+    SHIPPED_DIR,
+    base_choices,
+    clip_choices,
+    file_stamp,
+    folder_dirs,
+    resolve_base,
+    resolve_clip,
+    resolve_weights,
+    scuf_weight_choices,
+)
 from ..pipelines.scuf_prompts import DEFAULT_PROMPT
 
 CATEGORY = "image/lowlight"
 SCUF_PIPE = "SCUF_PIPE"
 
-DIFFUSERS_FOLDER, CHECKPOINTS_FOLDER, CLIP_VISION_FOLDER = "diffusers", "checkpoints", "clip_vision"
-DIFFUSERS_PREFIX, CHECKPOINTS_PREFIX = DIFFUSERS_FOLDER + "/", CHECKPOINTS_FOLDER + "/"
-# Always listed first, even before the files exist: saved workflows stay valid, and running them says where the
-# missing file goes instead of failing validation with "value not in list".
-DEFAULT_BASE = DIFFUSERS_PREFIX + "sd-turbo"
-DEFAULT_BASE_FILE = CHECKPOINTS_PREFIX + "sd_turbo.safetensors"
-DEFAULT_CLIP = "clip-vit-base-patch32"
-CLIP_FROM_BASE = "(image_encoder/ in the base model folder)"
-DEFAULT_SCUF_WEIGHTS = "scuf_lowlight.safetensors"
-
-CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
-CLIP_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")
-# Ours are .safetensors; the official GEFU trainer writes torch.save dicts (.pkl), read with weights_only=True.
-SCUF_EXTENSIONS = (".safetensors", ".pkl", ".pth", ".pt", ".ckpt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-BASE_DOWNLOAD_HELP = (
-    "the diffusers folder of stabilityai/sd-turbo (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-    "scheduler/), or its single file sd_turbo.safetensors"
-)
-CLIP_DOWNLOAD_HELP = (
-    "the transformers folder of openai/clip-vit-base-patch32 (config.json + model.safetensors), or an OpenAI CLIP "
-    "ViT-B/32 state dict saved with torch.save(model.state_dict())"
-)
-
-
-# ----------------------------------------------------------------------------------------- model folders
-
-
-def _walk(folder_name: str):
-    """``(root, dirpath, subdirs, files)`` for every directory ComfyUI searches for ``folder_name`` (links followed)."""
-    for root in folder_dirs(folder_name):
-        if os.path.isdir(root):
-            for dirpath, subdirs, files in os.walk(root, followlinks=True):
-                subdirs.sort()
-                yield root, dirpath, subdirs, files
-
-
-def model_folders_with(folder_name: str, marker: str) -> List[str]:
-    """Relative paths (``/``-separated) of the folders under ``models/<folder_name>`` that contain ``marker``."""
-    found = []
-    for root, dirpath, subdirs, files in _walk(folder_name):
-        if dirpath != root and marker in files:
-            found.append(Path(os.path.relpath(dirpath, root)).as_posix())
-            subdirs[:] = []  # a model folder's own subfolders (unet/, vae/, ...) are not models
-    return sorted(set(found))
-
-
-def model_files(folder_name: str, extensions: Tuple[str, ...], skip_folders_with: Optional[str] = None) -> List[str]:
-    """Relative paths of the files under ``models/<folder_name>`` ending in ``extensions``.
-
-    Files inside a folder that contains ``skip_folders_with`` (e.g. a transformers folder's weights) are left out:
-    that folder is listed as one model instead.
-    """
-    found = []
-    for root, dirpath, subdirs, files in _walk(folder_name):
-        if skip_folders_with and dirpath != root and skip_folders_with in files:
-            subdirs[:] = []
-            continue
-        found += [
-            Path(os.path.relpath(os.path.join(dirpath, f), root)).as_posix()
-            for f in files
-            if f.lower().endswith(extensions)
-        ]
-    return sorted(set(found))
-
-
-def find_in_folder(folder_name: str, relative: str, want_dir: bool) -> Optional[Path]:
-    """The first existing ``<dir>/<relative>`` of ``models/<folder_name>`` (a directory if ``want_dir``, else a file)."""
-    for root in folder_dirs(folder_name):
-        candidate = Path(root) / relative
-        if (candidate.is_dir() if want_dir else candidate.is_file()):
-            return candidate
-    return None
-
-
-def _places(folder_name: str) -> str:
-    dirs = folder_dirs(folder_name)
-    return ", ".join(dirs) if dirs else f"ComfyUI's models/{folder_name}/"
-
-
-def _unique(items: List[str]) -> List[str]:
-    return list(dict.fromkeys(items))
-
-
-def base_choices() -> List[str]:
-    """``diffusers/<folder>`` for folders with ``model_index.json``, ``checkpoints/<file>`` for single files."""
-    folders = [DIFFUSERS_PREFIX + name for name in model_folders_with(DIFFUSERS_FOLDER, "model_index.json")]
-    files = [CHECKPOINTS_PREFIX + name for name in model_files(CHECKPOINTS_FOLDER, CHECKPOINT_EXTENSIONS)]
-    return _unique([DEFAULT_BASE] + folders + [DEFAULT_BASE_FILE] + files)
-
-
-def clip_choices() -> List[str]:
-    """CLIP image encoders: transformers folders and state-dict files in ``models/clip_vision``, or the base's own."""
-    folders = model_folders_with(CLIP_VISION_FOLDER, "config.json")
-    files = model_files(CLIP_VISION_FOLDER, CLIP_EXTENSIONS, skip_folders_with="config.json")
-    return _unique([DEFAULT_CLIP] + folders + files + [CLIP_FROM_BASE])
-
-
-def scuf_weight_choices() -> List[str]:
-    """SCUF weights: shipped ``lora_weights/scuf*.safetensors``, then every weights file in ``models/scuf``."""
-    return _unique([DEFAULT_SCUF_WEIGHTS] + shipped_weights("scuf*.safetensors")
-                   + model_files(SCUF_FOLDER, SCUF_EXTENSIONS))
-
-
-def resolve_base(choice: str) -> Tuple[Path, bool]:
-    """``(path, single_file)`` of a :func:`base_choices` value; ``FileNotFoundError`` says where it goes."""
-    if choice.startswith(DIFFUSERS_PREFIX):
-        name = choice[len(DIFFUSERS_PREFIX):]
-        path = find_in_folder(DIFFUSERS_FOLDER, name, want_dir=True)
-        if path is not None and (path / "model_index.json").is_file():
-            return path, False
-        where = f"put {BASE_DOWNLOAD_HELP.split(', or')[0]} into one of: {_places(DIFFUSERS_FOLDER)} as {name}/"
-    elif choice.startswith(CHECKPOINTS_PREFIX):
-        name = choice[len(CHECKPOINTS_PREFIX):]
-        path = find_in_folder(CHECKPOINTS_FOLDER, name, want_dir=False)
-        if path is not None:
-            return path, True
-        where = f"put the single-file checkpoint {name} into one of: {_places(CHECKPOINTS_FOLDER)}"
-    else:
-        raise ValueError(f"model: {choice!r} is neither '{DIFFUSERS_PREFIX}<folder>' nor '{CHECKPOINTS_PREFIX}<file>'")
-    raise FileNotFoundError(
-        f"SD-Turbo base model {choice!r} not found: {where}. Download {BASE_DOWNLOAD_HELP} from "
-        "https://huggingface.co/stabilityai/sd-turbo."
-    )
-
-
-def resolve_clip(choice: str, base_path: Path, single_file: bool) -> Optional[Path]:
-    """Path of a :func:`clip_choices` value (a folder or file); ``None`` = the base folder's ``image_encoder/``."""
-    if choice == CLIP_FROM_BASE:
-        if not single_file and (base_path / "image_encoder" / "config.json").is_file():
-            return None
-        raise FileNotFoundError(
-            f"clip: the base model {base_path} has no image_encoder/ folder; choose a CLIP image encoder from "
-            f"{_places(CLIP_VISION_FOLDER)} ({CLIP_DOWNLOAD_HELP})"
-        )
-    folder = find_in_folder(CLIP_VISION_FOLDER, choice, want_dir=True)
-    if folder is not None and (folder / "config.json").is_file():
-        return folder
-    file = find_in_folder(CLIP_VISION_FOLDER, choice, want_dir=False)
-    if file is not None:
-        return file
-    raise FileNotFoundError(
-        f"CLIP image encoder {choice!r} not found: put {CLIP_DOWNLOAD_HELP} into one of: "
-        f"{_places(CLIP_VISION_FOLDER)} (a folder named {choice}/ for the transformers layout)"
-    )
-
-
-def _stamp(path: Optional[Path]) -> tuple:
-    """Changes when the file (or a folder's files) is replaced, so that a new download is loaded, not the cache."""
-    if path is None:
-        return ()
-    if path.is_file():
-        stat = path.stat()
-        return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    stats = [(str(p.relative_to(path)), p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.rglob("*"))
-             if p.is_file()]
-    return (str(path.resolve()), tuple(stats))
 
 
 # ------------------------------------------------------------------------------------- the SCUF_PIPE value
@@ -202,8 +55,7 @@ class SCUFBaseSpec:
     """What the base pipeline is loaded from; equal specs share one loaded pipeline."""
 
     model: str  # dropdown value, for messages
-    model_path: str
-    single_file: bool
+    model_path: str  # a diffusers folder or a single-file checkpoint
     clip_path: Optional[str]  # None: the base folder's image_encoder/
     dtype: str  # "float32" | "bfloat16" | "float16" (auto already resolved)
     stamp: tuple
@@ -211,13 +63,10 @@ class SCUFBaseSpec:
 
 @dataclass(frozen=True)
 class SCUFWeights:
-    """SCUF tensors read from one file, in this project's key format, on the CPU."""
+    """SCUF weights read once from a file (``file``: a ``SCUFWeightsFile`` on the CPU) for one base model."""
 
     name: str
-    path: str
-    tensors: Dict[str, torch.Tensor] = field(repr=False)
-    config: object  # SCUFConfig
-    base_shapes: dict = field(repr=False)
+    file: object = field(repr=False)  # SCUFWeightsFile
     token: str  # identifies this loaded content on the pipeline it was copied into
 
 
@@ -246,23 +95,14 @@ def release_base() -> None:
 def _load_base(spec: SCUFBaseSpec):
     from ..pipelines.scuf_pipeline import SCUFPipeline
 
-    dtype = DTYPES[spec.dtype]
-    kwargs = {"dtype": dtype}
-    if spec.clip_path is not None:
-        kwargs["image_encoder"] = spec.clip_path
     try:
-        if spec.single_file:
-            pipe = SCUFPipeline.from_single_file(spec.model_path, **kwargs)
-        else:
-            pipe = SCUFPipeline.from_pretrained(spec.model_path, local_files_only=True, **kwargs)
+        pipe = SCUFPipeline.from_path(spec.model_path, dtype=DTYPES[spec.dtype], image_encoder=spec.clip_path,
+                                      local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise RuntimeError(
             f"could not load the SD-Turbo base model {spec.model!r} ({spec.model_path}) with CLIP image encoder "
             f"{spec.clip_path or 'image_encoder/'}: {exc}"
         ) from exc
-    pipe.image_encoder.to(dtype)  # built from its own file, in float32
-    if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
-        pipe.vae.to(torch.float32)  # SD 2.x VAEs overflow in float16; SCUFPipeline runs the VAE in its own dtype
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -277,17 +117,11 @@ def base_pipeline(spec: SCUFBaseSpec, fresh: bool = False):
 
 def read_scuf_weights(spec: SCUFBaseSpec, name: str, path: Path) -> SCUFWeights:
     """SCUF weights from ``path`` for the base ``spec`` (cached while the file and the base stay the same)."""
-    from ..pipelines.scuf_weights import load_scuf_file
-
-    key = (_stamp(path), spec)
+    key = (file_stamp(path), spec)
     if _WEIGHTS_CACHE.get("key") != key:
-        pipe = base_pipeline(spec)
-        # Official checkpoints name the adapter layers by position: the base UNet's layer names map them to ours.
-        layer_names = [n[: -len(".processor")] for n in pipe.unet.attn_processors]
-        tensors, config, base_shapes, _ = load_scuf_file(path, "a2b", layer_names)
+        file = base_pipeline(spec).read_scuf_weights(path, "a2b")
         _WEIGHTS_CACHE.clear()
-        _WEIGHTS_CACHE.update(key=key, weights=SCUFWeights(name, str(path), tensors, config, base_shapes,
-                                                           uuid.uuid4().hex))
+        _WEIGHTS_CACHE.update(key=key, weights=SCUFWeights(name, file, uuid.uuid4().hex))
     return _WEIGHTS_CACHE["weights"]
 
 
@@ -297,20 +131,14 @@ def activate(model: SCUFModel):
         raise ValueError(
             "scuf_pipe has no SCUF weights: connect SCUF Load SD-Turbo -> Cycle-Attention Adapter Loader -> this node"
         )
-    from ..pipelines.scuf_weights import check_compatible, copy_into
-
     weights = model.weights
     pipe = base_pipeline(model.base)
     if _BASE_CACHE.get("active") == weights.token:
         return pipe
-    if pipe.scuf_config is not None and pipe.scuf_config != weights.config:
+    if pipe.scuf_config is not None and pipe.scuf_config != weights.file.config:
         pipe = base_pipeline(model.base, fresh=True)  # other LoRA rank/targets: modules cannot be re-shaped
-    if pipe.scuf_config is None:
-        pipe.init_scuf_modules(weights.config, init="none")
     _BASE_CACHE["active"] = None  # a failed copy leaves no weights marked active
-    expected = pipe.scuf_parameters()
-    check_compatible(weights.path, expected, weights.tensors, weights.base_shapes, pipe.vae.state_dict())
-    copy_into(expected, weights.tensors)
+    pipe.load_scuf_weights(weights.file)
     _BASE_CACHE["active"] = weights.token
     return pipe
 
@@ -375,12 +203,11 @@ class SCUFLoadSDTurbo:
         }
 
     def load(self, model, clip, dtype):
-        model_path, single_file = resolve_base(model)
-        clip_path = resolve_clip(clip, model_path, single_file)
+        model_path = resolve_base(model)
+        clip_path = resolve_clip(clip, model_path)
         spec = SCUFBaseSpec(
-            model=model, model_path=str(model_path), single_file=single_file,
-            clip_path=None if clip_path is None else str(clip_path), dtype=_resolve_auto_dtype(dtype),
-            stamp=(_stamp(model_path), _stamp(clip_path)),
+            model=model, model_path=str(model_path), clip_path=None if clip_path is None else str(clip_path),
+            dtype=_resolve_auto_dtype(dtype), stamp=(file_stamp(model_path), file_stamp(clip_path)),
         )
         base_pipeline(spec)
         return (SCUFModel(spec),)

@@ -234,6 +234,69 @@ def decode_with_skips(vae, latents: torch.Tensor, skips: list[torch.Tensor] | No
     return dec.conv_out(h)
 
 
+# ------------------------------------------------------------------------------------------ the one step
+
+
+def x0_from_noise(latents: torch.Tensor, noise_pred: torch.Tensor, alphas_cumprod: torch.Tensor,
+                  timestep: int) -> torch.Tensor:
+    """The clean latent predicted from the UNet's noise: ``x0 = (z - sqrt(1 - a_t) eps) / sqrt(a_t)``, float32.
+
+    What the official ``DDPMScheduler.step`` at ``timestep`` = 999 with one trailing step returns (previous alpha
+    = 1). ``latents``, ``noise_pred``: ``[B, 4, h, w]`` (scaled latents); ``alphas_cumprod``: the scheduler's.
+    """
+    alpha = alphas_cumprod[timestep].to(device=latents.device, dtype=torch.float32)
+    return (latents.float() - (1 - alpha) ** 0.5 * noise_pred.float()) / alpha ** 0.5
+
+
+def unet_x0(unet, scheduler, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """``U(z, c)`` of the paper: one UNet step at the last training timestep -> x0 ``[B, 4, h, w]`` float32.
+
+    ``latents``: scaled encoder latents ``[B, 4, h, w]``; ``context``: ``[B, T, D]`` text (+ image-prompt) tokens.
+    """
+    timestep = scheduler.config.num_train_timesteps - 1
+    t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
+    eps = unet(latents.to(unet.dtype), t, encoder_hidden_states=context.to(unet.dtype)).sample
+    return x0_from_noise(latents, eps, scheduler.alphas_cumprod, timestep)
+
+
+@dataclass
+class OneStepOutput:
+    """One SCUF pass. ``image``: ``[B, 3, H, W]`` clamped to -1..1 (the VAE's dtype); ``latent``: x0 ``[B, 4, h, w]``
+    float32 (scaled); ``encoded``: the scaled encoder latent the UNet saw; ``skips``: the encoder activations."""
+
+    image: torch.Tensor
+    latent: torch.Tensor
+    encoded: torch.Tensor
+    skips: list
+
+
+def scuf_one_step(vae, unet, scheduler, x: torch.Tensor, context: torch.Tensor, skip_gamma: float = 1.0,
+                  noise: torch.Tensor | torch.Generator | None = None) -> OneStepOutput:
+    """SCUF's generator ``D(U(E(x), c))`` (paper Algorithm 1): VAE encoder with skips, one UNet step, skip decoder.
+
+    Args:
+        vae: ``AutoencoderKL`` with SCUF modules (the direction's encoder/decoder LoRA and skip convs).
+        unet: ``UNet2DConditionModel`` with the cycle-attention adapter.
+        scheduler: SD-Turbo's (``alphas_cumprod``, ``num_train_timesteps``).
+        x: ``[B, 3, H, W]`` in -1..1, H and W multiples of 8.
+        context: ``[B, T, D]`` text embedding followed by the image-prompt tokens.
+        skip_gamma: skip strength (:attr:`SCUFConfig.skip_gamma`).
+        noise: None = posterior mean; a ``[B, 4, H / 8, W / 8]`` standard-normal tensor or a generator (drawn in
+            the posterior's dtype) = a posterior sample, as the official code.
+    """
+    vae_dtype = next(vae.parameters()).dtype
+    posterior, skips = encode_with_skips(vae, x.to(vae_dtype))
+    if isinstance(noise, torch.Generator):
+        noise = torch.randn(posterior.mean.shape, generator=noise, device=posterior.mean.device,
+                            dtype=posterior.mean.dtype)
+    latents = posterior.mean if noise is None else posterior.mean + posterior.std * noise
+    scaling = vae.config.scaling_factor
+    latents = latents * scaling
+    x0 = unet_x0(unet, scheduler, latents, context)
+    image = decode_with_skips(vae, (x0 / scaling).to(vae_dtype), skips, skip_gamma).clamp(-1, 1)
+    return OneStepOutput(image, x0, latents, skips)
+
+
 # ---------------------------------------------------------------------------------------------- projector
 
 

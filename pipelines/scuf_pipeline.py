@@ -7,7 +7,8 @@ conformance fixture ``../shared/reference/scuf/README.md`` section 8:
 2. illumination prompt ``1 - V`` (V = max(R, G, B)) -> CLIP image embedding (no resize/mean-std/positional
    embedding, L2-normalised) -> projector -> 4 tokens appended to the text embedding of the prompt;
 3. VAE encoder (with LoRA) keeping the skip activations; latent = posterior mean (default) or a sample, x 0.18215;
-4. one UNet step at timestep 999 with the cycle-attention adapter; x0 = (z - sqrt(1 - a) eps) / sqrt(a);
+4. one UNet step at timestep 999 with the cycle-attention adapter; x0 = (z - sqrt(1 - a) eps) / sqrt(a)
+   (steps 3-5: :func:`~.scuf_modules.scuf_one_step`, which training uses too);
 5. VAE decoder with the skip convs, clamp to -1..1, ``out * 0.5 + 0.5``, resized back to the input size.
 """
 
@@ -32,17 +33,17 @@ from .scuf_modules import (
     add_cycle_attn_processors,
     add_scuf_vae_modules,
     cycle_attn_processors,
-    decode_with_skips,
-    encode_with_skips,
     has_scuf_vae_modules,
     scuf_config_from_modules,
+    scuf_one_step,
     set_adapter_scale,
 )
 from .scuf_weights import (
     SCUFWeightsError,
+    SCUFWeightsFile,
     check_compatible,
     copy_into,
-    load_scuf_file,
+    read_scuf_weights,
     save_scuf_file,
     scuf_parameters,
     shipped_config_dir,
@@ -51,6 +52,8 @@ from .scuf_weights import (
 from .scuf_prompts import DARKEN_PROMPT, DEFAULT_PROMPT  # noqa: F401  (re-exported)
 
 SCUF_WEIGHTS_NAME = "scuf_weights.safetensors"
+#: A base model path with one of these endings is a single-file checkpoint (anything else: a folder or hub id).
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
 BASE_MODEL_ID = "stabilityai/sd-turbo"
 CLIP_MODEL_ID = "openai/clip-vit-base-patch32"
 BASE_MODEL_HELP = (
@@ -198,9 +201,9 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
     ``num_train_timesteps`` are used), ``image_encoder`` (CLIP ViT-B/32 ``CLIPVisionModelWithProjection``) and
     ``image_proj`` (:class:`~.scuf_modules.ImagePromptProjector`, created when weights are loaded).
 
-    Load: ``SCUFPipeline.from_pretrained("stabilityai/sd-turbo", image_encoder=..., scuf_weights=...)`` or
-    ``from_single_file("sd_turbo.safetensors", image_encoder=..., scuf_weights=...)``, or
-    :meth:`load_scuf_weights` later.
+    Load: ``SCUFPipeline.from_path(base, dtype=..., image_encoder=..., scuf_weights=...)`` for a diffusers folder,
+    hub id or single-file checkpoint (it applies the precision rules), or :meth:`from_pretrained` /
+    :meth:`from_single_file` directly; attach SCUF weights with :meth:`load_scuf_weights` (at load or later).
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->image_proj->unet->vae"
@@ -278,6 +281,43 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
             pipe.load_scuf_weights(scuf_weights)
         return pipe
 
+    @classmethod
+    def from_path(cls, base, dtype: torch.dtype | None = None, image_encoder=None, scuf_weights=None,
+                  local_files_only: bool | None = None, **kwargs) -> "SCUFPipeline":
+        """Load SD-Turbo from wherever it is, in ``dtype``, with the precision rules applied once.
+
+        Args:
+            base: a single-file checkpoint (an existing file, or a path ending in ``.safetensors``/``.ckpt``:
+                :meth:`from_single_file`), else a diffusers folder, a folder written by :meth:`save_pretrained` or a
+                hub id (:meth:`from_pretrained`).
+            dtype: weight precision (default float32). The CLIP image encoder follows it; under float16 the VAE
+                stays float32 when its config asks for it (``force_upcast``: the SD 2.x VAE overflows in float16).
+            image_encoder: model, hub id/folder or OpenAI-format file (not needed for a folder with one).
+            scuf_weights: optional SCUF weights to attach (:meth:`load_scuf_weights`).
+            local_files_only: for a folder or hub id: never reach the network.
+            **kwargs: forwarded to the loader (``tokenizer=``, ``config=``, ...).
+        """
+        path = os.fspath(base)
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if image_encoder is not None:
+            kwargs["image_encoder"] = image_encoder
+        if os.path.isfile(path) or path.lower().endswith(CHECKPOINT_EXTENSIONS):
+            pipe = cls.from_single_file(path, scuf_weights=scuf_weights, **kwargs)
+        else:
+            if local_files_only is not None:
+                kwargs["local_files_only"] = local_files_only
+            pipe = cls.from_pretrained(path, scuf_weights=scuf_weights, **kwargs)
+        pipe.apply_precision(dtype or torch.float32)
+        return pipe
+
+    def apply_precision(self, dtype: torch.dtype) -> None:
+        """The precision rules: the CLIP image encoder (built from its own file in float32) goes to ``dtype``; under
+        float16 a ``force_upcast`` VAE stays float32 (SCUFPipeline runs the VAE in its own dtype)."""
+        self.image_encoder.to(dtype)
+        if dtype == torch.float16 and self.vae.config.get("force_upcast", False):
+            self.vae.to(torch.float32)
+
     # ------------------------------------------------------------------------------ SCUF modules
 
     def init_scuf_modules(self, config: SCUFConfig | None = None, init: str = "official") -> SCUFConfig:
@@ -307,21 +347,31 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         """``{key in our weights format: live parameter}`` of every SCUF tensor."""
         return scuf_parameters(self.vae, self.image_proj, self.unet)
 
-    def load_scuf_weights(self, path, direction: str = "a2b") -> SCUFConfig:
-        """Load SCUF weights: our ``.safetensors`` or the official GEFU checkpoint (read with weights_only).
+    def read_scuf_weights(self, path, direction: str = "a2b") -> SCUFWeightsFile:
+        """Read SCUF weights for this base model without attaching them (official adapter layers, stored by
+        position, are named after this UNet's attention layers). Attach with :meth:`load_scuf_weights`."""
+        layer_names = [name[: -len(".processor")] for name in self.unet.attn_processors]
+        return read_scuf_weights(path, direction, layer_names)
+
+    def load_scuf_weights(self, weights, direction: str = "a2b") -> SCUFConfig:
+        """Attach SCUF weights: our ``.safetensors``, the official GEFU checkpoint (read with weights_only), or a
+        :class:`~.scuf_weights.SCUFWeightsFile` from :meth:`read_scuf_weights`.
+
+        The SCUF modules are created on first use; later calls copy into them (same configuration only).
 
         Args:
-            path: weights file.
+            weights: weights file or :class:`~.scuf_weights.SCUFWeightsFile`.
             direction: for official checkpoints, which VAE to use: ``"a2b"`` (lighten, default) or ``"b2a"``.
         Raises:
             SCUFWeightsError: unsafe/malformed file, or weights for another base model (lists keys and shapes).
         """
-        layer_names = [name[: -len(".processor")] for name in self.unet.attn_processors]
-        tensors, config, base_shapes, _ = load_scuf_file(path, direction, layer_names)
+        if not isinstance(weights, SCUFWeightsFile):
+            weights = self.read_scuf_weights(weights, direction)
+        path, tensors, config, base_shapes = weights.path, weights.tensors, weights.config, weights.base_shapes
         if self.scuf_config is None:
             # check on a meta-device shadow first, so that a bad file leaves this pipeline untouched
             expected, vae_state = self._meta_expected(config)
-            check_compatible(os.fspath(path), expected, tensors, base_shapes, vae_state)
+            check_compatible(path, expected, tensors, base_shapes, vae_state)
             self.init_scuf_modules(config, init="none")
         elif self.scuf_config != config:
             raise SCUFWeightsError(
@@ -329,7 +379,7 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
                 f"{self.scuf_config.to_json()}; load a fresh base model first"
             )
         expected = self.scuf_parameters()
-        check_compatible(os.fspath(path), expected, tensors, base_shapes, self.vae.state_dict())
+        check_compatible(path, expected, tensors, base_shapes, self.vae.state_dict())
         copy_into(expected, tensors)
         return config
 
@@ -392,13 +442,6 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         proj_dtype = next(self.image_proj.parameters()).dtype
         return self.image_proj(emb.to(proj_dtype))
 
-    def _one_step(self, latents: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        # Official: DDPMScheduler.step at t = 999 with one trailing step -> x0 exactly (prev alpha = 1), float32.
-        t = self.scheduler.config.num_train_timesteps - 1
-        alpha = self.scheduler.alphas_cumprod[t].to(device=latents.device, dtype=torch.float32)
-        beta = 1 - alpha
-        return (latents.float() - beta ** 0.5 * eps.float()) / alpha ** 0.5
-
     def enable_vae_tiling(self, tile_size: int = 512, tile_overlap: int = 64) -> None:
         """Process images larger than ``tile_size`` in overlapping tiles (bounded memory, feathered seams).
 
@@ -427,21 +470,12 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         return torch.cat([text.to(unet_dtype), tokens.to(unet_dtype)], dim=1)
 
     def _enhance(self, x, context, noise=None) -> torch.Tensor:
-        """One pass: ``x`` ``[B, 3, H, W]`` in -1..1 -> ``[B, 3, H, W]`` float32 in 0..1.
+        """One pass (:func:`~.scuf_modules.scuf_one_step`): ``x`` ``[B, 3, H, W]`` in -1..1 -> float32 in 0..1.
 
         ``noise``: ``[B, C, H / 8, W / 8]`` standard normal for a sampled latent, or None for the posterior mean.
         """
-        vae_dtype = next(self.vae.parameters()).dtype
-        posterior, skips = encode_with_skips(self.vae, x.to(vae_dtype))
-        latents = posterior.mean if noise is None else posterior.mean + posterior.std * noise
-        sf = self.vae.config.scaling_factor
-        latents = latents * sf
-        t = torch.tensor([self.scheduler.config.num_train_timesteps - 1], device=x.device, dtype=torch.long)
-        eps = self.unet(latents.to(self.unet.dtype), t, encoder_hidden_states=context).sample
-        x0 = self._one_step(latents, eps)
-        gamma = self.scuf_config.skip_gamma
-        decoded = decode_with_skips(self.vae, (x0 / sf).to(vae_dtype), skips, gamma).clamp(-1, 1)
-        return decoded.float() * 0.5 + 0.5
+        out = scuf_one_step(self.vae, self.unet, self.scheduler, x, context, self.scuf_config.skip_gamma, noise)
+        return out.image.float() * 0.5 + 0.5
 
     def _run_group(self, images, illum, prompts, generator, sample_latent, device):
         x = (images.to(device) - 0.5) / 0.5

@@ -31,16 +31,24 @@ the discriminators on fakes and on reals. Losses (weights in :class:`LossWeights
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .clip_image_encoder import clip_image_embedding
-from .illumination import value_channel
-from .scuf_modules import decode_with_skips, encode_with_skips, scuf_vae_trainable_parameters
+from .illumination import inverted_value_channel, value_channel
+from .scuf_modules import (
+    decode_with_skips,
+    encode_with_skips,
+    scuf_one_step,
+    scuf_vae_trainable_parameters,
+    unet_x0,
+)
 
 #: CLIP's image normalisation (the discriminator features use the standard CLIP preprocessing).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -197,6 +205,21 @@ def reflectance_decoder_parameters(ref_vae) -> dict[str, nn.Parameter]:
     return {name: p for name, p in ref_vae.named_parameters() if id(p) in trainable}
 
 
+def load_vae_weights(pipe, vae, weights, direction: str = "b2a") -> None:
+    """Copy the VAE part (LoRA + skip convs) of SCUF weights into another direction's VAE (the darken copy).
+
+    ``weights``: a file (our ``.safetensors`` or the official checkpoint, whose ``direction`` VAE is taken) or a
+    :class:`~.scuf_weights.SCUFWeightsFile`. Raises :class:`~.scuf_weights.SCUFWeightsError` when they do not fit.
+    """
+    from .scuf_weights import SCUFWeightsFile, check_compatible, copy_into, scuf_parameters
+
+    if not isinstance(weights, SCUFWeightsFile):
+        weights = pipe.read_scuf_weights(weights, direction)
+    expected = {k: v for k, v in scuf_parameters(vae, None, pipe.unet).items() if k.startswith("vae.")}
+    check_compatible(weights.path, expected, {k: v for k, v in weights.tensors.items() if k in expected})
+    copy_into(expected, weights.tensors)
+
+
 @dataclass
 class PassOutput:
     """One generator pass. ``image`` ``[B, 3, H, W]`` in -1..1; ``latent`` x0 ``[B, 4, h, w]`` (scaled);
@@ -243,8 +266,9 @@ class SCUFCycleModel:
     def image_prompt_embedding(self, images: torch.Tensor, invert: bool) -> torch.Tensor:
         """CLIP embedding ``[B, 512]`` (frozen, detached) of V or 1 - V of ``images`` (``[B, 3, H, W]`` in -1..1)."""
         with torch.no_grad():
-            v = value_channel((images * 0.5 + 0.5).clamp(0, 1))
-            return clip_image_embedding(self.pipe.image_encoder, (1.0 - v if invert else v).repeat(1, 3, 1, 1))
+            rgb = (images * 0.5 + 0.5).clamp(0, 1)
+            prompt = inverted_value_channel(rgb) if invert else value_channel(rgb)
+            return clip_image_embedding(self.pipe.image_encoder, prompt.repeat(1, 3, 1, 1))
 
     def encode(self, x: torch.Tensor, direction: str, generator: torch.Generator | None):
         """``(scaled posterior sample [B, 4, h, w], skips)`` of the direction's VAE encoder (LoRA active)."""
@@ -254,31 +278,25 @@ class SCUFCycleModel:
                             dtype=posterior.mean.dtype)
         return (posterior.mean + posterior.std * noise) * vae.config.scaling_factor, skips
 
-    def _unet_step(self, unet, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        t = torch.full((latents.shape[0],), self.pipe.scheduler.config.num_train_timesteps - 1,
-                       device=latents.device, dtype=torch.long)
-        eps = unet(latents.to(unet.dtype), t, encoder_hidden_states=context.to(unet.dtype)).sample
-        return self.pipe._one_step(latents, eps)
-
     def translate(self, x: torch.Tensor, direction: str, prompt_embedding: torch.Tensor,
-                  generator: torch.Generator | None, with_reflectance: bool = False) -> PassOutput:
-        """One generator pass of ``x`` (``[B, 3, H, W]`` in -1..1) with a CLIP image-prompt embedding ``[B, 512]``."""
-        latents, skips = self.encode(x, direction, generator)
+                  generator: torch.Generator, with_reflectance: bool = False) -> PassOutput:
+        """One generator pass of ``x`` (``[B, 3, H, W]`` in -1..1) with a CLIP image-prompt embedding ``[B, 512]``:
+        :func:`~.scuf_modules.scuf_one_step` (the pipeline's forward) on a posterior sample drawn from ``generator``."""
         tokens = self.pipe.image_proj(prompt_embedding.to(self.pipe.image_proj.dtype))
         text = self.prompts[direction].expand(x.shape[0], -1, -1)
-        x0 = self._unet_step(self.pipe.unet, latents, torch.cat([text.to(tokens.dtype), tokens], dim=1))
-        vae = self.vaes[direction]
-        sf = vae.config.scaling_factor
+        context = torch.cat([text.to(tokens.dtype), tokens], dim=1)
         gamma = self.pipe.scuf_config.skip_gamma
-        image = decode_with_skips(vae, (x0 / sf).to(x.dtype), skips, gamma).clamp(-1, 1)
+        out = scuf_one_step(self.vaes[direction], self.pipe.unet, self.pipe.scheduler, x, context, gamma,
+                            noise=generator)
         reflectance = None
         if with_reflectance and self.ref_vae is not None:
-            reflectance = torch.sigmoid(decode_with_skips(self.ref_vae, (x0 / sf).to(x.dtype), skips, gamma))
-        return PassOutput(image, x0, reflectance, latents)
+            latents = (out.latent / self.ref_vae.config.scaling_factor).to(x.dtype)
+            reflectance = torch.sigmoid(decode_with_skips(self.ref_vae, latents, out.skips, gamma))
+        return PassOutput(out.image, out.latent, reflectance, out.encoded)
 
     def caption_latent(self, encoded: torch.Tensor, caption_embedding: torch.Tensor) -> torch.Tensor:
         """Plain-UNet x0 ``[B, 4, h, w]`` for the caption prompt ``[B, 77, D]`` on an encoder latent (eq. 4)."""
-        return self._unet_step(self.caption_unet, encoded, caption_embedding)
+        return unet_x0(self.caption_unet, self.pipe.scheduler, encoded, caption_embedding)
 
     # ------------------------------------------------------------------------------------------ losses
 
@@ -333,3 +351,69 @@ class SCUFCycleModel:
         if self.decomposer is None or self.ref_vae is None:
             return None
         return self.decomposer((x.float() * 0.5 + 0.5).clamp(0, 1))[0].to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------- one iteration
+
+
+def training_iteration(model: SCUFCycleModel, batch, generator: torch.Generator,
+                       update: Callable[[torch.Tensor, str], None],
+                       autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                       ) -> dict[str, float]:
+    """One SCUF iteration in the paper's (= official) order: cycle from low, cycle from normal, generator GAN,
+    identity, then the discriminators on fakes and on reals. Returns every loss term as a float.
+
+    Args:
+        model: the :class:`SCUFCycleModel`.
+        batch: ``(low, normal, low captions or None, normal captions or None)``; images ``[B, 3, H, W]`` in -1..1.
+        generator: draws the posterior samples.
+        update: ``update(loss, "generator" | "discriminator")``: backward, gradient clip, optimizer step, zero grad
+            (the trainer's, so that it can all-reduce gradients and scale losses).
+        autocast: context manager factory around each forward (mixed precision).
+    """
+    low, normal, low_caption, normal_caption = batch
+    pipe = model.pipe
+    lambda_gan = model.w.lambda_gan
+    logs: dict[str, float] = {}
+
+    def total(losses: dict, prefix: str):
+        for k, v in losses.items():
+            logs[f"{prefix}_{k}"] = logs.get(f"{prefix}_{k}", 0.0) + float(v.detach())
+        return sum(losses.values())
+
+    with torch.no_grad():
+        cap_low = pipe.encode_prompt(low_caption, low.device) if low_caption is not None else None
+        cap_normal = pipe.encode_prompt(normal_caption, low.device) if normal_caption is not None else None
+        ref_low, ref_normal = model.reflectance_of(low), model.reflectance_of(normal)
+
+    for x, direction, cap, ref, name in ((low, "a2b", cap_low, ref_low, "low"),
+                                        (normal, "b2a", cap_normal, ref_normal, "normal")):
+        with autocast():
+            loss = total(model.cycle_losses(x, direction, cap, ref, generator), f"cycle_{name}")
+        update(loss, "generator")
+
+    with autocast():
+        fake_normal = model.translate(low, "a2b", model.image_prompt_embedding(low, invert=True), generator).image
+        fake_low = model.translate(normal, "b2a", model.image_prompt_embedding(normal, invert=True), generator).image
+        gan = {"lighten": gan_generator_loss(model.discriminator_logits("a2b", fake_normal)) * lambda_gan,
+               "darken": gan_generator_loss(model.discriminator_logits("b2a", fake_low)) * lambda_gan}
+        loss = total(gan, "gan")
+    update(loss, "generator")
+
+    with autocast():
+        loss = total(model.identity_losses(normal, "a2b", cap_normal, ref_normal, generator), "idt_normal") \
+            + total(model.identity_losses(low, "b2a", cap_low, ref_low, generator), "idt_low")
+    update(loss, "generator")
+
+    # The generator's GAN update also left gradients on the heads: the discriminator starts clean.
+    for head in model.discs.values():
+        head.zero_grad(set_to_none=True)
+    for real, name in ((False, "fake"), (True, "real")):
+        with autocast():
+            images_l = normal if real else fake_normal.detach()
+            images_d = low if real else fake_low.detach()
+            disc = {"lighten": gan_discriminator_loss(model.discriminator_logits("a2b", images_l), real) * lambda_gan,
+                    "darken": gan_discriminator_loss(model.discriminator_logits("b2a", images_d), real) * lambda_gan}
+            loss = total(disc, f"disc_{name}")
+        update(loss, "discriminator")
+    return logs

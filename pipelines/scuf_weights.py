@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -198,6 +199,27 @@ def load_scuf_file(path, direction: str = "a2b", layer_names: list[str] | None =
     ckpt = safe_torch_load(path)
     tensors, config, base_shapes = convert_official_checkpoint(ckpt, direction, layer_names, path)
     return tensors, config, base_shapes, {"direction": direction, "source": os.path.basename(path)}
+
+
+@dataclass(frozen=True)
+class SCUFWeightsFile:
+    """SCUF weights read from one file (:func:`read_scuf_weights`), in our key format, on the CPU.
+
+    ``base_shapes``: ``{vae key: shape}`` of the base tensors an official checkpoint stores (empty for ours), checked
+    against the base model when the weights are attached.
+    """
+
+    path: str
+    tensors: dict = field(repr=False)
+    config: SCUFConfig
+    base_shapes: dict = field(repr=False)
+    metadata: dict
+
+
+def read_scuf_weights(path, direction: str = "a2b", layer_names: list[str] | None = None) -> SCUFWeightsFile:
+    """:func:`load_scuf_file` as one value, for attaching later (``SCUFPipeline.load_scuf_weights``)."""
+    tensors, config, base_shapes, metadata = load_scuf_file(path, direction, layer_names)
+    return SCUFWeightsFile(os.fspath(path), tensors, config, base_shapes, metadata)
 
 
 def save_scuf_file(path, tensors: dict[str, torch.Tensor], config: SCUFConfig, direction: str = "a2b",

@@ -118,7 +118,7 @@ def test_dropdowns_list_model_folders_and_keep_the_defaults(comfy):
     model = SCUFLoadSDTurbo.INPUT_TYPES()["required"]["model"][0]
     assert model == ["diffusers/sd-turbo", "diffusers/nested/other-base", "checkpoints/sd_turbo.safetensors"]
     clip = SCUFLoadSDTurbo.INPUT_TYPES()["required"]["clip"][0]
-    assert clip == ["clip-vit-base-patch32", "vit-b-32", "ViT-B-32.pt", scuf_nodes.CLIP_FROM_BASE]
+    assert clip == ["clip-vit-base-patch32", "vit-b-32", "ViT-B-32.pt", model_folders.CLIP_FROM_BASE]
     weights = SCUFAdapterLoader.INPUT_TYPES()["required"]["scuf_weights"][0]
     assert weights[0] == "scuf_lowlight.safetensors" and {"ours.safetensors", "official.pkl"} <= set(weights)
     assert "readme.md" not in weights
@@ -126,8 +126,8 @@ def test_dropdowns_list_model_folders_and_keep_the_defaults(comfy):
 
 def test_dropdowns_outside_comfyui_keep_only_the_defaults(monkeypatch):
     monkeypatch.setitem(sys.modules, "folder_paths", None)  # import fails: not inside ComfyUI
-    assert scuf_nodes.base_choices() == ["diffusers/sd-turbo", "checkpoints/sd_turbo.safetensors"]
-    assert scuf_nodes.clip_choices() == ["clip-vit-base-patch32", scuf_nodes.CLIP_FROM_BASE]
+    assert model_folders.base_choices() == ["diffusers/sd-turbo", "checkpoints/sd_turbo.safetensors"]
+    assert model_folders.clip_choices() == ["clip-vit-base-patch32", model_folders.CLIP_FROM_BASE]
 
 
 def test_missing_files_name_the_file_and_the_folder(comfy):

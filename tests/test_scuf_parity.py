@@ -69,7 +69,7 @@ def test_scheduler_constant(pipe, golden):
 @pytest.mark.parametrize("case", CASES)
 def test_intermediates(pipe, golden, scuf_dir, case):
     from comfyui_lowlight.pipelines.illumination import inverted_value_channel
-    from comfyui_lowlight.pipelines.scuf_modules import decode_with_skips, encode_with_skips
+    from comfyui_lowlight.pipelines.scuf_modules import decode_with_skips, encode_with_skips, x0_from_noise
     from comfyui_lowlight.pipelines.scuf_pipeline import DEFAULT_PROMPT, prepare_image
 
     image, size = prepare_image(_input(scuf_dir, case))
@@ -95,7 +95,7 @@ def test_intermediates(pipe, golden, scuf_dir, case):
         context = torch.cat([pipe.encode_prompt(DEFAULT_PROMPT, "cpu"), tokens], dim=1)
         eps = pipe.unet(latents, torch.tensor([999]), encoder_hidden_states=context).sample
         assert _max_diff(eps, golden[f"{case}_model_pred"]) <= 5e-5
-        x0 = pipe._one_step(latents, eps)
+        x0 = x0_from_noise(latents, eps, pipe.scheduler.alphas_cumprod, 999)
         assert _max_diff(x0, golden[f"{case}_x_out"]) <= 5e-4
         out = decode_with_skips(pipe.vae, x0 / pipe.vae.config.scaling_factor, skips).clamp(-1, 1) * 0.5 + 0.5
         assert _max_diff(out[0], golden[f"{case}_output"]) <= 1e-4

@@ -76,3 +76,18 @@ def test_float16_with_float32_vae(scuf, float32_outputs):
     error = np.abs(out - float32_outputs["img96x80"])
     assert out.dtype == np.float32 and np.isfinite(out).all()
     assert error.mean() <= MEAN_TOLERANCE and error.max() <= MAX_TOLERANCE
+
+
+def test_from_path_applies_the_precision_rules(scuf):
+    """``SCUFPipeline.from_path``: CLIP follows the dtype, the ``force_upcast`` VAE stays float32 under float16 only."""
+    from comfyui_lowlight.pipelines import SCUFPipeline
+
+    half = SCUFPipeline.from_path(scuf.base, dtype=torch.float16, image_encoder=scuf.clip, scuf_weights=scuf.official)
+    assert next(half.unet.parameters()).dtype == torch.float16
+    assert {p.dtype for p in half.image_encoder.parameters()} == {torch.float16}
+    assert {p.dtype for p in half.vae.parameters()} == {torch.float32}  # LoRA and skip convs included
+    assert half.scuf_config is not None
+    bf16 = SCUFPipeline.from_path(scuf.base, dtype=torch.bfloat16, image_encoder=scuf.clip)
+    assert {p.dtype for p in bf16.vae.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bf16.image_encoder.parameters()} == {torch.bfloat16}
+    assert bf16.scuf_config is None

@@ -141,12 +141,15 @@ def single_file(scuf, tmp_path_factory) -> Path:
     return path
 
 
-def test_from_single_file_matches_from_pretrained(scuf, single_file):
+def test_from_path_single_file_matches_folder(scuf, single_file, tmp_path):
+    """``from_path`` sends a file to ``from_single_file`` and a folder to ``from_pretrained``: same weights."""
     from comfyui_lowlight.pipelines import SCUFPipeline
 
     kwargs = dict(image_encoder=scuf.clip, scuf_weights=scuf.official)
-    from_file = SCUFPipeline.from_single_file(single_file, config=str(scuf.base), **kwargs)
-    from_folder = SCUFPipeline.from_pretrained(scuf.base, **kwargs)
+    from_file = SCUFPipeline.from_path(single_file, config=str(scuf.base), **kwargs)
+    from_folder = SCUFPipeline.from_path(scuf.base, **kwargs)
+    with pytest.raises(FileNotFoundError, match="SD-Turbo checkpoint not found"):
+        SCUFPipeline.from_path(tmp_path / "missing.safetensors", **kwargs)  # a checkpoint name, not a folder
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(from_file, name).state_dict(), getattr(from_folder, name).state_dict()
         assert a.keys() == b.keys(), name

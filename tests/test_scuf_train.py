@@ -163,6 +163,25 @@ def test_trained_parameters_changed_and_frozen_unchanged(run, scuf, initial_pipe
     assert not any(p.requires_grad for p in list(pipe.unet.parameters()) if p not in set(gen_params))
 
 
+def test_training_iteration_follows_the_paper_order(run):
+    """One iteration: cycle from low, cycle from normal, GAN, identity, then the discriminator on fakes and reals."""
+    from comfyui_lowlight.pipelines.scuf_training import training_iteration
+
+    _, (model, _, _, _) = run
+    updates = []
+
+    def update(loss, which):
+        assert loss.ndim == 0 and loss.requires_grad
+        updates.append(which)
+
+    low, normal = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    logs = training_iteration(model, (low, normal, ["a dark street"], ["a street"]), torch.Generator().manual_seed(0),
+                              update)
+    assert updates == ["generator"] * 4 + ["discriminator"] * 2
+    assert {"cycle_low_cycle", "cycle_normal_cycle", "gan_lighten", "idt_normal_identity", "disc_fake_lighten",
+            "disc_real_darken"} <= set(logs)
+
+
 def test_checkpoint_loads_into_pipeline_and_changes_output(run, scuf, initial_pipe):
     from comfyui_lowlight.pipelines.scuf_weights import load_scuf_file
 
@@ -177,7 +196,7 @@ def test_checkpoint_loads_into_pipeline_and_changes_output(run, scuf, initial_pi
     # the ComfyUI adapter loader reads the same file into its cached base pipeline
     from comfyui_lowlight.nodes import scuf_nodes
 
-    spec = scuf_nodes.SCUFBaseSpec(model="tiny", model_path=str(scuf.base), single_file=False,
+    spec = scuf_nodes.SCUFBaseSpec(model="tiny", model_path=str(scuf.base),
                                    clip_path=str(scuf.clip), dtype="float32", stamp=())
     try:
         weights = scuf_nodes.read_scuf_weights(spec, "trained", output / "checkpoint-10" / "scuf_weights.safetensors")
