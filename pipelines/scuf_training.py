@@ -1,20 +1,22 @@
 """SCUF unsupervised fine-tuning: cycle generation, losses, CLIP discriminators, reflectance decoder (paper sec. 3-4).
 
-The math of one training iteration, shared by ``train_scuf.py`` (the command line) and the tests. Notation:
+The math and the update order of one training iteration, shared by ``train_scuf.py`` (data, accelerate, the loop,
+checkpoints) and the tests. Notation:
 ``low`` = domain A (low-light), ``normal`` = domain B; ``a2b`` = lighten (``pipe.vae``, the direction our
 inference weights hold), ``b2a`` = darken (its own VAE copy). One generator pass of direction ``d`` is
-(:meth:`SCUFCycleModel.translate`)::
+(:meth:`SCUFCycleModel.translate`; the first three lines are :func:`~.scuf_modules.scuf_one_step`, the forward
+``SCUFPipeline`` runs)::
 
     skips, z = E_d(x)                      # VAE encoder with LoRA_d, posterior *sample* (official training)
-    x0 = one_step(z, UNet(z, 999, [text_d ; projector(CLIP(image prompt))]))   # cycle-attention adapter
+    x0 = x0_from_noise(z, UNet(z, 999, [text_d ; projector(CLIP(image prompt))]))   # cycle-attention adapter
     y  = D_d(x0, skips).clamp(-1, 1)       # VAE decoder with LoRA_d and skip convs
     R  = sigmoid(D_ref(x0, skips))         # reflectance decoder (a third VAE decoder with its own LoRA/skips)
 
 Image prompts follow the paper's Algorithm 1 (= official ``train.py``): the first pass of a cycle uses 1 - V of its
 input, the second pass uses V of the *original* image; identity passes use V of their input.
 
-One iteration = the official sequence of updates (each its own backward, gradient clip and optimizer step, which
-keeps peak memory at about two generator passes): cycle from low, cycle from normal, generator GAN, identity, then
+One iteration (:func:`training_iteration`) = the official sequence of updates (each its own backward, gradient clip
+and optimizer step, which keeps peak memory at about two generator passes): cycle from low, cycle from normal, generator GAN, identity, then
 the discriminators on fakes and on reals. Losses (weights in :class:`LossWeights`):
 
 * cycle: L1 (+ LPIPS when available) between the input and its reconstruction;
