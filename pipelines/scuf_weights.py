@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .image_io import atomic_output
+from .atomic_files import atomic_output
 from .scuf_modules import VAE_ADAPTER_NAME, SCUFConfig
 
 
