@@ -42,7 +42,7 @@ def load_600x400(path: Path) -> torch.Tensor:
 @torch.no_grad()
 def response(model, images: list[torch.Tensor]) -> tuple[float, float]:
     """(mean output brightness 0-255, mean per-channel spatial std of the factor) over ``images``."""
-    from comfyui_lowlight.pipelines.sgz_model import enhance, estimate_factor_lowres
+    from comfyui_lowlight.pipelines.sgz.model import enhance, estimate_factor_lowres
 
     outputs, spreads = [], []
     for image in images:
@@ -53,7 +53,7 @@ def response(model, images: list[torch.Tensor]) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS, load_sgz_weights
+    from comfyui_lowlight.pipelines.sgz.model import SHIPPED_WEIGHTS, load_sgz_weights
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_weights_arguments(p)

@@ -28,10 +28,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from comfyui_lowlight.pipelines.sgz_options import VIDEO_TEMPORAL_SMOOTHING
+from comfyui_lowlight.pipelines.sgz.options import VIDEO_TEMPORAL_SMOOTHING
 from comfyui_lowlight.pipelines import SGZPipeline
-from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS
-from comfyui_lowlight.pipelines.video_io import VideoReader
+from comfyui_lowlight.pipelines.sgz.model import SHIPPED_WEIGHTS
+from comfyui_lowlight.pipelines.media.video_io import VideoReader
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"

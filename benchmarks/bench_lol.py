@@ -41,7 +41,7 @@ def score(outputs: list[np.ndarray], pairs) -> tuple[float, float]:
 
 @torch.no_grad()
 def enhance_u8(model, low: np.ndarray, downscale: float) -> np.ndarray:
-    from comfyui_lowlight.pipelines.sgz_model import enhance, estimate_factor_lowres
+    from comfyui_lowlight.pipelines.sgz.model import enhance, estimate_factor_lowres
 
     image = torch.from_numpy(low.copy()).permute(2, 0, 1)[None].float() / 255.0
     out = enhance(image, estimate_factor_lowres(model, image, downscale), out_dtype=torch.uint8)
@@ -49,7 +49,7 @@ def enhance_u8(model, low: np.ndarray, downscale: float) -> np.ndarray:
 
 
 def evaluate(weights: Path, pairs, downscale: float) -> tuple[float, float]:
-    from comfyui_lowlight.pipelines.sgz_model import load_sgz_weights
+    from comfyui_lowlight.pipelines.sgz.model import load_sgz_weights
 
     model = load_sgz_weights(weights)
     return score([enhance_u8(model, low, downscale) for _, low, _ in pairs], pairs)
@@ -73,7 +73,7 @@ def weights_to_measure(parser: argparse.ArgumentParser, args, defaults: list) ->
 
 
 def main(argv=None) -> int:
-    from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS
+    from comfyui_lowlight.pipelines.sgz.model import SHIPPED_WEIGHTS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_weights_arguments(p)

@@ -1,6 +1,6 @@
 """SCUF speed and memory on a full-size SD-Turbo architecture with random weights (nothing is downloaded).
 
-UNet, VAE and text encoder are built from the configs shipped in ``pipelines/configs/sd-turbo`` (865 M + 84 M +
+UNet, VAE and text encoder are built from the configs shipped in ``pipelines/scuf/configs/sd-turbo`` (865 M + 84 M +
 340 M parameters), the image encoder is a random CLIP ViT-B/32 vision tower (transformers config), the SCUF
 modules get their official initialisation. The tokenizer is the fixture's tiny BPE (its ids are valid for the
 full vocabulary; tokenisation cost is negligible). Random weights compute exactly as many FLOPs as trained ones.
@@ -35,7 +35,7 @@ def build_full_size_pipeline(precision: str, seed: int = 0, channels_last: bool 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, \
         CLIPVisionModelWithProjection
 
-    from comfyui_lowlight.pipelines.scuf_pipeline import SCUFPipeline, shipped_config_dir
+    from comfyui_lowlight.pipelines.scuf.pipeline import SCUFPipeline, shipped_config_dir
 
     config_dir = Path(shipped_config_dir())
     torch.manual_seed(seed)
@@ -73,9 +73,9 @@ def _breakdown(pipe, image) -> dict[str, float]:
     """Seconds per stage for one image, calling the pipeline's pieces in its order."""
     import torch
 
-    from comfyui_lowlight.pipelines.illumination import inverted_value_channel
-    from comfyui_lowlight.pipelines.scuf_modules import decode_with_skips, encode_with_skips
-    from comfyui_lowlight.pipelines.scuf_pipeline import DEFAULT_PROMPT
+    from comfyui_lowlight.pipelines.media.illumination import inverted_value_channel
+    from comfyui_lowlight.pipelines.scuf.modules import decode_with_skips, encode_with_skips
+    from comfyui_lowlight.pipelines.scuf.pipeline import DEFAULT_PROMPT
 
     times = {}
     x = image[None] * 2 - 1

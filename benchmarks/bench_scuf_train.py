@@ -26,7 +26,7 @@ SHARED = REPO.parent / "shared"
 
 
 def make_data(root: Path, count: int = 6) -> None:
-    from comfyui_lowlight.pipelines.captions import save_captions
+    from comfyui_lowlight.pipelines.scuf.captions import save_captions
 
     rng = np.random.default_rng(0)
     captions = {"low": {}, "normal": {}}

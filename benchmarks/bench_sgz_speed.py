@@ -32,8 +32,8 @@ DOWNSCALE, RECURRENCES = 12, 8
 
 
 def _import_package():
-    from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS  # the package is installed (pip install -e .)
-    from comfyui_lowlight.pipelines.sgz_pipeline import SGZPipeline
+    from comfyui_lowlight.pipelines.sgz.model import SHIPPED_WEIGHTS  # the package is installed (pip install -e .)
+    from comfyui_lowlight.pipelines.sgz.pipeline import SGZPipeline
 
     return SGZPipeline, SHIPPED_WEIGHTS
 

@@ -41,8 +41,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images" / "sgz_exposure.png")
     args = parser.parse_args()
 
-    from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS
-    from comfyui_lowlight.pipelines.sgz_pipeline import SGZPipeline
+    from comfyui_lowlight.pipelines.sgz.model import SHIPPED_WEIGHTS
+    from comfyui_lowlight.pipelines.sgz.pipeline import SGZPipeline
 
     weights = args.weights or (SHIPPED_WEIGHTS if SHIPPED_WEIGHTS.is_file() else
                                SHARED / "reference" / "sgz" / "Epoch99.pth")

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from comfyui_lowlight.pipelines.sgz_options import VIDEO_TEMPORAL_SMOOTHING
+from comfyui_lowlight.pipelines.sgz.options import VIDEO_TEMPORAL_SMOOTHING
 from comfyui_lowlight.pipelines import SGZPipeline
-from comfyui_lowlight.pipelines.atomic_files import atomic_output
-from comfyui_lowlight.pipelines.image_io import read_image
-from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS
-from comfyui_lowlight.pipelines.video_io import VideoReader
+from comfyui_lowlight.pipelines.media.atomic_files import atomic_output
+from comfyui_lowlight.pipelines.media.image_io import read_image
+from comfyui_lowlight.pipelines.sgz.model import SHIPPED_WEIGHTS
+from comfyui_lowlight.pipelines.media.video_io import VideoReader
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"

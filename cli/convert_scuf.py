@@ -27,7 +27,7 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.output.endswith(".safetensors"):
         parser.error("output must end with .safetensors")
-    from ..pipelines.scuf_weights import convert_official_file
+    from ..pipelines.scuf.weights import convert_official_file
 
     print(convert_official_file(args.official, args.output, args.direction, args.unet_config))
     return 0

@@ -18,7 +18,7 @@ import functools
 import sys
 from pathlib import Path
 
-from ..pipelines.sgz_options import SGZ_OPTIONS, TEMPORAL_SMOOTHING, VIDEO_TEMPORAL_SMOOTHING
+from ..pipelines.sgz.options import SGZ_OPTIONS, TEMPORAL_SMOOTHING, VIDEO_TEMPORAL_SMOOTHING
 from .plan import Job, plan_jobs
 
 METHODS = ("sgz", "scuf")
@@ -136,7 +136,7 @@ class _Enhancer:
         self.settings = dict(downscale=args.downscale, recurrences=args.recurrences, strength=args.strength)
 
     def image(self, job: Job) -> None:
-        from ..pipelines.image_io import read_image, write_image
+        from ..pipelines.media.image_io import read_image, write_image
 
         loaded = read_image(job.source)
         # uint8 in -> uint8 out, uint16 (16-bit PNG) in -> uint16 out: the pipeline keeps the dtype.
@@ -147,7 +147,7 @@ class _Enhancer:
     def video(self, job: Job, progress_position: int) -> None:
         from tqdm import tqdm
 
-        from ..pipelines.video_io import VideoChunk, VideoReader, VideoWriter
+        from ..pipelines.media.video_io import VideoChunk, VideoReader, VideoWriter
 
         smoothing = self.args.temporal_smoothing
         with VideoReader(job.source) as reader, VideoWriter(job.destination, reader, crf=self.args.crf) as writer:
@@ -176,7 +176,7 @@ def _report_failure(source: Path, error: BaseException | str) -> None:
 def run_sgz(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..pipelines.sgz_pipeline import SGZPipeline
+    from ..pipelines.sgz.pipeline import SGZPipeline
 
     plan = plan_jobs(args.inputs, args.output)
     for source, reason in plan.failures:
@@ -222,7 +222,7 @@ def run_scuf(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from ..scuf_batch import enhance_file, load_pipeline
+    from ..pipelines.scuf.batch import enhance_file, load_pipeline
 
     # without an accelerator, accelerate only forms a multi-process (gloo) group when asked for CPU explicitly
     state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available())

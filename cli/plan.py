@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..pipelines.image_io import IMAGE_EXTENSIONS
-from ..pipelines.video_io import VIDEO_EXTENSIONS
+from ..pipelines.media.image_io import IMAGE_EXTENSIONS
+from ..pipelines.media.video_io import VIDEO_EXTENSIONS
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""``lowlight train sgz|scuf``: the trainers' command lines (``train_sgz.py``, ``train_scuf.py`` are the cores).
+"""``lowlight train sgz|scuf``: the trainers' command lines (``pipelines/sgz/trainer.py``, ``pipelines/scuf/trainer.py`` are the cores).
 
     lowlight train sgz --data DIR [DIR ...] --output runs/sgz [--minutes 55] [--resume]
     lowlight train scuf caption --low DIR --normal DIR --output captions.json
@@ -16,8 +16,8 @@ import functools
 import json
 import sys
 
-from ..pipelines.captions import DEFAULT_CAPTIONER
-from ..pipelines.sgz_options import DOWNSCALE
+from ..pipelines.scuf.captions import DEFAULT_CAPTIONER
+from ..pipelines.sgz.options import DOWNSCALE
 
 SCUF_CAPTION = "caption"
 _DISPATCH_KEYS = ("command", "trainer", "run")
@@ -115,8 +115,8 @@ def _add_sgz_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sgz_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    """The :class:`~comfyui_lowlight.train_sgz.TrainConfig` of parsed ``lowlight train sgz`` arguments."""
-    from ..train_sgz import TrainConfig
+    """The :class:`~comfyui_lowlight.pipelines.sgz.trainer.TrainConfig` of parsed ``lowlight train sgz`` arguments."""
+    from ..pipelines.sgz.trainer import TrainConfig
 
     if args.max_steps is None and args.minutes is None:
         parser.error("give a budget: --max-steps and/or --minutes")
@@ -125,7 +125,7 @@ def sgz_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 
 def run_sgz(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..train_sgz import train
+    from ..pipelines.sgz.trainer import train
 
     summary = train(sgz_config(args, parser))
     print(json.dumps(summary, indent=2))
@@ -183,13 +183,13 @@ def _add_scuf_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_scuf(args: argparse.Namespace) -> int:
-    from ..train_scuf import train
+    from ..pipelines.scuf.trainer import train
 
     return _run_scuf_core(train, args)
 
 
 def run_scuf_caption(args: argparse.Namespace) -> int:
-    from ..train_scuf import caption
+    from ..pipelines.scuf.trainer import caption
 
     return _run_scuf_core(caption, args)
 
@@ -197,8 +197,8 @@ def run_scuf_caption(args: argparse.Namespace) -> int:
 def _run_scuf_core(core, args: argparse.Namespace) -> int:
     """``core(args)`` without the command's dispatch keys (the trainer records its arguments in its checkpoints);
     unusable data or captions end the run with exit code 2 and one line on stderr, not a traceback."""
-    from ..pipelines.captions import CaptionsError
-    from ..train_scuf import DataError
+    from ..pipelines.scuf.captions import CaptionsError
+    from ..pipelines.scuf.trainer import DataError
 
     try:
         core(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in _DISPATCH_KEYS}))

@@ -1,6 +1,6 @@
 """Illumination Prompt node: the HSV value map V and its inverse 1 - V, as IMAGE and as MASK."""
 
-from ..pipelines.illumination import inverted_value_channel, value_channel
+from ..pipelines.media.illumination import inverted_value_channel, value_channel
 from .comfy_tensors import b1hw_to_mask, bchw_to_image, image_to_bchw
 
 CATEGORY = "image/lowlight"

@@ -1,6 +1,6 @@
 """SCUF nodes: load SD-Turbo, attach the cycle-attention adapter (SCUF weights), lighten in one diffusion step.
 
-Thin adapters over :class:`~comfyui_lowlight.pipelines.scuf_pipeline.SCUFPipeline`. The three nodes pass one typed
+Thin adapters over :class:`~comfyui_lowlight.pipelines.scuf.pipeline.SCUFPipeline`. The three nodes pass one typed
 value, ``SCUF_PIPE`` (a :class:`SCUFModel`): the loader makes it (base model only), the adapter loader returns a
 copy that also carries SCUF weights and the adapter scale, and the lighten node activates those weights on the base
 model and runs it.
@@ -39,7 +39,7 @@ from .model_folders import (
     resolve_weights,
     scuf_weight_choices,
 )
-from ..pipelines.scuf_prompts import DEFAULT_PROMPT
+from ..pipelines.scuf.prompts import DEFAULT_PROMPT
 
 CATEGORY = "image/lowlight"
 SCUF_PIPE = "SCUF_PIPE"
@@ -93,7 +93,7 @@ def release_base() -> None:
 
 
 def _load_base(spec: SCUFBaseSpec):
-    from ..pipelines.scuf_pipeline import SCUFPipeline
+    from ..pipelines.scuf.pipeline import SCUFPipeline
 
     try:
         pipe = SCUFPipeline.from_path(spec.model_path, dtype=DTYPES[spec.dtype], image_encoder=spec.clip_path,
@@ -233,7 +233,7 @@ class SCUFAdapterLoader:
                 "scuf_weights": (
                     scuf_weight_choices(),
                     {"tooltip": "SCUF weights in ComfyUI's models/scuf folder (or shipped in lora_weights/): this "
-                     "project's .safetensors (from train_scuf or the converter) or the official checkpoint .pkl "
+                     "project's .safetensors (from lowlight train scuf or lowlight convert-scuf) or the official checkpoint .pkl "
                      "(its lighten direction is used)."},
                 ),
                 "adapter_scale": (

@@ -1,6 +1,6 @@
 """SGZ Enhance node: zero-shot low-light enhancement of an image or a batch of video frames.
 
-Thin adapter over :class:`~comfyui_lowlight.pipelines.sgz_pipeline.SGZPipeline`; ComfyUI's ``comfy`` modules are
+Thin adapter over :class:`~comfyui_lowlight.pipelines.sgz.pipeline.SGZPipeline`; ComfyUI's ``comfy`` modules are
 imported when the node runs, so the pack imports (and the node classes can be tested) outside ComfyUI.
 """
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..pipelines.sgz_model import SHIPPED_WEIGHTS
-from ..pipelines.sgz_options import SGZ_OPTIONS, SGZOption
+from ..pipelines.sgz.model import SHIPPED_WEIGHTS
+from ..pipelines.sgz.options import SGZ_OPTIONS, SGZOption
 from .comfy_tensors import bchw_to_image, image_to_bchw
 from .model_folders import SGZ_FOLDER, resolve_weights, weight_choices
 
@@ -24,7 +24,7 @@ def load_cached_pipeline(path: Path, device: torch.device):
     stat = path.stat()
     key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(device))
     if _PIPELINE_CACHE.get("key") != key:
-        from ..pipelines.sgz_pipeline import SGZPipeline
+        from ..pipelines.sgz.pipeline import SGZPipeline
 
         _PIPELINE_CACHE.clear()  # drop the old model before loading the new one
         _PIPELINE_CACHE["pipe"] = SGZPipeline.from_pretrained(path, device=device)

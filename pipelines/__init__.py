@@ -1,4 +1,11 @@
-"""Plain-torch cores shared by the nodes, the CLI and the training scripts.
+"""The two methods' cores, shared by every face (ComfyUI nodes, the ``lowlight`` command, Python users).
+
+- ``sgz/``: SGZ (model, losses, segmentation net, pipeline, parameter table, trainer);
+- ``scuf/``: SCUF (modules, weights, pipeline, tiling, training losses and trainer, CLIP image encoder, captions,
+  RetinexNet, prompts, folder batch, shipped SD-Turbo configs);
+- ``media/``: what both use (image and video files, in-memory conversions, atomic writes, illumination maps).
+
+Layers: ``media`` imports nothing of ours; ``sgz`` and ``scuf`` import ``media`` only; faces import these.
 
 Public names are resolved lazily so that ``import comfyui_lowlight`` never pulls in diffusers or transformers.
 """
@@ -6,8 +13,8 @@ Public names are resolved lazily so that ``import comfyui_lowlight`` never pulls
 import importlib
 
 _LAZY = {
-    "SGZPipeline": ".sgz_pipeline",
-    "SCUFPipeline": ".scuf_pipeline",
+    "SGZPipeline": ".sgz.pipeline",
+    "SCUFPipeline": ".scuf.pipeline",
 }
 
 __all__ = list(_LAZY)

@@ -502,7 +502,7 @@ def stage_examples(server: ComfyServer) -> None:
     if not pth_path.exists():
         import torch
 
-        from comfyui_lowlight.pipelines.sgz_model import load_sgz_weights
+        from comfyui_lowlight.pipelines.sgz.model import load_sgz_weights
 
         torch.save(load_sgz_weights(REPO_ROOT / SHIPPED_SGZ_CHOICE).state_dict(), pth_path)
 

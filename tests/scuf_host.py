@@ -34,10 +34,12 @@ def convert_official(fixture: SCUFFixture, output: Path) -> Path:
     """The official-format checkpoint converted to our format with the project's converter CLI (once per path)."""
     if not output.is_file():
         subprocess.run(
-            [sys.executable, "-m", "comfyui_lowlight.pipelines.scuf_weights", "convert",
+            [sys.executable, "-m", "comfyui_lowlight", "convert-scuf",
              str(fixture.official), str(output), "--unet-config", str(fixture.base / "unet")],
             check=True, capture_output=True, text=True,
         )
+        if not output.is_file():
+            raise AssertionError(f"lowlight convert-scuf exited 0 but wrote no {output}")
     return output
 
 

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from comfyui_lowlight.cli import main
-from comfyui_lowlight.pipelines import video_io
-from comfyui_lowlight.pipelines.image_io import read_image
-from comfyui_lowlight.pipelines.sgz_model import load_sgz_weights
+from comfyui_lowlight.pipelines.media import video_io
+from comfyui_lowlight.pipelines.media.image_io import read_image
+from comfyui_lowlight.pipelines.sgz.model import load_sgz_weights
 from media import REPO_ROOT, SHIPPED_SGZ_WEIGHTS, dark_clip_frames, decoded_pts_and_frames, write_video
 
 

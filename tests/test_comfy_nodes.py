@@ -14,7 +14,7 @@ from comfyui_lowlight import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from comfyui_lowlight.nodes import model_folders, sgz_nodes
 from comfyui_lowlight.nodes.illumination_nodes import IlluminationPrompt
 from comfyui_lowlight.nodes.sgz_nodes import SGZEnhance
-from comfyui_lowlight.pipelines.sgz_model import load_sgz_weights
+from comfyui_lowlight.pipelines.sgz.model import load_sgz_weights
 from comfy_stubs import StubProgressBar, install_comfy_stubs
 from media import SHIPPED_SGZ_WEIGHTS, dark_scene, sample_night
 

@@ -1,4 +1,4 @@
-"""The SGZ parameter table (``pipelines/sgz_options.py``) and the faces that read it: the pipeline's checks, the
+"""The SGZ parameter table (``pipelines/sgz/options.py``) and the faces that read it: the pipeline's checks, the
 ComfyUI node's inputs and the ``lowlight enhance`` parser agree on defaults, bounds and errors."""
 
 import inspect
@@ -9,9 +9,9 @@ import torch
 from comfyui_lowlight.cli import build_parser
 from comfyui_lowlight.cli import main as lowlight
 from comfyui_lowlight.nodes.sgz_nodes import SGZEnhance
-from comfyui_lowlight.pipelines.sgz_options import SGZ_OPTIONS, VIDEO_TEMPORAL_SMOOTHING
-from comfyui_lowlight.pipelines.sgz_pipeline import SGZPipeline
-from comfyui_lowlight.pipelines.sgz_model import EnhancementFactorEstimator
+from comfyui_lowlight.pipelines.sgz.options import SGZ_OPTIONS, VIDEO_TEMPORAL_SMOOTHING
+from comfyui_lowlight.pipelines.sgz.pipeline import SGZPipeline
+from comfyui_lowlight.pipelines.sgz.model import EnhancementFactorEstimator
 
 NAMES = list(SGZ_OPTIONS)
 
@@ -95,7 +95,7 @@ def test_every_face_accepts_the_bounds_and_rejects_beyond_them(name, capsys):
 
 def test_convert_scuf_directions_are_the_converters():
     from comfyui_lowlight.cli.convert_scuf import DIRECTIONS
-    from comfyui_lowlight.pipelines.scuf_weights import OFFICIAL_VAE_PREFIX
+    from comfyui_lowlight.pipelines.scuf.weights import OFFICIAL_VAE_PREFIX
 
     assert sorted(DIRECTIONS) == sorted(OFFICIAL_VAE_PREFIX)
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_lowlight.pipelines import atomic_files
-from comfyui_lowlight.pipelines.image_io import ImageFileError, read_image, to_integer_pixels, write_image
+from comfyui_lowlight.pipelines.media import atomic_files
+from comfyui_lowlight.pipelines.media.image_io import ImageFileError, read_image, to_integer_pixels, write_image
 
 
 def _png16_bytes(array: np.ndarray) -> bytes:

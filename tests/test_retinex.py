@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from comfyui_lowlight.pipelines.retinex import ClassicalRetinex, DecomNet, build_decomposer, load_decomnet
+from comfyui_lowlight.pipelines.scuf.retinex import ClassicalRetinex, DecomNet, build_decomposer, load_decomnet
 from shared_material import shared_path
 from tiny_scuf import low_light_image, tiny_decomnet  # noqa: F401  (session fixture: random DecomNet weights)
 

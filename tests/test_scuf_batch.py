@@ -73,7 +73,7 @@ def test_outputs_keep_size_mode_and_skip_existing(batch_run):
 
 
 def test_output_matches_the_pipeline(batch_run, scuf):
-    from comfyui_lowlight.pipelines.image_io import to_integer_pixels
+    from comfyui_lowlight.pipelines.media.image_io import to_integer_pixels
 
     source, output, _ = batch_run
     pipe = scuf.pipeline()

@@ -130,7 +130,7 @@ def test_side_by_side_workflow_is_sgz_left_and_scuf_right(server, reference_pipe
 
 
 def test_custom_prompt_and_edited_mask_workflow_matches_the_pipeline(server, reference_pipe, source):
-    from comfyui_lowlight.pipelines.illumination import inverted_value_channel
+    from comfyui_lowlight.pipelines.media.illumination import inverted_value_channel
 
     graph = api_graph("scuf_custom_prompt_mask")
     entry = server.run(graph)
@@ -154,7 +154,7 @@ def test_missing_base_model_names_the_file_and_folder_and_the_server_keeps_servi
 
 
 def test_mismatched_scuf_weights_name_the_file_and_folder_and_the_server_keeps_serving(server, tmp_path):
-    from comfyui_lowlight.pipelines.scuf_weights import load_scuf_file, save_scuf_file
+    from comfyui_lowlight.pipelines.scuf.weights import load_scuf_file, save_scuf_file
 
     converted = server.models_dir / "scuf" / SCUF_CONVERTED_NAME
     tensors, config, _, _ = load_scuf_file(converted)

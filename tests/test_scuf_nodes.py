@@ -77,7 +77,7 @@ def load_chain(weights="official.pkl", scale=1.0, dtype="float32"):
 
 
 def lighten(model, image, prompt=None, seed=0, sample_latent=False, **illumination):
-    from comfyui_lowlight.pipelines.scuf_pipeline import DEFAULT_PROMPT
+    from comfyui_lowlight.pipelines.scuf.pipeline import DEFAULT_PROMPT
 
     return SCUFLighten().lighten(model, image, prompt or DEFAULT_PROMPT, seed, sample_latent, **illumination)[0]
 
@@ -187,8 +187,8 @@ def test_bad_illumination_inputs_are_explained(staged, frames):
 
 def test_base_is_loaded_once_and_weights_switch_without_reloading(staged, reference_pipe, frames, monkeypatch,
                                                                   tmp_path):
-    from comfyui_lowlight.pipelines.scuf_pipeline import SCUFPipeline
-    from comfyui_lowlight.pipelines.scuf_weights import load_scuf_file, save_scuf_file
+    from comfyui_lowlight.pipelines.scuf.pipeline import SCUFPipeline
+    from comfyui_lowlight.pipelines.scuf.weights import load_scuf_file, save_scuf_file
 
     loads = []
     original = SCUFPipeline.from_pretrained.__func__
@@ -227,7 +227,7 @@ def test_base_is_loaded_once_and_weights_switch_without_reloading(staged, refere
 
 
 def test_mismatched_scuf_weights_name_the_file_and_folder(staged, frames, reference_pipe):
-    from comfyui_lowlight.pipelines.scuf_weights import load_scuf_file, save_scuf_file
+    from comfyui_lowlight.pipelines.scuf.weights import load_scuf_file, save_scuf_file
 
     tensors, config, _, _ = load_scuf_file(staged.models_dir / "scuf" / "official.pkl", "a2b",
                                            [n[: -len(".processor")] for n in reference_pipe.unet.attn_processors])
@@ -275,7 +275,7 @@ def test_auto_dtype_follows_comfy_model_management(staged, monkeypatch):
 
 
 def test_single_file_checkpoint_is_loaded_with_from_single_file(staged, monkeypatch):
-    from comfyui_lowlight.pipelines.scuf_pipeline import SCUFPipeline
+    from comfyui_lowlight.pipelines.scuf.pipeline import SCUFPipeline
 
     checkpoint = staged.models_dir / "checkpoints" / "sd_turbo.safetensors"
     checkpoint.write_bytes(b"")

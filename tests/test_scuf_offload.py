@@ -15,7 +15,7 @@ MODELS = ["text_encoder", "image_encoder", "image_proj", "unet", "vae"]
 
 
 def test_offload_sequence_names_every_model():
-    from comfyui_lowlight.pipelines.scuf_pipeline import SCUFPipeline
+    from comfyui_lowlight.pipelines.scuf.pipeline import SCUFPipeline
 
     assert SCUFPipeline.model_cpu_offload_seq.split("->") == MODELS
 

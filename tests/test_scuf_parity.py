@@ -52,7 +52,7 @@ def _max_diff(a, b) -> float:
 
 
 def test_prompt_tokens_and_embedding(pipe, golden):
-    from comfyui_lowlight.pipelines.scuf_pipeline import DEFAULT_PROMPT
+    from comfyui_lowlight.pipelines.scuf.pipeline import DEFAULT_PROMPT
 
     assert str(golden["prompt"]) == DEFAULT_PROMPT
     ids = pipe.tokenizer(DEFAULT_PROMPT, max_length=77, padding="max_length", truncation=True,
@@ -68,9 +68,9 @@ def test_scheduler_constant(pipe, golden):
 
 @pytest.mark.parametrize("case", CASES)
 def test_intermediates(pipe, golden, scuf_dir, case):
-    from comfyui_lowlight.pipelines.illumination import inverted_value_channel
-    from comfyui_lowlight.pipelines.scuf_modules import decode_with_skips, encode_with_skips, x0_from_noise
-    from comfyui_lowlight.pipelines.scuf_pipeline import DEFAULT_PROMPT, prepare_image
+    from comfyui_lowlight.pipelines.media.illumination import inverted_value_channel
+    from comfyui_lowlight.pipelines.scuf.modules import decode_with_skips, encode_with_skips, x0_from_noise
+    from comfyui_lowlight.pipelines.scuf.pipeline import DEFAULT_PROMPT, prepare_image
 
     image, size = prepare_image(_input(scuf_dir, case))
     np.testing.assert_array_equal(golden[f"{case}_input_u8"].shape[:2], size)
@@ -81,7 +81,7 @@ def test_intermediates(pipe, golden, scuf_dir, case):
     v_inv = inverted_value_channel(image[None])
     assert _max_diff(v_inv[:, 0], golden[f"{case}_v_inv"]) <= 1e-7
 
-    from comfyui_lowlight.pipelines.clip_image_encoder import clip_image_embedding
+    from comfyui_lowlight.pipelines.scuf.clip_encoder import clip_image_embedding
 
     with torch.no_grad():
         emb = clip_image_embedding(pipe.image_encoder, v_inv.repeat(1, 3, 1, 1))
@@ -132,7 +132,7 @@ def test_sampled_latent_seed0(pipe, golden, scuf_dir, case):
 
 def test_cycle_query_index_rule():
     """float32 linspace truncation (README 8.7), not exact floor(i (D-1) / (N-1))."""
-    from comfyui_lowlight.pipelines.scuf_modules import cycle_query_indices
+    from comfyui_lowlight.pipelines.scuf.modules import cycle_query_indices
 
     assert cycle_query_indices(32, 435)[224].item() == 15
     exact = torch.arange(435) * 31 // 434

@@ -112,7 +112,7 @@ def test_mixed_sizes_give_lists(pipe, low_image):
 
 
 def test_per_image_prompts_and_illumination(pipe, low_image):
-    from comfyui_lowlight.pipelines.scuf_pipeline import DEFAULT_PROMPT
+    from comfyui_lowlight.pipelines.scuf.pipeline import DEFAULT_PROMPT
 
     default = _pt(pipe, low_image)
     explicit = 1 - np.asarray(low_image).max(axis=2).astype(np.float32) / 255
@@ -195,7 +195,7 @@ def test_official_conversion_round_trip(pipe, scuf, official_pkl, low_image, tmp
     from safetensors import safe_open
 
     from comfyui_lowlight.cli import main
-    from comfyui_lowlight.pipelines.scuf_weights import safe_torch_load
+    from comfyui_lowlight.pipelines.scuf.weights import safe_torch_load
 
     out = tmp_path / "scuf_ours.safetensors"
     assert main(["convert-scuf", str(official_pkl), str(out)]) == 0
@@ -232,7 +232,7 @@ def test_official_conversion_round_trip(pipe, scuf, official_pkl, low_image, tmp
 
 def test_converter_command_line(scuf, official_pkl, tmp_path):
     """``lowlight convert-scuf`` (``python -m comfyui_lowlight convert-scuf``): the darken direction, the base's UNet config."""
-    from comfyui_lowlight.pipelines.scuf_weights import load_scuf_file
+    from comfyui_lowlight.pipelines.scuf.weights import load_scuf_file
 
     out = tmp_path / "darken.safetensors"
     command = [sys.executable, "-m", "comfyui_lowlight", "convert-scuf", str(official_pkl),
@@ -254,7 +254,7 @@ def test_converter_command_line(scuf, official_pkl, tmp_path):
 
 
 def test_darken_direction_differs(scuf, official_pkl, low_image):
-    from comfyui_lowlight.pipelines.scuf_weights import load_scuf_file
+    from comfyui_lowlight.pipelines.scuf.weights import load_scuf_file
 
     a2b, _, _, _ = load_scuf_file(official_pkl, "a2b")
     b2a, _, _, _ = load_scuf_file(official_pkl, "b2a")
@@ -272,7 +272,7 @@ class _Exploit:
 
 
 def test_malicious_pickle_refused_without_execution(scuf, tmp_path):
-    from comfyui_lowlight.pipelines.scuf_weights import SCUFWeightsError
+    from comfyui_lowlight.pipelines.scuf.weights import SCUFWeightsError
 
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pkl"
@@ -289,7 +289,7 @@ def test_malicious_pickle_refused_without_execution(scuf, tmp_path):
 
 
 def test_not_a_scuf_checkpoint(scuf, tmp_path):
-    from comfyui_lowlight.pipelines.scuf_weights import SCUFWeightsError
+    from comfyui_lowlight.pipelines.scuf.weights import SCUFWeightsError
 
     path = tmp_path / "other.pkl"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
@@ -306,7 +306,7 @@ def test_weights_for_another_base_model(scuf, official_pkl):
     """A VAE of different widths: the error lists the keys and both shapes."""
     from diffusers import AutoencoderKL
 
-    from comfyui_lowlight.pipelines.scuf_weights import SCUFWeightsError
+    from comfyui_lowlight.pipelines.scuf.weights import SCUFWeightsError
 
     pipe = _load(scuf)
     config = dict(pipe.vae.config)
@@ -324,7 +324,7 @@ def test_weights_for_another_base_model(scuf, official_pkl):
 def test_unet_mismatch_lists_keys(scuf, official_pkl, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from comfyui_lowlight.pipelines.scuf_weights import SCUFWeightsError
+    from comfyui_lowlight.pipelines.scuf.weights import SCUFWeightsError
 
     pipe = _load(scuf, official_pkl)
     path = tmp_path / "ours.safetensors"
@@ -373,7 +373,7 @@ def test_weights_required_before_call(scuf, low_image):
 
 def test_training_init_matches_official(scuf, low_image):
     """Fresh modules for training: skip convs 1e-5, LoRA B = 0 (so the VAE starts as the base one)."""
-    from comfyui_lowlight.pipelines.scuf_modules import scuf_vae_trainable_parameters
+    from comfyui_lowlight.pipelines.scuf.modules import scuf_vae_trainable_parameters
 
     pipe = _load(scuf)
     pipe.init_scuf_modules()
@@ -391,7 +391,7 @@ def test_training_init_matches_official(scuf, low_image):
 
 
 def test_openai_and_transformers_clip_agree(scuf, tmp_path):
-    from comfyui_lowlight.pipelines.clip_image_encoder import clip_image_embedding, load_clip_image_encoder
+    from comfyui_lowlight.pipelines.scuf.clip_encoder import clip_image_embedding, load_clip_image_encoder
 
     from_openai = load_clip_image_encoder(scuf.clip)
     from_openai.save_pretrained(tmp_path / "clip")

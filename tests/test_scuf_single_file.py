@@ -165,8 +165,8 @@ def test_shipped_sd_turbo_configs():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from comfyui_lowlight.pipelines.scuf_pipeline import shipped_config_dir
-    from comfyui_lowlight.pipelines.scuf_weights import official_unet_layer_names
+    from comfyui_lowlight.pipelines.scuf.pipeline import shipped_config_dir
+    from comfyui_lowlight.pipelines.scuf.weights import official_unet_layer_names
 
     folder = Path(shipped_config_dir())
     with torch.device("meta"):
@@ -185,7 +185,7 @@ def test_shipped_sd_turbo_configs():
 
 
 def test_tokenizer_lookup_error_is_actionable(tmp_path, monkeypatch):
-    from comfyui_lowlight.pipelines.scuf_pipeline import find_clip_tokenizer
+    from comfyui_lowlight.pipelines.scuf.pipeline import find_clip_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -204,7 +204,7 @@ def _comfyui_install_tokenizer(base: Path, root: Path, monkeypatch):
     import sys
     import types
 
-    from comfyui_lowlight.pipelines.scuf_pipeline import find_clip_tokenizer
+    from comfyui_lowlight.pipelines.scuf.pipeline import find_clip_tokenizer
 
     folder = root / "comfy" / "sd1_tokenizer"
     folder.mkdir(parents=True)
@@ -224,7 +224,7 @@ def test_tokenizer_from_comfyui_install(scuf, tmp_path, monkeypatch):
     """Inside ComfyUI the bundled ``comfy/sd1_tokenizer`` (SD 1.x padding) is used, with SD-Turbo's pad "!"."""
     from transformers import CLIPTokenizer
 
-    from comfyui_lowlight.pipelines.scuf_pipeline import DEFAULT_PROMPT
+    from comfyui_lowlight.pipelines.scuf.pipeline import DEFAULT_PROMPT
 
     tokenizer = _comfyui_install_tokenizer(scuf.base, tmp_path, monkeypatch)
     assert tokenizer.pad_token == "!" and tokenizer.pad_token_id == 0

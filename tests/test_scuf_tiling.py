@@ -1,10 +1,10 @@
-"""Tiled SCUF inference (pipelines/scuf_tiling.py, ``pipe.enable_vae_tiling``): coverage, exact blending, seams."""
+"""Tiled SCUF inference (pipelines/scuf/tiling.py, ``pipe.enable_vae_tiling``): coverage, exact blending, seams."""
 
 import numpy as np
 import pytest
 import torch
 
-from comfyui_lowlight.pipelines.scuf_tiling import check_tiling, tile_starts, tiled_enhance
+from comfyui_lowlight.pipelines.scuf.tiling import check_tiling, tile_starts, tiled_enhance
 from tiny_scuf import official_fixture, tiny_scuf  # noqa: F401  (session fixture: the tiny SCUF model)
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_lowlight import train_scuf
+from comfyui_lowlight.pipelines.scuf import trainer as train_scuf
 from comfyui_lowlight.cli import main as lowlight
-from comfyui_lowlight.pipelines.captions import (
+from comfyui_lowlight.pipelines.scuf.captions import (
     CaptionsError,
     load_captions,
     match_captions,
@@ -128,8 +128,8 @@ def test_every_loss_finite_and_present(run):
 
 
 def test_trained_parameters_changed_and_frozen_unchanged(run, scuf, initial_pipe):
-    from comfyui_lowlight.pipelines.retinex import load_decomnet
-    from comfyui_lowlight.pipelines.scuf_weights import scuf_parameters
+    from comfyui_lowlight.pipelines.scuf.retinex import load_decomnet
+    from comfyui_lowlight.pipelines.scuf.weights import scuf_parameters
 
     output, (model, gen_params, disc_params, named) = run
     init_a2b = initial_pipe.scuf_parameters()
@@ -165,7 +165,7 @@ def test_trained_parameters_changed_and_frozen_unchanged(run, scuf, initial_pipe
 
 def test_training_iteration_follows_the_paper_order(run):
     """One iteration: cycle from low, cycle from normal, GAN, identity, then the discriminator on fakes and reals."""
-    from comfyui_lowlight.pipelines.scuf_training import training_iteration
+    from comfyui_lowlight.pipelines.scuf.training import training_iteration
 
     _, (model, _, _, _) = run
     updates = []
@@ -183,7 +183,7 @@ def test_training_iteration_follows_the_paper_order(run):
 
 
 def test_checkpoint_loads_into_pipeline_and_changes_output(run, scuf, initial_pipe):
-    from comfyui_lowlight.pipelines.scuf_weights import load_scuf_file
+    from comfyui_lowlight.pipelines.scuf.weights import load_scuf_file
 
     output, _ = run
     image = np.asarray(scuf.image("img64x64"))
@@ -369,8 +369,8 @@ def test_two_process_cpu_run_through_accelerate(scuf, data, tmp_path):
 def test_plain_unet_twin_shares_weights_and_runs_without_the_adapter(scuf):
     from diffusers import UNet2DConditionModel
 
-    from comfyui_lowlight.pipelines.scuf_modules import add_cycle_attn_processors
-    from comfyui_lowlight.pipelines.scuf_training import plain_unet_twin
+    from comfyui_lowlight.pipelines.scuf.modules import add_cycle_attn_processors
+    from comfyui_lowlight.pipelines.scuf.training import plain_unet_twin
 
     path = scuf.base / "unet"
     plain = UNet2DConditionModel.from_pretrained(path).eval()
@@ -389,7 +389,7 @@ def test_plain_unet_twin_shares_weights_and_runs_without_the_adapter(scuf):
 
 
 def test_loss_helpers():
-    from comfyui_lowlight.pipelines.scuf_training import (
+    from comfyui_lowlight.pipelines.scuf.training import (
         clip_levels,
         cosine_consistency_loss,
         gan_discriminator_loss,

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from comfyui_lowlight.pipelines.semantic_segmentation import EfficientNetLite0Features, build_segmentation_net
-from comfyui_lowlight.pipelines.sgz_losses import (
+from comfyui_lowlight.pipelines.sgz.segmentation import EfficientNetLite0Features, build_segmentation_net
+from comfyui_lowlight.pipelines.sgz.losses import (
     SGZLossWeights,
     brightness_loss,
     focal_semantic_loss,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_lowlight.pipelines.sgz_model import (
+from comfyui_lowlight.pipelines.sgz.model import (
     SHIPPED_WEIGHTS,
     EnhancementFactorEstimator,
     apply_recurrence,

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from comfyui_lowlight.pipelines import SGZPipeline
-from comfyui_lowlight.pipelines import sgz_pipeline as sgz_pipeline_module
-from comfyui_lowlight.pipelines.image_convert import to_tensor_batch
-from comfyui_lowlight.pipelines.sgz_model import SHIPPED_WEIGHTS, EnhancementFactorEstimator, init_weights_for_training
+from comfyui_lowlight.pipelines.sgz import pipeline as sgz_pipeline_module
+from comfyui_lowlight.pipelines.media.image_convert import to_tensor_batch
+from comfyui_lowlight.pipelines.sgz.model import SHIPPED_WEIGHTS, EnhancementFactorEstimator, init_weights_for_training
 from media import sample_night
 
 
@@ -261,7 +261,7 @@ def test_save_pretrained_round_trip(tmp_path):
 
 def test_pipeline_does_not_import_diffusers():
     code = (
-        "import sys, comfyui_lowlight.pipelines.sgz_pipeline as m; "
+        "import sys, comfyui_lowlight.pipelines.sgz.pipeline as m; "
         "assert 'diffusers' not in sys.modules and 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

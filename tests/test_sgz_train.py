@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_lowlight import train_sgz
+from comfyui_lowlight.pipelines.sgz import trainer as train_sgz
 from comfyui_lowlight.cli import build_parser
 from comfyui_lowlight.cli import main as lowlight
 from comfyui_lowlight.cli.train import sgz_config
-from comfyui_lowlight.pipelines import semantic_segmentation
-from comfyui_lowlight.pipelines.semantic_segmentation import build_segmentation_net
-from comfyui_lowlight.pipelines.sgz_losses import SGZLossWeights
-from comfyui_lowlight.pipelines.sgz_model import (
+from comfyui_lowlight.pipelines.sgz import segmentation as semantic_segmentation
+from comfyui_lowlight.pipelines.sgz.segmentation import build_segmentation_net
+from comfyui_lowlight.pipelines.sgz.losses import SGZLossWeights
+from comfyui_lowlight.pipelines.sgz.model import (
     EnhancementFactorEstimator,
     init_weights_for_training,
     load_sgz_weights,
@@ -165,7 +165,7 @@ def test_sampler_crops_flips_and_darkening(dark_images):
 def test_init_weights_starts_from_checkpoint(dark_images, tmp_path):
     start = EnhancementFactorEstimator()
     init_weights_for_training(start, torch.Generator().manual_seed(7))
-    from comfyui_lowlight.pipelines.sgz_model import save_sgz_weights
+    from comfyui_lowlight.pipelines.sgz.model import save_sgz_weights
 
     save_sgz_weights(start, tmp_path / "start.safetensors")
     config = parse_sgz(["--data", str(dark_images), "--output", str(tmp_path / "ft"), "--max-steps", "1",

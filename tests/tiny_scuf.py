@@ -1,6 +1,6 @@
 """A tiny, randomly initialised SCUF model made in code, so the SCUF tests run on a clone without ``../shared``.
 
-Same component types, block types and block counts as SD-Turbo (``pipelines/configs/sd-turbo``); only widths,
+Same component types, block types and block counts as SD-Turbo (``pipelines/scuf/configs/sd-turbo``); only widths,
 heads, layer counts and vocabulary are shrunk, to the sizes of the official conformance fixture
 (``../shared/reference/scuf/README.md`` section 3), so the shape-dependent facts of the tests (tensor counts, the
 32 attention layers, error messages with shapes) are the same on both. Nothing here is golden: parity with the
@@ -161,7 +161,7 @@ def write_tokenizer(folder: Path, shipped: Path) -> int:
     Vocabulary order as CLIP's ``SimpleTokenizer``: 256 byte characters ("!" = 0, SD-Turbo's pad), the same with
     ``</w>``, the merges, then ``<|startoftext|>`` and ``<|endoftext|>``. Configs: the shipped SD-Turbo ones.
     """
-    from comfyui_lowlight.pipelines.scuf_prompts import DARKEN_PROMPT, DEFAULT_PROMPT
+    from comfyui_lowlight.pipelines.scuf.prompts import DARKEN_PROMPT, DEFAULT_PROMPT
 
     folder.mkdir(parents=True)
     chars = list(_bytes_to_unicode().values())
@@ -198,7 +198,7 @@ def write_base(folder: Path) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from comfyui_lowlight.pipelines.scuf_pipeline import shipped_config_dir
+    from comfyui_lowlight.pipelines.scuf.pipeline import shipped_config_dir
 
     shipped = Path(shipped_config_dir())
     vocab_size = write_tokenizer(folder / "tokenizer", shipped)
@@ -279,7 +279,7 @@ def openai_clip_state_dict(generator: torch.Generator) -> dict[str, torch.Tensor
 
 def write_decomnet(path: Path, seed: int = SEED) -> Path:
     """Random RetinexNet DecomNet weights in the official ``decomp.pth`` layout (``DecomNet.`` prefix)."""
-    from comfyui_lowlight.pipelines.retinex import DECOMNET_PREFIX, DecomNet
+    from comfyui_lowlight.pipelines.scuf.retinex import DECOMNET_PREFIX, DecomNet
 
     torch.manual_seed(seed)
     net = DecomNet()
@@ -301,7 +301,7 @@ def _move_scuf_vae_tensors_(vae, generator: torch.Generator) -> None:
 
 def write_scuf_weights(fixture: SCUFFixture) -> None:
     """Our safetensors file and the official-format checkpoint, from the pipeline's own SCUF initialisation."""
-    from comfyui_lowlight.pipelines.scuf_modules import DEFAULT_VAE_LORA_TARGETS, CycleAttnProcessor
+    from comfyui_lowlight.pipelines.scuf.modules import DEFAULT_VAE_LORA_TARGETS, CycleAttnProcessor
 
     pipe = fixture.pipeline(None)
     torch.manual_seed(SEED + 4)
@@ -352,7 +352,7 @@ def build_tiny_scuf(root: Path) -> SCUFFixture:
     fixture = tiny_fixture(root)
     if (root / COMPLETE).is_file():
         return fixture
-    from comfyui_lowlight.pipelines.clip_image_encoder import load_clip_image_encoder
+    from comfyui_lowlight.pipelines.scuf.clip_encoder import load_clip_image_encoder
 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)

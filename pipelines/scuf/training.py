@@ -1,6 +1,6 @@
 """SCUF unsupervised fine-tuning: cycle generation, losses, CLIP discriminators, reflectance decoder (paper sec. 3-4).
 
-The math and the update order of one training iteration, shared by ``train_scuf.py`` (data, accelerate, the loop,
+The math and the update order of one training iteration, shared by ``pipelines/scuf/trainer.py`` (data, accelerate, the loop,
 checkpoints) and the tests. Notation:
 ``low`` = domain A (low-light), ``normal`` = domain B; ``a2b`` = lighten (``pipe.vae``, the direction our
 inference weights hold), ``b2a`` = darken (its own VAE copy). One generator pass of direction ``d`` is
@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip_image_encoder import clip_image_embedding
-from .illumination import inverted_value_channel, value_channel
-from .scuf_modules import (
+from .clip_encoder import clip_image_embedding
+from ..media.illumination import inverted_value_channel, value_channel
+from .modules import (
     decode_with_skips,
     encode_with_skips,
     scuf_one_step,
@@ -211,9 +211,9 @@ def load_vae_weights(pipe, vae, weights, direction: str = "b2a") -> None:
     """Copy the VAE part (LoRA + skip convs) of SCUF weights into another direction's VAE (the darken copy).
 
     ``weights``: a file (our ``.safetensors`` or the official checkpoint, whose ``direction`` VAE is taken) or a
-    :class:`~.scuf_weights.SCUFWeightsFile`. Raises :class:`~.scuf_weights.SCUFWeightsError` when they do not fit.
+    :class:`~.weights.SCUFWeightsFile`. Raises :class:`~.weights.SCUFWeightsError` when they do not fit.
     """
-    from .scuf_weights import SCUFWeightsFile, check_compatible, copy_into, scuf_parameters
+    from .weights import SCUFWeightsFile, check_compatible, copy_into, scuf_parameters
 
     if not isinstance(weights, SCUFWeightsFile):
         weights = pipe.read_scuf_weights(weights, direction)
@@ -234,7 +234,7 @@ class PassOutput:
 
 
 class SCUFCycleModel:
-    """The networks of SCUF training around a :class:`~.scuf_pipeline.SCUFPipeline` with SCUF modules attached.
+    """The networks of SCUF training around a :class:`~.pipeline.SCUFPipeline` with SCUF modules attached.
 
     Args:
         pipe: pipeline after ``init_scuf_modules`` (its ``vae`` is the a2b = lighten VAE).

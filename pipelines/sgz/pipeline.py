@@ -25,9 +25,9 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from .image_convert import to_tensor_batch
-from .sgz_options import DOWNSCALE, RECURRENCES, STRENGTH, TEMPORAL_SMOOTHING, check_sgz_options
-from .sgz_model import (
+from ..media.image_convert import to_tensor_batch
+from .options import DOWNSCALE, RECURRENCES, STRENGTH, TEMPORAL_SMOOTHING, check_sgz_options
+from .model import (
     SHIPPED_WEIGHTS,
     EnhancementFactorEstimator,
     apply_recurrence_reference,

@@ -8,14 +8,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .pipelines.image_io import read_image, to_integer_pixels, write_image
+from ..media.image_io import read_image, to_integer_pixels, write_image
 
 
 def load_pipeline(args: argparse.Namespace, device):
     """The SCUF pipeline described by the command-line arguments, on ``device`` in ``args.dtype``."""
     import torch
 
-    from .pipelines.scuf_pipeline import SCUFPipeline
+    from .pipeline import SCUFPipeline
 
     pipe = SCUFPipeline.from_path(args.base, dtype=getattr(torch, args.dtype), image_encoder=args.image_encoder,
                                   scuf_weights=args.scuf_weights)

@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .atomic_files import atomic_output
+from ..media.atomic_files import atomic_output
 
-SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "lora_weights" / "sgz_lowlight.safetensors"
+SHIPPED_WEIGHTS = Path(__file__).resolve().parents[2] / "lora_weights" / "sgz_lowlight.safetensors"
 
 # Values per tile of the fused pass (see _tile_rows).
 _CPU_TILE_ELEMENTS = 1 << 17
@@ -58,7 +58,7 @@ class EnhancementFactorEstimator(nn.Module):
     with ``channels=32`` it has 10,561 parameters.
 
     ``padding_mode`` of the 3x3 convs: ``"zeros"`` as the official network and the shipped weights, or
-    ``"replicate"`` (``train_sgz --padding-mode replicate``). At 1/12 resolution the 7 stacked convs see the zero
+    ``"replicate"`` (``lowlight train sgz --padding-mode replicate``). At 1/12 resolution the 7 stacked convs see the zero
     border up to ~80 full-resolution pixels into the image, and zero-padded weights brighten (and tint) a band
     along every edge.
 

@@ -8,7 +8,7 @@
 
 Trainable: both directions' VAE LoRA + skip convs, the image-prompt projector, the cycle-attention adapters, the
 reflectance decoder and the two discriminator heads. Frozen: UNet, text encoder, CLIP, captioner, Retinex.
-The math and the order of the updates live in ``pipelines/scuf_training.py``; this file is data, accelerate, the
+The math and the order of the updates live in ``pipelines/scuf/training.py``; this file is data, accelerate, the
 loop, checkpoints and logging.
 
 Output folder:
@@ -66,7 +66,7 @@ def _check_args(args) -> None:
 
 def find_images(folder, flag: str) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted). Raises :class:`DataError` if missing or empty."""
-    from .pipelines.image_io import IMAGE_EXTENSIONS
+    from ..media.image_io import IMAGE_EXTENSIONS
 
     root = Path(folder)
     if not root.is_dir():
@@ -79,7 +79,7 @@ def find_images(folder, flag: str) -> list[Path]:
 
 def readable_images(files: list[Path], flag: str, log) -> list[Path]:
     """Decode every file once; unreadable ones are skipped with a count. Raises if none is readable."""
-    from .pipelines.image_io import ImageFileError, read_image
+    from ..media.image_io import ImageFileError, read_image
 
     good, bad = [], []
     for path in files:
@@ -111,7 +111,7 @@ class UnpairedImages:
     def _load(self, path: Path, gen: torch.Generator) -> torch.Tensor:
         import torch.nn.functional as F
 
-        from .pipelines.image_io import read_image
+        from ..media.image_io import read_image
 
         x = torch.from_numpy(read_image(path).to_float()).permute(2, 0, 1)[None]
         h, w = x.shape[-2:]
@@ -141,7 +141,7 @@ def prepare_data(args, log):
     normal = readable_images(find_images(args.normal, "normal"), "normal", log)
     captions = None
     if args.captions:
-        from .pipelines.captions import load_captions, match_captions, relative_key
+        from .captions import load_captions, match_captions, relative_key
 
         data = load_captions(args.captions)
         captions = {
@@ -178,7 +178,7 @@ def load_lpips(kind: str, device, log):
 
 
 def load_pipeline(args):
-    from .pipelines.scuf_pipeline import SCUFPipeline
+    from .pipeline import SCUFPipeline
 
     return SCUFPipeline.from_path(args.pretrained, image_encoder=args.image_encoder)
 
@@ -187,9 +187,9 @@ def build_training(args, accelerator, log):
     """Pipeline + SCUF modules + the extra training networks; returns (model, gen params, disc params, named)."""
     import copy
 
-    from .pipelines.retinex import build_decomposer
-    from .pipelines.scuf_prompts import DARKEN_PROMPT, DEFAULT_PROMPT
-    from .pipelines.scuf_training import (
+    from .retinex import build_decomposer
+    from .prompts import DARKEN_PROMPT, DEFAULT_PROMPT
+    from .training import (
         CLIPDiscriminatorHeads,
         LossWeights,
         SCUFCycleModel,
@@ -199,7 +199,7 @@ def build_training(args, accelerator, log):
         plain_unet_twin,
         reflectance_decoder_parameters,
     )
-    from .pipelines.scuf_weights import scuf_parameters
+    from .weights import scuf_parameters
 
     device = accelerator.device
     pipe = load_pipeline(args)
@@ -285,7 +285,7 @@ def save_checkpoint(accelerator, output: Path, step: int, model, named, optimize
     process writes weights/optimizer/state and renames the folder."""
     from safetensors.torch import save_file
 
-    from .pipelines.scuf_weights import save_scuf_file, scuf_parameters
+    from .weights import save_scuf_file, scuf_parameters
 
     if accelerator.num_processes > 1:
         # the replicas must be identical (same init, averaged gradients); a divergence would be saved silently
@@ -325,8 +325,8 @@ def load_checkpoint(accelerator, path: Path, model, named, optimizers, scalers) 
     """Restore weights, optimizer/scaler and RNG state from a checkpoint; returns its step."""
     from safetensors.torch import load_file
 
-    from .pipelines.scuf_training import load_vae_weights
-    from .pipelines.scuf_weights import copy_into
+    from .training import load_vae_weights
+    from .weights import copy_into
 
     state = json.loads((path / STATE_NAME).read_text())
     pipe = model.pipe
@@ -391,7 +391,7 @@ def _write_validation(model, data: UnpairedImages, output: Path, step: int, coun
     import numpy as np
     import torch.nn.functional as F
 
-    from .pipelines.image_io import read_image, write_image
+    from ..media.image_io import read_image, write_image
 
     folder = output / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -468,7 +468,7 @@ def train(args) -> Path:
 
     from tqdm.auto import tqdm
 
-    from .pipelines.scuf_training import training_iteration
+    from .training import training_iteration
 
     progress = tqdm(total=args.max_train_steps, initial=start, desc="SCUF steps",
                     disable=args.no_progress or not accelerator.is_local_main_process)
@@ -517,7 +517,7 @@ def train(args) -> Path:
             f"({steps_done / (time.perf_counter() - t0):.3f} steps/s per process)")
     final = output / "scuf_weights.safetensors"
     if accelerator.is_main_process:
-        from .pipelines.scuf_weights import save_scuf_file, scuf_parameters
+        from .weights import save_scuf_file, scuf_parameters
 
         pipe = model.pipe
         pipe.save_scuf_weights(final, direction="a2b")
@@ -536,8 +536,8 @@ def caption(args) -> Path:
     """The ``caption`` subcommand: caption every readable image of both folders once, write the captions file."""
     from tqdm.auto import tqdm
 
-    from .pipelines.captions import caption_images, load_captioner, relative_key, save_captions
-    from .pipelines.image_io import read_image
+    from .captions import caption_images, load_captioner, relative_key, save_captions
+    from ..media.image_io import read_image
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:

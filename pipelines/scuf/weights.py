@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .atomic_files import atomic_output
-from .scuf_modules import VAE_ADAPTER_NAME, SCUFConfig
+from ..media.atomic_files import atomic_output
+from .modules import VAE_ADAPTER_NAME, SCUFConfig
 
 
 def shipped_config_dir() -> str:
@@ -247,7 +247,7 @@ def save_scuf_file(path, tensors: dict[str, torch.Tensor], config: SCUFConfig, d
 
 def scuf_parameters(vae, image_proj, unet) -> dict[str, torch.Tensor]:
     """``{our key: live parameter}`` of the SCUF modules attached to ``vae``/``unet`` and the projector."""
-    from .scuf_modules import cycle_attn_processors
+    from .modules import cycle_attn_processors
 
     params: dict[str, torch.Tensor] = OrderedDict()
     lora_marker = f".{VAE_ADAPTER_NAME}."

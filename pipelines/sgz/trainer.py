@@ -3,7 +3,7 @@
     lowlight train sgz --data DIR [DIR ...] --output runs/sgz [--minutes 55] [--resume]
 
 No labels and no reference images: the EFE learns from the five non-reference losses of the paper (eq. 2-7,
-``pipelines/sgz_losses.py``), L_sem coming from a frozen segmentation net (``pipelines/semantic_segmentation.py``).
+``pipelines/sgz/losses.py``), L_sem coming from a frozen segmentation net (``pipelines/sgz/segmentation.py``).
 Every ``--save-every`` steps and at the end, ``OUTPUT/sgz_stepNNNNNN.safetensors`` (weights, loadable by
 ``SGZPipeline.from_pretrained``), ``OUTPUT/last.safetensors`` and ``OUTPUT/last_state.pt`` (optimizer, step and
 sampler state for ``--resume``) are written atomically.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .pipelines.atomic_files import atomic_output
+from ..media.atomic_files import atomic_output
 
 
 @dataclass
@@ -70,7 +70,7 @@ class TrainConfig:
 
 def find_images(dirs: list[str]) -> list[Path]:
     """All files with an image suffix under ``dirs`` (recursive), sorted for reproducibility."""
-    from .pipelines.image_io import IMAGE_EXTENSIONS
+    from ..media.image_io import IMAGE_EXTENSIONS
 
     files = []
     for d in dirs:
@@ -89,7 +89,7 @@ def load_images(files: list[Path], max_side: int) -> tuple[list[torch.Tensor], l
     import numpy as np
     from PIL import Image
 
-    from .pipelines.image_io import read_image
+    from ..media.image_io import read_image
 
     images, failures = [], []
     for path in files:
@@ -171,7 +171,7 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 def save_checkpoint(output: Path, model, optimizer, sampler: CropSampler, step: int, metadata: dict[str, str]) -> Path:
     """Write ``sgz_stepNNNNNN.safetensors``, ``last.safetensors`` and ``last_state.pt`` atomically."""
-    from .pipelines.sgz_model import save_sgz_weights
+    from .model import save_sgz_weights
 
     output.mkdir(parents=True, exist_ok=True)
     metadata = {**metadata, "step": str(step)}
@@ -196,8 +196,8 @@ def load_training_state(output: Path) -> dict:
 def training_step(model, seg_net, batch: torch.Tensor, config: TrainConfig, weights) -> tuple[torch.Tensor, dict]:
     """Forward pass and losses for one batch ``[B, 3, s, s]``: the EFE runs at ``1/train_downscale``, the RIE and
     all losses on the full-resolution crop (L_tv on the factor as the EFE produced it)."""
-    from .pipelines.sgz_losses import sgz_total_loss
-    from .pipelines.sgz_model import apply_recurrence, estimate_factor_lowres, upsample_factor
+    from .losses import sgz_total_loss
+    from .model import apply_recurrence, estimate_factor_lowres, upsample_factor
 
     factor_lowres = estimate_factor_lowres(model, batch, config.train_downscale)
     factor = upsample_factor(factor_lowres, batch.shape[-2:])
@@ -222,9 +222,9 @@ def train(config: TrainConfig) -> dict:
     """Run (or resume) a training run; returns a summary dict (steps, seconds, last losses, checkpoint path)."""
     from tqdm.auto import tqdm
 
-    from .pipelines.semantic_segmentation import build_segmentation_net
-    from .pipelines.sgz_losses import SGZLossWeights
-    from .pipelines.sgz_model import EnhancementFactorEstimator, init_weights_for_training, load_sgz_weights
+    from .segmentation import build_segmentation_net
+    from .losses import SGZLossWeights
+    from .model import EnhancementFactorEstimator, init_weights_for_training, load_sgz_weights
 
     if config.max_steps is None and config.minutes is None:
         raise ValueError("give a budget: --max-steps and/or --minutes")

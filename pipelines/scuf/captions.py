@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from .atomic_files import atomic_output
+from ..media.atomic_files import atomic_output
 
 CAPTIONS_FORMAT = "comfyui-lowlight/scuf-captions"
 CAPTIONS_VERSION = 1

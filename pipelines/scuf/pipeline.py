@@ -25,9 +25,9 @@ from diffusers.loaders import FromSingleFileMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .clip_image_encoder import clip_image_embedding, load_clip_image_encoder
-from .illumination import inverted_value_channel
-from .scuf_modules import (
+from .clip_encoder import clip_image_embedding, load_clip_image_encoder
+from ..media.illumination import inverted_value_channel
+from .modules import (
     ImagePromptProjector,
     SCUFConfig,
     add_cycle_attn_processors,
@@ -38,7 +38,7 @@ from .scuf_modules import (
     scuf_one_step,
     set_adapter_scale,
 )
-from .scuf_weights import (
+from .weights import (
     SCUFWeightsError,
     SCUFWeightsFile,
     check_compatible,
@@ -49,7 +49,7 @@ from .scuf_weights import (
     shipped_config_dir,
 )
 
-from .scuf_prompts import DARKEN_PROMPT, DEFAULT_PROMPT  # noqa: F401  (re-exported)
+from .prompts import DARKEN_PROMPT, DEFAULT_PROMPT  # noqa: F401  (re-exported)
 
 SCUF_WEIGHTS_NAME = "scuf_weights.safetensors"
 #: A base model path with one of these endings is a single-file checkpoint (anything else: a folder or hub id).
@@ -265,7 +265,7 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
     def from_single_file(cls, pretrained_model_link_or_path, scuf_weights=None, **kwargs):
         """Load the single-file SD-Turbo checkpoint ComfyUI users have (``models/checkpoints/sd_turbo.safetensors``).
 
-        Works offline: the diffusers configs ship in ``pipelines/configs/sd-turbo`` (``config=`` overrides). The
+        Works offline: the diffusers configs ship in ``pipelines/scuf/configs/sd-turbo`` (``config=`` overrides). The
         CLIP BPE vocabulary is not shipped: pass ``tokenizer=``, or it is taken from ComfyUI's bundled CLIP
         tokenizer or the local Hugging Face cache of ``stabilityai/sd-turbo`` / ``openai/clip-vit-base-patch32``.
         """
@@ -449,7 +449,7 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         :mod:`.scuf_tiling`); the prompt conditioning is computed once for the whole image. ``tile_size`` and
         ``tile_overlap`` are pixels, multiples of 8.
         """
-        from .scuf_tiling import check_tiling
+        from .tiling import check_tiling
 
         check_tiling(tile_size, tile_overlap)
         self._tiling = {"tile_size": tile_size, "tile_overlap": tile_overlap}
@@ -487,7 +487,7 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
             shape = (b, self.vae.config.latent_channels, h // 8, w // 8)
             noise = randn_tensor(shape, generator=generator, device=device, dtype=next(self.vae.parameters()).dtype)
         if self._tiling is not None:
-            from .scuf_tiling import tiled_enhance
+            from .tiling import tiled_enhance
 
             return tiled_enhance(self._enhance, x, context, noise, **self._tiling)
         return self._enhance(x, context, noise)
