@@ -18,11 +18,19 @@ import functools
 import sys
 from pathlib import Path
 
+from ..pipelines.scuf.options import (
+    DEFAULT_DTYPE,
+    DTYPE_HELP,
+    DTYPES,
+    PROMPT_HELP,
+    TILE_OVERLAP,
+    TILE_SIZE,
+    tiling_problem,
+)
 from ..pipelines.sgz.options import SGZ_OPTIONS, TEMPORAL_SMOOTHING, VIDEO_TEMPORAL_SMOOTHING
 from .plan import Job, plan_jobs
 
 METHODS = ("sgz", "scuf")
-DTYPES = ("float32", "bfloat16", "float16")
 # Each method's own options: the other method refuses them instead of silently ignoring them.
 METHOD_OPTIONS = {
     "sgz": ("weights", *SGZ_OPTIONS, "max_frames", "chunk_size", "quality", "crf"),
@@ -76,12 +84,14 @@ def add_parser(commands) -> None:
                            "--base has an image_encoder folder)")
     scuf.add_argument("--scuf-weights", type=Path, default=None,
                       help="SCUF weights (ours .safetensors or the official .pkl); not needed if --base has them")
-    scuf.add_argument("--dtype", choices=DTYPES, default="float32",
-                      help="compute precision (bfloat16: fast on recent CPUs; float16 keeps the VAE in float32)")
-    scuf.add_argument("--tile-size", type=int, default=None,
-                      help="process images larger than this many pixels in tiles (multiple of 8, e.g. 512)")
-    scuf.add_argument("--tile-overlap", type=int, default=64, help="tile overlap in pixels (default 64)")
-    scuf.add_argument("--prompt", default=None, help="text prompt (default: the paper's lighten prompt)")
+    scuf.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help=f"{DTYPE_HELP} (default {DEFAULT_DTYPE})")
+    scuf.add_argument(TILE_SIZE.flag, type=TILE_SIZE.type, default=None,
+                      help=f"{TILE_SIZE.help} {TILE_SIZE.min}..{TILE_SIZE.max}, multiple of {TILE_SIZE.multiple} "
+                           f"(default: no tiling; {TILE_SIZE.default} is SD-Turbo's native size)")
+    scuf.add_argument(TILE_OVERLAP.flag, type=TILE_OVERLAP.type, default=TILE_OVERLAP.default,
+                      help=f"{TILE_OVERLAP.help} {TILE_OVERLAP.min}..{TILE_OVERLAP.max}, multiple of "
+                           f"{TILE_OVERLAP.multiple} (default {TILE_OVERLAP.default})")
+    scuf.add_argument("--prompt", default=None, help=PROMPT_HELP)
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -94,6 +104,10 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
             parser.error("--method scuf needs --base (SD-Turbo: a diffusers folder or sd_turbo.safetensors)")
         if args.device not in ("auto", "cpu"):
             parser.error(f"--device: --method scuf takes auto or cpu, got {args.device!r}")
+        problem = tiling_problem(args.tile_size, args.tile_overlap)
+        if problem is not None:
+            option, detail = problem
+            parser.error(f"{option.flag}: {detail}")
         return
     for option in SGZ_OPTIONS.values():
         problem = option.problem(getattr(args, option.name))

@@ -39,12 +39,28 @@ from .model_folders import (
     resolve_weights,
     scuf_weight_choices,
 )
-from ..pipelines.scuf.prompts import DEFAULT_PROMPT
+from ..pipelines.scuf.options import (
+    ADAPTER_SCALE,
+    DEFAULT_PROMPT,
+    DTYPE_HELP,
+    DTYPES as DTYPE_NAMES,
+    PROMPT_HELP,
+    SAMPLE_LATENT,
+    SAMPLE_LATENT_HELP,
+    SEED,
+)
 
 CATEGORY = "image/lowlight"
 SCUF_PIPE = "SCUF_PIPE"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
+def _number_input(option) -> tuple:
+    """A ComfyUI INT/FLOAT input read from the SCUF parameter table (pipelines/scuf/options.py)."""
+    return ("INT" if option.type is int else "FLOAT",
+            {"default": option.default, "min": option.min, "max": option.max, "step": option.step,
+             "tooltip": option.help})
 
 
 # ------------------------------------------------------------------------------------- the SCUF_PIPE value
@@ -76,7 +92,7 @@ class SCUFModel:
 
     base: SCUFBaseSpec
     weights: Optional[SCUFWeights] = None
-    adapter_scale: float = 1.0
+    adapter_scale: float = ADAPTER_SCALE.default
 
 
 # One loaded base: {"spec": SCUFBaseSpec, "pipe": SCUFPipeline, "active": token of the SCUF weights copied in}.
@@ -194,10 +210,10 @@ class SCUFLoadSDTurbo:
                      "models/clip_vision, or the image_encoder/ folder saved inside a diffusers base folder."},
                 ),
                 "dtype": (
-                    ["auto", "float32", "bfloat16", "float16"],
+                    ["auto", *DTYPE_NAMES],
                     {"default": "auto",
-                     "tooltip": "Weight precision. auto: float32 on the CPU; on a GPU bfloat16 where supported, "
-                     "else float16 (the VAE stays float32 with float16). float32 is the reference precision."},
+                     "tooltip": f"{DTYPE_HELP} auto: float32 on the CPU; on a GPU bfloat16 where supported, else "
+                     "float16."},
                 ),
             }
         }
@@ -236,16 +252,12 @@ class SCUFAdapterLoader:
                      "project's .safetensors (from lowlight train scuf or lowlight convert-scuf) or the official checkpoint .pkl "
                      "(its lighten direction is used)."},
                 ),
-                "adapter_scale": (
-                    "FLOAT",
-                    {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
-                     "tooltip": "Weight of the illumination image prompt in the cycle attention: 1 = as trained, "
-                     "0 = text prompt only, above 1 = the image prompt counts more."},
-                ),
+                "adapter_scale": _number_input(ADAPTER_SCALE),
             }
         }
 
     def attach(self, scuf_pipe, scuf_weights, adapter_scale):
+        ADAPTER_SCALE.check(adapter_scale)  # before any loading: the same bounds the widget and the pipeline use
         path = resolve_weights(SCUF_FOLDER, scuf_weights)
         base_pipeline(scuf_pipe.base)  # a failing base load is not the weights file's fault: let it through as is
         try:
@@ -281,22 +293,12 @@ class SCUFLighten:
             "required": {
                 "scuf_pipe": (SCUF_PIPE, {"tooltip": "From Cycle-Attention Adapter Loader (SD-Turbo + SCUF weights)."}),
                 "image": ("IMAGE", {"tooltip": "Low-light image or batch (RGB; an alpha channel is ignored)."}),
-                "prompt": (
-                    "STRING",
-                    {"default": DEFAULT_PROMPT, "multiline": True,
-                     "tooltip": "Text prompt for the one step; the default is the paper's lighten prompt the "
-                     "weights were trained with."},
-                ),
-                "seed": (
-                    "INT",
-                    {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                     "tooltip": "Seed of the latent sample; used only when sample_latent is on."},
-                ),
+                "prompt": ("STRING", {"default": DEFAULT_PROMPT, "multiline": True, "tooltip": PROMPT_HELP}),
+                "seed": _number_input(SEED),
                 "sample_latent": (
                     "BOOLEAN",
-                    {"default": False, "label_on": "sampled (official)", "label_off": "mean",
-                     "tooltip": "Off: the VAE posterior mean (deterministic). On: a sample of it, as the official "
-                     "inference code does (varies with the seed)."},
+                    {"default": SAMPLE_LATENT, "label_on": "sampled (official)", "label_off": "mean",
+                     "tooltip": SAMPLE_LATENT_HELP},
                 ),
             },
             "optional": {

@@ -49,6 +49,7 @@ from .weights import (
     shipped_config_dir,
 )
 
+from .options import ADAPTER_SCALE, SAMPLE_LATENT, TILE_OVERLAP, TILE_SIZE, check_tiling_options
 from .prompts import DARKEN_PROMPT, DEFAULT_PROMPT  # noqa: F401  (re-exported)
 
 SCUF_WEIGHTS_NAME = "scuf_weights.safetensors"
@@ -442,16 +443,14 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         proj_dtype = next(self.image_proj.parameters()).dtype
         return self.image_proj(emb.to(proj_dtype))
 
-    def enable_vae_tiling(self, tile_size: int = 512, tile_overlap: int = 64) -> None:
+    def enable_vae_tiling(self, tile_size: int = TILE_SIZE.default, tile_overlap: int = TILE_OVERLAP.default) -> None:
         """Process images larger than ``tile_size`` in overlapping tiles (bounded memory, feathered seams).
 
         The whole encoder -> UNet -> decoder pass is tiled (the VAE skips and the UNet attention need it, see
         :mod:`.scuf_tiling`); the prompt conditioning is computed once for the whole image. ``tile_size`` and
-        ``tile_overlap`` are pixels, multiples of 8.
+        ``tile_overlap`` are pixels, multiples of 8, in the bounds of :mod:`.options` (overlap < tile_size / 2).
         """
-        from .tiling import check_tiling
-
-        check_tiling(tile_size, tile_overlap)
+        check_tiling_options(tile_size, tile_overlap)
         self._tiling = {"tile_size": tile_size, "tile_overlap": tile_overlap}
 
     def disable_vae_tiling(self) -> None:
@@ -498,9 +497,9 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         image,
         prompt: str | list[str] | None = None,
         illumination=None,
-        adapter_scale: float = 1.0,
+        adapter_scale: float = ADAPTER_SCALE.default,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        sample_latent: bool = False,
+        sample_latent: bool = SAMPLE_LATENT,
         output_type: str = "pil",
         return_dict: bool = True,
     ):
@@ -513,7 +512,8 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
                 NaN/inf are rejected.
             prompt: text prompt, one per image or shared; default :data:`DEFAULT_PROMPT` (the paper's lighten prompt).
             illumination: the image prompt, one-channel 0..1 map(s) at input size; default ``1 - V`` of the input.
-            adapter_scale: weight of the image-prompt (cycle-attention) branch; 1 = official, 0 = text only.
+            adapter_scale: weight of the image-prompt (cycle-attention) branch; 1 = official, 0 = text only
+                (bounds: :data:`~.options.ADAPTER_SCALE`).
             generator: for ``sample_latent=True``.
             sample_latent: sample the VAE posterior like the official code (default: its mean, deterministic).
             output_type: ``"pil"`` (uint8 = floor(255 x), official), ``"np"`` (float32 ``[B, H, W, 3]`` in 0..1,
@@ -523,6 +523,7 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         """
         if self.scuf_config is None or self.image_proj is None:
             raise RuntimeError("SCUF weights are not loaded: call pipe.load_scuf_weights(path) first")
+        ADAPTER_SCALE.check(adapter_scale)
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type: expected 'pil', 'np' or 'pt', got {output_type!r}")
         items = _split_images(image)
