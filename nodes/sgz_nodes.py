@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from ..pipelines.sgz.model import SHIPPED_WEIGHTS
-from ..pipelines.sgz.options import SGZ_OPTIONS, SGZOption
+from ..pipelines.parameters import Option
+from ..pipelines.sgz.options import SGZ_OPTIONS
 from .comfy_tensors import bchw_to_image, image_to_bchw
 from .model_folders import SGZ_FOLDER, resolve_weights, weight_choices
 
@@ -32,7 +33,7 @@ def load_cached_pipeline(path: Path, device: torch.device):
     return _PIPELINE_CACHE["pipe"]
 
 
-def _number_input(option: SGZOption) -> tuple:
+def _number_input(option: Option) -> tuple:
     """A ComfyUI INT/FLOAT input with the table's default, bounds and help (the widget enforces the bounds)."""
     kind = "INT" if option.type is int else "FLOAT"
     return (kind, {"default": option.default, "min": option.min, "max": option.max, "step": option.step,

@@ -9,72 +9,25 @@ for the seed); ``tile_size``/``tile_overlap`` the command line's and the pipelin
 
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass
-from typing import Union
-
+from ..parameters import Option
 from .prompts import DEFAULT_PROMPT  # noqa: F401  (the prompt's default; training uses it too)
 
-Number = Union[int, float]
-
-
-@dataclass(frozen=True)
-class SCUFOption:
-    name: str
-    type: type  # int or float
-    default: Number
-    min: Number
-    max: Number
-    step: Number  # the ComfyUI widget's step
-    help: str
-    multiple: int = 1  # integers only: the value must be a multiple of this
-
-    @property
-    def flag(self) -> str:
-        """The command-line spelling, e.g. ``--tile-size``."""
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def expected(self) -> str:
-        kind = "an integer" if self.type is int else "a number"
-        if self.multiple > 1:
-            kind = f"a multiple of {self.multiple}"
-        return f"{kind} in {self.min:g}..{self.max:g}"
-
-    def problem(self, value) -> str | None:
-        """Why ``value`` is not allowed (``"expected ..., got ..."``), or None when it is."""
-        if self.type is int:
-            valid = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value % self.multiple == 0
-        else:
-            valid = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-        if valid and self.min <= value <= self.max:
-            return None
-        return f"expected {self.expected}, got {value!r}"
-
-    def check(self, value) -> None:
-        """Raise ``ValueError`` naming the parameter and its allowed range when ``value`` is out of it."""
-        problem = self.problem(value)
-        if problem is not None:
-            raise ValueError(f"{self.name}: {problem}")
-
-
-ADAPTER_SCALE = SCUFOption(
+ADAPTER_SCALE = Option(
     "adapter_scale", float, 1.0, 0.0, 2.0, 0.05,
     "Weight of the illumination image prompt in the cycle attention: 1 = as trained, 0 = text prompt only, above 1 "
     "= the image prompt counts more.",
 )
-SEED = SCUFOption(
+SEED = Option(
     "seed", int, 0, 0, 0xFFFFFFFFFFFFFFFF, 1,
     "Seed of the latent sample; used only when sample_latent is on.",
 )
 # Pixels, multiples of 8 so that every tile maps to whole latent pixels; 512 is SD-Turbo's native size.
-TILE_SIZE = SCUFOption(
+TILE_SIZE = Option(
     "tile_size", int, 512, 64, 8192, 8,
     "Process images larger than this many pixels in overlapping tiles (bounded memory, feathered seams).",
     multiple=8,
 )
-TILE_OVERLAP = SCUFOption(
+TILE_OVERLAP = Option(
     "tile_overlap", int, 64, 0, 1024, 8,
     "Pixels shared by neighbouring tiles (blended); less than half of tile_size.",
     multiple=8,
@@ -105,7 +58,7 @@ def check_scuf_options(**values) -> None:
         SCUF_OPTIONS[name].check(value)
 
 
-def tiling_problem(tile_size, tile_overlap) -> tuple[SCUFOption, str] | None:
+def tiling_problem(tile_size, tile_overlap) -> tuple[Option, str] | None:
     """The first bad tiling parameter and why (``"expected ..., got ..."``), or None when the tiling is usable.
 
     ``tile_size=None`` means no tiling (the command line's default): only ``tile_overlap`` is checked.
