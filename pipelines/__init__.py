@@ -3,9 +3,11 @@
 - ``sgz/``: SGZ (model, losses, segmentation net, pipeline, parameter table, trainer);
 - ``scuf/``: SCUF (modules, weights, pipeline, tiling, training losses and trainer, CLIP image encoder, captions,
   RetinexNet, prompts, folder batch, shipped SD-Turbo configs);
-- ``media/``: what both use (image and video files, in-memory conversions, atomic writes, illumination maps).
+- ``media/``: what both use (image and video files, in-memory conversions, atomic writes, illumination maps);
+- ``parameters.py``: the ``Option`` type of both methods' parameter tables (``sgz/options.py``, ``scuf/options.py``).
 
-Layers: ``media`` imports nothing of ours; ``sgz`` and ``scuf`` import ``media`` only; faces import these.
+Layers: ``media`` and ``parameters`` import nothing of ours; ``sgz`` and ``scuf`` import them, never each other;
+faces import these.
 
 Public names are resolved lazily so that ``import comfyui_lowlight`` never pulls in diffusers or transformers.
 """

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_lowlight.pipelines.scuf.tiling import check_tiling, tile_starts, tiled_enhance
+from comfyui_lowlight.pipelines.scuf.options import check_tiling_options
+from comfyui_lowlight.pipelines.scuf.tiling import tile_starts, tiled_enhance
 from tiny_scuf import official_fixture, tiny_scuf  # noqa: F401  (session fixture: the tiny SCUF model)
 
 
@@ -21,7 +22,7 @@ def test_tile_starts_cover_with_overlap(length, tile, overlap):
 @pytest.mark.parametrize("tile,overlap", [(60, 8), (32, 8), (128, 64), (128, 12), (128, -8)])
 def test_bad_tiling_parameters(tile, overlap):
     with pytest.raises(ValueError, match="tile_"):
-        check_tiling(tile, overlap)
+        check_tiling_options(tile, overlap)
 
 
 def test_blending_is_exact_for_a_pointwise_enhancer():

@@ -20,22 +20,13 @@ from typing import Callable
 
 import torch
 
+from .options import check_tiling_options
+
 #: Default tile size in pixels (SD-Turbo's native 512) and overlap between neighbouring tiles.
 DEFAULT_TILE_SIZE = 512
 DEFAULT_TILE_OVERLAP = 64
 #: Tile offsets and sizes are multiples of the VAE factor so each tile maps to whole latent pixels.
 _LATENT_FACTOR = 8
-
-
-def check_tiling(tile_size: int, overlap: int) -> None:
-    """Raise ``ValueError`` unless ``tile_size``/``overlap`` are usable multiples of 8 with ``overlap < tile_size / 2``."""
-    if not isinstance(tile_size, int) or tile_size < 64 or tile_size % _LATENT_FACTOR:
-        raise ValueError(f"tile_size: expected an int multiple of {_LATENT_FACTOR}, at least 64, got {tile_size!r}")
-    if not isinstance(overlap, int) or overlap < 0 or overlap % _LATENT_FACTOR or 2 * overlap >= tile_size:
-        raise ValueError(
-            f"tile_overlap: expected an int multiple of {_LATENT_FACTOR} in [0, tile_size / 2), got {overlap!r} "
-            f"(tile_size {tile_size})"
-        )
 
 
 def tile_starts(length: int, tile_size: int, overlap: int) -> list[int]:
@@ -86,12 +77,12 @@ def tiled_enhance(
         x: ``[B, 3, H, W]`` network input in -1..1, H and W multiples of 8.
         context: ``[B, T, D]`` UNet conditioning shared by all tiles.
         noise: ``[B, C, H / 8, W / 8]`` latent noise for sampled latents (sliced per tile), or None.
-        tile_size, tile_overlap: pixels, multiples of 8 (see :func:`check_tiling`).
+        tile_size, tile_overlap: pixels, multiples of 8 (bounds: ``options.TILE_SIZE``/``TILE_OVERLAP``).
     Returns:
         ``[B, 3, H, W]`` float32 in 0..1 on the CPU (the accumulation buffers live there so that device memory only
         holds one tile).
     """
-    check_tiling(tile_size, tile_overlap)
+    check_tiling_options(tile_size, tile_overlap)
     b, _, height, width = x.shape
     if height % _LATENT_FACTOR or width % _LATENT_FACTOR:
         raise ValueError(f"x: height and width must be multiples of {_LATENT_FACTOR}, got {height}x{width}")
