@@ -230,10 +230,22 @@ def test_resume_reproduces_the_uninterrupted_run(run, scuf, data, tmp_path):
     from safetensors.torch import load_file
 
     for name in ("scuf_weights.safetensors", "scuf_weights_b2a.safetensors",
-                 "checkpoint-10/training_modules.safetensors"):
+                 "checkpoint-10/model.safetensors"):
         a, b = load_file(output / name), load_file(resumed / name)
         assert a.keys() == b.keys()
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, name
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(run, scuf, data, tmp_path):
+    output, _ = run
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copytree(output / "checkpoint-5", other / "checkpoint-5")
+    (other / ".checkpoint-10.tmp").mkdir()  # an interrupted save: never a resume candidate
+    assert train_scuf.find_checkpoint(other, "latest") == other / "checkpoint-5"
+    # no reflectance decoder: the saved trained tensors do not match
+    with pytest.raises(SystemExit, match="model.safetensors does not match this configuration"):
+        train_scuf_command(_args(scuf, data, other, "--resume", "latest", "--no_reflectance"))
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "unreadable", "caption_missing", "caption_extra", "caption_bad"])
@@ -362,8 +374,9 @@ def test_two_process_cpu_run_through_accelerate(scuf, data, tmp_path):
     assert "2 process(es)" in result.stdout
     assert [e["step"] for e in _log(output)] == [1, 2]
     assert (output / "scuf_weights.safetensors").is_file()
-    assert sorted(p.name for p in (output / "checkpoint-2").glob("rng_state_*.pt")) == ["rng_state_0.pt",
-                                                                                        "rng_state_1.pt"]
+    # accelerate's checkpoint folder: one RNG state per process
+    assert sorted(p.name for p in (output / "checkpoint-2").glob("random_states_*.pkl")) == ["random_states_0.pkl",
+                                                                                            "random_states_1.pkl"]
 
 
 def test_plain_unet_twin_shares_weights_and_runs_without_the_adapter(scuf):

@@ -13,9 +13,10 @@ loop, checkpoints and logging.
 
 Output folder:
 * ``checkpoint-<step>/``: ``scuf_weights.safetensors`` (lighten, our format: ``SCUFPipeline.load_scuf_weights``
-  and the ComfyUI loader read it), ``scuf_weights_b2a.safetensors`` (darken), ``training_modules.safetensors``
-  (reflectance decoder + discriminators), ``optimizer.pt``, ``rng_state_<rank>.pt``, ``training_state.json``;
-  written into a temporary folder and renamed, so a checkpoint folder is always complete;
+  and the ComfyUI loader read it), ``scuf_weights_b2a.safetensors`` (darken), ``accelerator.save_state``'s files
+  (``model.safetensors``: every trained tensor; ``optimizer.bin``, ``optimizer_1.bin``,
+  ``random_states_<rank>.pkl``, ``scaler.pt`` under fp16), ``training_state.json`` (last); written into a temporary
+  folder and renamed, so a checkpoint folder is always complete;
 * ``scuf_weights.safetensors`` (+ ``_b2a``) at the end; ``validation/step-<N>/`` images; ``train_log.jsonl``
   (one line per step: every loss term, averaged over processes, and the step's wall time in ``seconds``);
   TensorBoard events when tensorboard is installed.
@@ -35,8 +36,7 @@ import torch
 
 LOG_NAME = "train_log.jsonl"
 B2A_WEIGHTS_NAME = "scuf_weights_b2a.safetensors"
-MODULES_NAME = "training_modules.safetensors"
-OPTIMIZER_NAME = "optimizer.pt"
+MODEL_NAME = "model.safetensors"  # accelerate's name for the prepared module's weights
 STATE_NAME = "training_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -268,8 +268,29 @@ def build_training(args, accelerator, log):
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
+class TrainedParameters(torch.nn.Module):
+    """Every trained tensor under its stable name, as the one module accelerate prepares, saves and restores.
+
+    The tensors stay owned by their networks (registered here, not copied). The forward is the identity on a loss
+    already computed by ``training_iteration``: under DDP it lets the reducer find, from that loss's graph, which
+    parameters the update touches (``find_unused_parameters``: each of the six updates uses a subset), so each
+    backward averages exactly those gradients over processes.
+    """
+
+    def __init__(self, named: dict):
+        super().__init__()
+        for name, param in named.items():
+            if not isinstance(param, torch.nn.Parameter):
+                raise TypeError(f"{name}: a trained tensor must be an nn.Parameter of its network (shared, not copied)")
+            self.register_parameter(name.replace(".", "/"), param)  # module attribute names cannot hold dots
+
+    def forward(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+
 def find_checkpoint(output: Path, resume: str) -> Path | None:
-    """The checkpoint folder ``--resume`` names ('latest': the newest ``checkpoint-<step>`` in output, or None)."""
+    """The checkpoint folder ``--resume`` names ('latest': the newest complete ``checkpoint-<step>`` in output, or
+    None). ``training_state.json`` is written last: a folder without it is not a checkpoint."""
     if resume != "latest":
         path = Path(resume)
         if not (path / STATE_NAME).is_file():
@@ -280,16 +301,15 @@ def find_checkpoint(output: Path, resume: str) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def save_checkpoint(accelerator, output: Path, step: int, model, named, optimizers, scalers, args) -> Path:
-    """Write ``checkpoint-<step>`` atomically: every process writes its RNG state into a temp folder, then the main
-    process writes weights/optimizer/state and renames the folder."""
-    from safetensors.torch import save_file
-
+def save_checkpoint(accelerator, output: Path, step: int, model, trained, args) -> Path:
+    """Write ``checkpoint-<step>`` atomically: ``accelerator.save_state`` (trained parameters, optimizers, scaler,
+    every process's RNG state) into a temp folder, then our weight files and ``training_state.json``, then rename."""
     from .weights import save_scuf_file, scuf_parameters
 
     if accelerator.num_processes > 1:
-        # the replicas must be identical (same init, averaged gradients); a divergence would be saved silently
-        checksum = torch.stack([p.detach().double().sum() for p in named.values()]).sum().reshape(1)
+        # the replicas must be identical (same init, DDP-averaged gradients); a divergence would be saved silently
+        params = accelerator.unwrap_model(trained).parameters()
+        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
         sums = accelerator.gather(checksum.to(accelerator.device))
         if not torch.all(sums == sums[0]):
             raise RuntimeError(f"step {step}: model replicas diverged across processes (checksums {sums.tolist()})")
@@ -297,21 +317,14 @@ def save_checkpoint(accelerator, output: Path, step: int, model, named, optimize
     tmp = output / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save({"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               tmp / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         pipe = model.pipe
         pipe.save_scuf_weights(tmp / "scuf_weights.safetensors", direction="a2b")
         save_scuf_file(tmp / B2A_WEIGHTS_NAME, scuf_parameters(model.vaes["b2a"], pipe.image_proj, pipe.unet),
                        pipe.scuf_config, direction="b2a")
-        extra = {k: v.detach().cpu().contiguous() for k, v in named.items() if k.startswith(("ref.", "disc_"))}
-        save_file(extra, str(tmp / MODULES_NAME), metadata={"format": "comfyui-lowlight/scuf-training-modules"})
-        torch.save({"optimizers": [o.state_dict() for o in optimizers],
-                    "scalers": [s.state_dict() if s is not None else None for s in scalers]}, tmp / OPTIMIZER_NAME)
         state = {"step": step, "seed": args.seed, "num_processes": accelerator.num_processes,
                  "args": {k: v for k, v in vars(args).items() if k != "resume"}}
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
@@ -321,69 +334,19 @@ def save_checkpoint(accelerator, output: Path, step: int, model, named, optimize
     return final
 
 
-def load_checkpoint(accelerator, path: Path, model, named, optimizers, scalers) -> int:
-    """Restore weights, optimizer/scaler and RNG state from a checkpoint; returns its step."""
-    from safetensors.torch import load_file
+def load_checkpoint(accelerator, path: Path, trained: TrainedParameters) -> int:
+    """``accelerator.load_state``: trained parameters, optimizers, scaler and RNG state; returns the step."""
+    from safetensors import safe_open
 
-    from .training import load_vae_weights
-    from .weights import copy_into
-
-    state = json.loads((path / STATE_NAME).read_text())
-    pipe = model.pipe
-    pipe.load_scuf_weights(path / "scuf_weights.safetensors")
-    load_vae_weights(pipe, model.vaes["b2a"], path / B2A_WEIGHTS_NAME, "b2a")
-    extra = load_file(str(path / MODULES_NAME))
-    wanted = {k: v for k, v in named.items() if k.startswith(("ref.", "disc_"))}
-    if set(extra) != set(wanted):
-        raise SystemExit(f"--resume: {path / MODULES_NAME} does not match this configuration (reflectance or "
-                         "discriminator settings changed?)")
-    copy_into(wanted, extra)
-    opt_state = torch.load(path / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
-    for optimizer, sd in zip(optimizers, opt_state["optimizers"]):
-        optimizer.load_state_dict(sd)
-    for scaler, sd in zip(scalers, opt_state["scalers"]):
-        if scaler is not None and sd is not None:
-            scaler.load_state_dict(sd)
-    rng_file = path / f"rng_state_{accelerator.process_index}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return int(state["step"])
+    with safe_open(str(path / MODEL_NAME), "pt") as saved:
+        if set(saved.keys()) != set(trained.state_dict()):
+            raise SystemExit(f"--resume: {path / MODEL_NAME} does not match this configuration (reflectance or "
+                             "discriminator settings changed?)")
+    accelerator.load_state(str(path))
+    return int(json.loads((path / STATE_NAME).read_text())["step"])
 
 
 # ------------------------------------------------------------------------------------------------------ loop
-
-
-def _sync_gradients(params, accelerator) -> None:
-    """Average gradients over processes (one all-reduce of a flat buffer; missing gradients count as zero)."""
-    if accelerator.num_processes == 1:
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    flat = accelerator.reduce(flat, reduction="mean")
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
-
-
-def _update(loss, params, optimizer, scaler, accelerator, max_norm: float) -> None:
-    """backward -> (unscale) -> gradient all-reduce -> clip -> step -> zero_grad."""
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    _sync_gradients(params, accelerator)
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def _write_validation(model, data: UnpairedImages, output: Path, step: int, count: int) -> None:
@@ -423,8 +386,12 @@ def train(args) -> Path:
         log_with = "tensorboard"
     except ImportError:
         log_with = None
+    from accelerate import DistributedDataParallelKwargs
+
+    # each of the six updates of an iteration touches a subset of the trained parameters
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, project_dir=str(output),
-                              cpu=args.cpu)
+                              cpu=args.cpu, kwargs_handlers=[ddp])
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes != launched:
         # e.g. torchrun/accelerate --multi_gpu on a machine without GPUs: every process would train alone and
@@ -442,18 +409,19 @@ def train(args) -> Path:
     model, gen_params, disc_params, named = build_training(args, accelerator, log)
     opt_kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay,
                       eps=args.adam_epsilon)
-    opt_gen = torch.optim.AdamW(gen_params, **opt_kwargs)
-    opt_disc = torch.optim.AdamW(disc_params, **opt_kwargs)
-    use_scaler = args.mixed_precision == "fp16"
-    scalers = [torch.amp.GradScaler(accelerator.device.type) if use_scaler else None for _ in range(2)]
+    trained, opt_gen, opt_disc = accelerator.prepare(TrainedParameters(named),
+                                                     torch.optim.AdamW(gen_params, **opt_kwargs),
+                                                     torch.optim.AdamW(disc_params, **opt_kwargs))
     log(f"trainable: {sum(p.numel() for p in gen_params):,} generator + {sum(p.numel() for p in disc_params):,} "
         f"discriminator parameters; {accelerator.num_processes} process(es) on {accelerator.device}")
 
     def update(loss, which: str) -> None:
-        if which == "generator":
-            _update(loss, gen_params, opt_gen, scalers[0], accelerator, args.max_grad_norm)
-        else:
-            _update(loss, disc_params, opt_disc, scalers[1], accelerator, args.max_grad_norm)
+        """backward (gradients averaged over processes by DDP) -> clip -> step -> zero_grad."""
+        params, optimizer = (gen_params, opt_gen) if which == "generator" else (disc_params, opt_disc)
+        accelerator.backward(trained(loss))
+        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     start = 0
     if args.resume:
@@ -461,7 +429,7 @@ def train(args) -> Path:
         if checkpoint is None:
             log(f"--resume latest: no checkpoint in {output}, starting from scratch")
         else:
-            start = load_checkpoint(accelerator, checkpoint, model, named, [opt_gen, opt_disc], scalers)
+            start = load_checkpoint(accelerator, checkpoint, accelerator.unwrap_model(trained))
             log(f"resumed from {checkpoint} (step {start})")
     if log_with and accelerator.is_main_process:
         accelerator.init_trackers("scuf", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
@@ -505,7 +473,7 @@ def train(args) -> Path:
         progress.update(1)
         progress.set_postfix(cycle=f"{logs.get('cycle_low_cycle', 0):.3f}", gan=f"{logs.get('gan_lighten', 0):.3f}")
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-            path = save_checkpoint(accelerator, output, step, model, named, [opt_gen, opt_disc], scalers, args)
+            path = save_checkpoint(accelerator, output, step, model, trained, args)
             last_checkpoint = step
             log(f"saved {path}")
         if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process:
