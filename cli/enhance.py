@@ -2,13 +2,17 @@
 
     lowlight enhance INPUT... -o OUT [--method sgz] [SGZ options]
     lowlight enhance INPUT... -o OUT --method scuf --base SD_TURBO [SCUF options]
-    accelerate launch --num_processes 2 [--multi_gpu] -m comfyui_lowlight enhance --method scuf ...
+    accelerate launch --multi_gpu --num_processes N -m comfyui_lowlight enhance [--method sgz|scuf] ...
 
 Each output keeps its input's format (16-bit PNG stays 16-bit, alpha is kept, grey stays grey) and is written
 atomically. Failures are reported per file and the run goes on; the exit code is 1 when any file failed, 2 for
-unusable arguments or weights. ``--method scuf`` enhances images only (videos are reported as failures); under
-``accelerate launch`` every process plans the same sorted job list and takes its share
-(``PartialState.split_between_processes``).
+unusable arguments or weights. ``--method scuf`` enhances images only (videos are reported as failures).
+
+Under ``accelerate launch`` (both methods) every process plans the same sorted job list, takes its share
+(``PartialState.split_between_processes``; ``--multi_gpu`` also on a CPU-only machine: it is what makes accelerate
+start N processes, with ``--cpu`` it starts one), reports failures and a summary line tagged [process i/N] and exits 1
+if a file of its share failed. On the CPU the N processes of a machine divide its cores: each uses at most
+cores/N torch threads (fewer when OMP_NUM_THREADS says so; accelerate sets it to 1 unless you set it).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from ..pipelines.scuf.options import (
     tiling_problem,
 )
 from ..pipelines.sgz.options import SGZ_OPTIONS, TEMPORAL_SMOOTHING, VIDEO_TEMPORAL_SMOOTHING
-from .plan import Job, plan_jobs
+from .plan import Job, Processes, plan_jobs, run_share
 
 METHODS = ("sgz", "scuf")
 # Each method's own options: the other method refuses them instead of silently ignoring them.
@@ -144,9 +148,10 @@ def _resolve_device(name: str):
 class _Enhancer:
     """Runs the pipeline on decoded pixels with the command-line settings."""
 
-    def __init__(self, pipe, args: argparse.Namespace):
+    def __init__(self, pipe, args: argparse.Namespace, show_progress: bool = True):
         self.pipe = pipe
         self.args = args
+        self.show_progress = show_progress
         self.settings = dict(downscale=args.downscale, recurrences=args.recurrences, strength=args.strength)
 
     def image(self, job: Job) -> None:
@@ -169,7 +174,8 @@ class _Enhancer:
             if self.args.max_frames is not None:
                 total = min(total or self.args.max_frames, self.args.max_frames)
             state = self.pipe.new_video_state() if smoothing > 0 else None
-            with tqdm(total=total, desc=job.source.name, unit="frame", position=progress_position, leave=False) as bar:
+            with tqdm(total=total, desc=job.source.name, unit="frame", position=progress_position, leave=False,
+                      disable=not self.show_progress) as bar:
                 for chunk in reader.chunks(self.args.chunk_size, self.args.max_frames):
                     # uint8 [N, H, W, 3] in and out: the pipeline's fused pass converts tile by tile.
                     enhanced = self.pipe(chunk.frames, temporal_smoothing=smoothing, video_state=state, **self.settings)
@@ -178,13 +184,16 @@ class _Enhancer:
             writer.close(complete=self.args.max_frames is None)
 
 
-def _report_failure(source: Path, error: BaseException | str) -> None:
-    from tqdm import tqdm
+def _failure_reporter(prefix: str):
+    def report(source: Path, error: BaseException | str) -> None:
+        from tqdm import tqdm
 
-    message = str(error)
-    if str(source) not in message:
-        message = f"{source}: {message}"
-    tqdm.write(f"lowlight: failed: {message}", file=sys.stderr)
+        message = str(error)
+        if str(source) not in message:
+            message = f"{source}: {message}"
+        tqdm.write(f"{prefix}: failed: {message}", file=sys.stderr)
+
+    return report
 
 
 def run_sgz(args: argparse.Namespace) -> int:
@@ -192,89 +201,70 @@ def run_sgz(args: argparse.Namespace) -> int:
 
     from ..pipelines.sgz.pipeline import SGZPipeline
 
+    processes = Processes.launched(args.device)
+    prefix = "lowlight" if processes.count == 1 else f"lowlight {processes.tag}"
     plan = plan_jobs(args.inputs, args.output)
-    for source, reason in plan.failures:
-        _report_failure(source, reason)
     if not plan.jobs and not plan.failures:
-        print(f"lowlight: no images or videos found in {', '.join(map(str, args.inputs))}", file=sys.stderr)
+        print(f"{prefix}: no images or videos found in {', '.join(map(str, args.inputs))}", file=sys.stderr)
         return 2
+    # under accelerate launch, --device auto is the device accelerate gives this process
+    device = _resolve_device(args.device) if processes.state is None or args.device != "auto" else processes.state.device
+    if device.type == "cpu":
+        processes.divide_cpu_threads()
     try:
-        pipe = SGZPipeline.from_pretrained(args.weights, device=_resolve_device(args.device))
+        pipe = SGZPipeline.from_pretrained(args.weights, device=device)
     except (OSError, ValueError, RuntimeError) as error:
-        print(f"lowlight: cannot load the weights: {error}", file=sys.stderr)
+        print(f"{prefix}: cannot load the weights: {error}", file=sys.stderr)
         return 2
-    enhancer = _Enhancer(pipe, args)
-    written = skipped = 0
-    failed = len(plan.failures)
-    with tqdm(plan.jobs, desc="lowlight", unit="file") as bar:
-        for job in bar:
-            if job.destination.exists() and not args.overwrite:
-                skipped += 1
-                continue
-            try:
-                job.destination.parent.mkdir(parents=True, exist_ok=True)
-                if job.is_video:
-                    enhancer.video(job, progress_position=1)
-                else:
-                    enhancer.image(job)
-                written += 1
-            except KeyboardInterrupt:
-                raise
-            except Exception as error:  # one bad file must not stop the batch; it is reported and counted
-                failed += 1
-                _report_failure(job.source, error)
-    hint = " (outputs already exist; --overwrite replaces them)" if skipped else ""
-    print(f"lowlight: {written} written, {skipped} skipped{hint}, {failed} failed")
-    return 1 if failed else 0
+    enhancer = _Enhancer(pipe, args, show_progress=processes.is_main)
+
+    def enhance(job: Job) -> None:
+        if job.is_video:
+            enhancer.video(job, progress_position=1)
+        else:
+            enhancer.image(job)
+
+    counts = run_share(plan, processes, enhance, _failure_reporter(prefix), overwrite=args.overwrite,
+                       progress=lambda share: tqdm(share, desc=prefix, unit="file", disable=not processes.is_main))
+    hint = " (outputs already exist; --overwrite replaces them)" if counts.skipped else ""
+    print(f"{prefix}: {counts.written} written, {counts.skipped} skipped{hint}, {counts.failed} failed", flush=True)
+    processes.wait()
+    return 1 if counts.failed else 0
 
 
 # ----------------------------------------------------------------------------------------------------- SCUF
 
 
 def run_scuf(args: argparse.Namespace) -> int:
-    import torch
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from ..pipelines.scuf.batch import enhance_file, load_pipeline
 
-    # without an accelerator, accelerate only forms a multi-process (gloo) group when asked for CPU explicitly
-    state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available())
-    tag = f"[process {state.process_index + 1}/{state.num_processes}]"
+    processes = Processes.launched(args.device, always=True)
+    tag = processes.tag
     plan = plan_jobs(args.inputs, args.output)
     if not plan.jobs and not plan.failures:
         print(f"{tag} no images found in {', '.join(map(str, args.inputs))}", file=sys.stderr)
         return 2
-    failures = [(src, why) for src, why in plan.failures]
-    jobs, skipped = [], 0
-    for job in plan.jobs:
-        if job.is_video:
-            failures.append((job.source, "videos are not supported by --method scuf (images only)"))
-        elif job.destination.exists() and not args.overwrite:
-            skipped += 1
-        else:
-            jobs.append(job)
-    if state.is_main_process:
-        for source, why in failures:
-            print(f"{tag} failed: {source}: {why}", file=sys.stderr, flush=True)
-    else:
-        failures = []  # planning failures are reported once, by the main process
+    if processes.state.device.type == "cpu":
+        processes.divide_cpu_threads()
     try:
-        pipe = load_pipeline(args, state.device)
+        pipe = load_pipeline(args, processes.state.device)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"{tag} could not load the SCUF model: {exc}", file=sys.stderr)
         return 2
-    done = 0
-    with state.split_between_processes(jobs) as shard:
-        for job in tqdm(shard, desc=f"SCUF {tag}", disable=not state.is_main_process):
-            try:
-                enhance_file(pipe, job.source, job.destination, args.prompt)
-                done += 1
-            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
-                failures.append((job.source, f"{type(exc).__name__}: {exc}"))
-                tqdm.write(f"{tag} failed: {job.source}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print(f"{tag} enhanced {done} of {len(shard)} images, {len(failures)} failed"
-              + (f"; skipped {skipped} existing outputs" if state.is_main_process and skipped else ""),
-              file=sys.stderr, flush=True)
-    state.wait_for_everyone()
-    return 1 if failures else 0
+
+    def report_failure(source: Path, error: BaseException | str) -> None:
+        why = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
+        tqdm.write(f"{tag} failed: {source}: {why}", file=sys.stderr)
+
+    counts = run_share(
+        plan, processes, lambda job: enhance_file(pipe, job.source, job.destination, args.prompt), report_failure,
+        overwrite=args.overwrite,
+        refuse=lambda job: "videos are not supported by --method scuf (images only)" if job.is_video else None,
+        progress=lambda share: tqdm(share, desc=f"SCUF {tag}", disable=not processes.is_main),
+    )
+    print(f"{tag} enhanced {counts.written} of {counts.share} images, {counts.failed} failed"
+          + (f"; skipped {counts.skipped} existing outputs" if counts.skipped else ""), file=sys.stderr, flush=True)
+    processes.wait()
+    return 1 if counts.failed else 0

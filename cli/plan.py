@@ -1,7 +1,11 @@
-"""Batch planning shared by ``lowlight enhance``'s methods: which input file goes to which output path."""
+"""Batch planning shared by ``lowlight enhance``'s methods: which input file goes to which output path, and which
+process of an ``accelerate launch`` run enhances it."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,3 +80,110 @@ def plan_jobs(inputs: list[Path], output: Path) -> Plan:
             is_video = source.suffix.lower() in VIDEO_EXTENSIONS
             plan.jobs.append(Job(source, destination, is_video))
     return plan
+
+
+def launched_process_count() -> int:
+    """How many processes ``accelerate launch`` (or torchrun) started; 1 for a plain run."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Processes:
+    """The processes of one ``lowlight enhance`` run: a plain run alone, or those of ``accelerate launch``.
+
+    Every process plans the same sorted job list and :meth:`share` hands it its part
+    (``PartialState.split_between_processes``); ``state`` is None for a plain run, which never imports accelerate.
+    """
+
+    def __init__(self, state=None):
+        self.state = state
+        self.index = 0 if state is None else state.process_index
+        self.count = 1 if state is None else state.num_processes
+        self.tag = f"[process {self.index + 1}/{self.count}]"
+
+    @classmethod
+    def launched(cls, device: str, *, always: bool = False) -> Processes:
+        """Join the processes of ``accelerate launch`` when there are several (``always``: also a plain run, for
+        accelerate's device choice); otherwise stay alone without importing accelerate."""
+        if launched_process_count() == 1 and not always:
+            return cls()
+        import torch
+        from accelerate import PartialState
+
+        # without an accelerator, accelerate only forms a multi-process (gloo) group when asked for CPU explicitly
+        return cls(PartialState(cpu=device == "cpu" or not torch.accelerator.is_available()))
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    @contextmanager
+    def share(self, jobs: list[Job]) -> Iterator[list[Job]]:
+        if self.state is None:
+            yield list(jobs)
+        else:
+            with self.state.split_between_processes(list(jobs)) as part:
+                yield part
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def divide_cpu_threads(self) -> None:
+        """On the CPU, give each of the processes on this machine its part of the cores as torch threads (never
+        more than ``OMP_NUM_THREADS`` allows), instead of every process starting one thread per core."""
+        if self.count == 1:
+            return
+        import torch
+
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.count))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), cores // local_processes)))
+
+
+@dataclass
+class BatchCounts:
+    """What one process did with its share (planning failures are counted by the main process only)."""
+
+    written: int = 0
+    skipped: int = 0
+    failed: int = 0
+    share: int = 0
+
+
+def run_share(
+    plan: Plan,
+    processes: Processes,
+    enhance: Callable[[Job], None],
+    report_failure: Callable[[Path, BaseException | str], None],
+    *,
+    overwrite: bool,
+    refuse: Callable[[Job], str | None] = lambda job: None,
+    progress: Callable[[list[Job]], object] = iter,
+) -> BatchCounts:
+    """Enhance this process's share of ``plan``: existing outputs are skipped unless ``overwrite``, a job that
+    ``refuse`` gives a reason for fails with it, and a file that raises fails alone (reported, the run goes on)."""
+    counts = BatchCounts()
+    if processes.is_main:
+        for source, reason in plan.failures:
+            report_failure(source, reason)
+        counts.failed = len(plan.failures)
+    with processes.share(plan.jobs) as share:
+        counts.share = len(share)
+        for job in progress(share):
+            reason = refuse(job)
+            if reason is not None:
+                counts.failed += 1
+                report_failure(job.source, reason)
+            elif job.destination.exists() and not overwrite:
+                counts.skipped += 1
+            else:
+                try:
+                    job.destination.parent.mkdir(parents=True, exist_ok=True)
+                    enhance(job)
+                    counts.written += 1
+                except KeyboardInterrupt:
+                    raise
+                except Exception as error:  # one bad file must not stop the batch; it is reported and counted
+                    counts.failed += 1
+                    report_failure(job.source, error)
+    return counts

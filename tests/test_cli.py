@@ -4,6 +4,7 @@ Everything runs on the shipped weights, the bundled sample and images and clips 
 only the check that the released official ``Epoch99.pth`` loads needs ``../shared``.
 """
 
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -310,3 +311,45 @@ def test_quickstart_line_uses_the_shipped_weights(tmp_path):
     enhanced = read_image(tmp_path / "sample_night.jpg").pixels
     assert enhanced.shape == (384, 512, 3)
     assert enhanced.mean() > read_image(sample).pixels.mean() + 10
+
+
+def _launch_two_processes(*args) -> subprocess.CompletedProcess:
+    """``accelerate launch`` with 2 CPU processes (a gloo group; --multi_gpu is what makes accelerate start N
+    processes, --cpu alone starts one), on a free port as in test_scuf_batch.py."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        "-m", "comfyui_lowlight", "enhance", *map(str, args), "--device", "cpu",
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_accelerate_launch_splits_sgz_files_and_videos(tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    for index, name in enumerate(["a.png", "b.jpg", "sub/c.png", "sub/d.bmp"]):
+        _dark_image(folder / name, size=(40 + 8 * index, 30), seed=index)
+    _synthetic_clip(folder / "clip.mp4", "libx264", frames=4)
+    sources = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+    launched = _launch_two_processes(folder, "-o", tmp_path / "two", "--crf", 0)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    summaries = dict(re.findall(r"lowlight \[process (\d)/2\]: (\d+) written, 0 skipped, 0 failed", launched.stdout))
+    assert set(summaries) == {"1", "2"}, launched.stdout + launched.stderr[-3000:]
+    assert sum(int(n) for n in summaries.values()) == 5 and all(int(n) >= 2 for n in summaries.values())
+
+    code = main(["enhance", str(folder), "-o", str(tmp_path / "one"), "--crf", "0", "--device", "cpu"])
+    assert code == 0
+    for relative in sources:
+        assert sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*")
+                      if p.is_file() and p.name == relative.name) == [relative]  # written once, where it belongs
+        two, one = tmp_path / "two" / relative, tmp_path / "one" / relative
+        assert two.read_bytes() == one.read_bytes(), relative  # bit for bit the single-process result
+        if relative.suffix == ".mp4":
+            before = np.mean([f.mean() for _, f in decoded_pts_and_frames(folder / relative)])
+            after = np.mean([f.mean() for _, f in decoded_pts_and_frames(two)])
+        else:
+            before, after = read_image(folder / relative).pixels.mean(), read_image(two).pixels.mean()
+        assert after > before + 10, relative
+    assert len([p for p in (tmp_path / "two").rglob("*") if p.is_file()]) == len(sources)
+    assert _no_hidden_files(tmp_path / "two")
