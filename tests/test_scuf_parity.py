@@ -70,9 +70,10 @@ def test_scheduler_constant(pipe, golden):
 def test_intermediates(pipe, golden, scuf_dir, case):
     from comfyui_lowlight.pipelines.media.illumination import inverted_value_channel
     from comfyui_lowlight.pipelines.scuf.modules import decode_with_skips, encode_with_skips, x0_from_noise
-    from comfyui_lowlight.pipelines.scuf.pipeline import DEFAULT_PROMPT, prepare_image
+    from comfyui_lowlight.pipelines.media.image_convert import prepare_image
+    from comfyui_lowlight.pipelines.scuf.pipeline import DEFAULT_PROMPT, RESIZE_MULTIPLE
 
-    image, size = prepare_image(_input(scuf_dir, case))
+    image, size = prepare_image(_input(scuf_dir, case), multiple=RESIZE_MULTIPLE)
     np.testing.assert_array_equal(golden[f"{case}_input_u8"].shape[:2], size)
     resized_u8 = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(resized_u8, golden[f"{case}_resized_u8"])

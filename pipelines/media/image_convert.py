@@ -1,6 +1,15 @@
-"""In-memory conversions between user image containers and ``[B, 3, H, W]`` tensors (shared by SGZ and SCUF).
+"""In-memory conversions between user image containers and ``[B, 3, H, W]`` tensors: the one image processor of
+both methods (diffusers' ``VaeImageProcessor`` in spirit: preprocess, run, postprocess).
 
-Accepted inputs (see :func:`to_tensor_batch`):
+One core decodes every container (:func:`_pil_to_array` for PIL modes, :func:`_array_scale` for dtypes,
+:func:`_check_finite`); two front ends sit on it:
+
+* :func:`to_tensor_batch` (SGZ): one ``[B, 3, H, W]`` tensor plus ``restore_fn``, which returns the caller's kind;
+* :func:`split_images` + :func:`prepare_image` / :func:`postprocess_image` (SCUF): image by image (sizes may
+  differ), optionally resized to a multiple of ``multiple`` and back, returned as ``output_type``;
+  :func:`prepare_illumination` brings a user illumination map to the same grid.
+
+Accepted inputs of :func:`to_tensor_batch`:
 
 * ``PIL.Image.Image`` or a list/tuple of them (same size): RGB, gray (``L``, 16-bit ``I;16``/``I``), RGBA/LA/P with
   transparency (alpha kept aside and re-attached), CMYK and other modes (converted to RGB);
@@ -31,7 +40,7 @@ def _check_finite(array_or_tensor, what: str) -> None:
         else bool(np.isfinite(array_or_tensor).all())
     )
     if not finite:
-        raise ValueError(f"{what} contains NaN or inf values; expected finite values in 0..1")
+        raise ValueError(f"{what}: contains NaN or inf values; expected finite values in 0..1")
 
 
 def _pil_to_array(image) -> Tuple[np.ndarray, Optional[np.ndarray], bool]:
@@ -134,7 +143,7 @@ def _from_torch(tensor: torch.Tensor):
         raise ValueError(f"images: expected a float tensor in 0..1, got dtype {batch.dtype}")
     if min(batch.shape) == 0:
         raise ValueError(f"images: empty tensor {tuple(tensor.shape)}")
-    _check_finite(batch, "images tensor")
+    _check_finite(batch, "images")
     device, dtype = batch.device, batch.dtype
 
     def restore(output: torch.Tensor, plain: bool = False) -> torch.Tensor:
@@ -159,7 +168,7 @@ def _from_numpy(array: np.ndarray, keep_uint8: bool):
     alpha = array[..., 3].copy() if array.shape[-1] == 4 else None
     rgb = np.ascontiguousarray(array[..., :3])
     if scale == 1.0:
-        _check_finite(rgb, "images array")
+        _check_finite(rgb, "images")
     return _finish(rgb, alpha, gray, dtype, keep_uint8, lambda nhwc: nhwc[0] if single else nhwc)
 
 
@@ -236,3 +245,145 @@ def _finish(rgb, alpha, gray, dtype, keep_uint8, unbatch, pil=None):
         return unbatch(nhwc)
 
     return tensor, restore
+
+
+# ------------------------------------------------------------------------- image by image (SCUF's front end)
+
+#: Float inputs may overshoot 0..1 by resampling noise; anything beyond this is a scaling mistake.
+_RANGE_SLACK = 1e-3
+
+
+def split_images(images) -> list:
+    """A batch argument -> list of single images (PIL, ``HxW[xC]`` array, or ``[C, H, W]`` tensor); lists nest."""
+    if isinstance(images, (list, tuple)):
+        out = []
+        for item in images:
+            out.extend(split_images(item))
+        return out
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+def to_unit_hwc(image, what: str) -> np.ndarray:
+    """One image -> ``HxWx3`` array: uint8 as given (8-bit PIL/arrays/tensors), else float32 clipped to 0..1.
+
+    Gray is repeated to RGB, alpha is dropped; uint16 (arrays, 16-bit PIL) is scaled to 0..1. Float values outside
+    0..1 (beyond resampling noise) and NaN/inf are rejected, naming ``what``.
+    """
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        array = _pil_to_array(image)[0]
+    elif isinstance(image, torch.Tensor):
+        if image.ndim == 2:
+            image = image[None]
+        if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+            raise ValueError(f"{what}: expected a [C, H, W] or [B, C, H, W] tensor with C in 1/3/4, got "
+                             f"{tuple(image.shape)}")
+        image = image.detach().to("cpu")
+        array = (image if image.dtype == torch.uint8 else image.float()).permute(1, 2, 0).numpy()
+    elif isinstance(image, np.ndarray):
+        array = image[:, :, None] if image.ndim == 2 else image
+        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+            raise ValueError(f"{what}: expected an HxW or HxWxC array with C in 1/3/4, got {image.shape}")
+    else:
+        raise TypeError(f"{what}: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
+    array = array[:, :, :3]
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    scale = _array_scale(array.dtype, what)
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    array = array.astype(np.float32) / np.float32(scale) if scale != 1.0 else array.astype(np.float32)
+    _check_finite(array, what)
+    if array.min() < -_RANGE_SLACK or array.max() > 1 + _RANGE_SLACK:
+        raise ValueError(
+            f"{what}: float images must be in 0..1, got {array.min():.4g}..{array.max():.4g} "
+            "(pass uint8 for 0..255 data)"
+        )
+    return np.clip(array, 0.0, 1.0)
+
+
+def resize_float(array: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """``HxWxC`` float32 -> ``size`` = (W, H) with PIL LANCZOS per channel (the filter of 8-bit images, in float)."""
+    from PIL import Image
+
+    channels = [
+        np.asarray(Image.fromarray(array[:, :, c], mode="F").resize(size, Image.Resampling.LANCZOS))
+        for c in range(array.shape[2])
+    ]
+    return np.stack(channels, axis=2)
+
+
+def prepare_image(image, what: str = "image", multiple: int = 1) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """One image -> (``[3, H', W']`` float32 in 0..1, original ``(H, W)``), ``H'``/``W'`` rounded up to ``multiple``.
+
+    uint8 images are resized with PIL LANCZOS on uint8 (SCUF's official path), then ``/ 255``; float images with
+    the same filter per channel in float. ``multiple=1`` never resizes.
+    """
+    from PIL import Image
+
+    array = to_unit_hwc(image, what)
+    h, w = array.shape[:2]
+    if h < 1 or w < 1:
+        raise ValueError(f"{what}: empty image {array.shape}")
+    size = (-(-w // multiple) * multiple, -(-h // multiple) * multiple)
+    if size != (w, h):
+        if array.dtype == np.uint8:
+            array = np.asarray(Image.fromarray(array).resize(size, Image.Resampling.LANCZOS))
+        else:
+            array = np.clip(resize_float(array, size), 0.0, 1.0)
+    tensor = torch.from_numpy(np.array(array)).permute(2, 0, 1)
+    tensor = tensor.float().div(255) if tensor.dtype == torch.uint8 else tensor.float()
+    return tensor, (h, w)
+
+
+def prepare_illumination(
+    illumination, size: Tuple[int, int], original_size: Tuple[int, int], what: str
+) -> torch.Tensor:
+    """A one-channel map (0..1; PIL, array, tensor) at the image's ``original_size`` or its prepared ``size``
+    (both ``(H, W)``) -> ``[1, H, W]`` float32 at ``size``, resized like a float image."""
+    from PIL import Image
+
+    if isinstance(illumination, Image.Image):
+        array = np.asarray(illumination.convert("L"), dtype=np.float32) / 255.0
+    elif isinstance(illumination, torch.Tensor):
+        array = illumination.detach().to("cpu").float().numpy()
+    elif isinstance(illumination, np.ndarray):
+        array = illumination.astype(np.float32) / (255.0 if illumination.dtype == np.uint8 else 1.0)
+    else:
+        raise TypeError(f"{what}: expected a PIL image, numpy array or tensor, got {type(illumination).__name__}")
+    array = np.squeeze(array)
+    if array.ndim != 2:
+        raise ValueError(f"{what}: expected a single-channel HxW map, got shape {array.shape}")
+    _check_finite(array, what)
+    if array.shape == tuple(original_size) and tuple(original_size) != tuple(size):
+        array = resize_float(array[:, :, None], (size[1], size[0]))[:, :, 0]
+    elif array.shape != tuple(size):
+        raise ValueError(f"{what}: size {array.shape} matches neither the image {original_size} nor {size}")
+    return torch.from_numpy(np.clip(array, 0.0, 1.0)).float()[None]
+
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def postprocess_image(output: torch.Tensor, size: Tuple[int, int], output_type: str):
+    """``[3, H', W']`` float 0..1 on the CPU -> ``output_type`` at ``size`` = (H, W), resized back if needed.
+
+    ``"pil"``: RGB, uint8 = floor(255 x) (torchvision's ToPILImage, SCUF's official output), resized on uint8;
+    ``"np"``: float32 ``HxWx3``; ``"pt"``: float32 ``[3, H, W]``.
+    """
+    from PIL import Image
+
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type: expected 'pil', 'np' or 'pt', got {output_type!r}")
+    h, w = size
+    if output_type == "pil":
+        u8 = output.mul(255).byte().permute(1, 2, 0).numpy()
+        pil = Image.fromarray(u8)
+        return pil if pil.size == (w, h) else pil.resize((w, h), Image.Resampling.LANCZOS)
+    array = output.permute(1, 2, 0).numpy().astype(np.float32)
+    if array.shape[:2] != (h, w):
+        array = np.clip(resize_float(array, (w, h)), 0.0, 1.0)
+    return array if output_type == "np" else torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)

@@ -18,7 +18,6 @@ import os
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders import FromSingleFileMixin
@@ -27,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .clip_encoder import clip_image_embedding, load_clip_image_encoder
 from ..media.illumination import inverted_value_channel
+from ..media.image_convert import OUTPUT_TYPES, postprocess_image, prepare_illumination, prepare_image, split_images
 from .modules import (
     ImagePromptProjector,
     SCUFConfig,
@@ -62,132 +62,8 @@ BASE_MODEL_HELP = (
     f"SCUFPipeline.from_pretrained('{BASE_MODEL_ID}' or that folder)), or the single file sd_turbo.safetensors "
     "from the same repository into ComfyUI's models/checkpoints/ folder and use SCUFPipeline.from_single_file(path)."
 )
-_RESIZE_MULTIPLE = 8
-#: Float inputs may overshoot 0..1 by resampling noise; anything beyond this is a scaling mistake.
-_RANGE_SLACK = 1e-3
-
-
-# ------------------------------------------------------------------------------------------ image input
-
-
-def _check_finite(array: np.ndarray, what: str) -> None:
-    if not np.isfinite(array).all():
-        raise ValueError(f"{what}: contains NaN or infinite values")
-
-
-def _split_images(image) -> list:
-    """A batch argument -> list of single images (PIL, HxW[xC] array, or [C, H, W] tensor)."""
-    if isinstance(image, (list, tuple)):
-        out = []
-        for item in image:
-            out.extend(_split_images(item))
-        return out
-    if isinstance(image, torch.Tensor) and image.ndim == 4:
-        return list(image.unbind(0))
-    if isinstance(image, np.ndarray) and image.ndim == 4:
-        return list(image)
-    return [image]
-
-
-def _to_hwc(image, what: str) -> np.ndarray:
-    """One image -> ``HxWx3`` array, uint8 (exact official path) or float32 clamped to 0..1. Alpha is dropped."""
-    if isinstance(image, PIL.Image.Image):
-        if image.mode in ("I", "I;16", "I;16B", "F"):
-            array = np.asarray(image, dtype=np.float32)
-            scale = 65535.0 if image.mode.startswith("I") else 1.0
-            array = array / scale
-        else:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    elif isinstance(image, torch.Tensor):
-        if image.ndim == 2:
-            image = image[None]
-        if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
-            raise ValueError(f"{what}: expected a [C, H, W] or [B, C, H, W] tensor with C in 1/3/4, got "
-                             f"{tuple(image.shape)}")
-        image = image.detach().to("cpu")
-        array = (image if image.dtype == torch.uint8 else image.float()).permute(1, 2, 0).numpy()
-    elif isinstance(image, np.ndarray):
-        array = image
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-            raise ValueError(f"{what}: expected an HxW or HxWxC array with C in 1/3/4, got {array.shape}")
-    else:
-        raise TypeError(f"{what}: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.shape[2] == 4:
-        array = array[:, :, :3]
-    if array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    if array.dtype == np.uint8:
-        return np.ascontiguousarray(array)
-    if array.dtype == np.uint16:
-        array = array.astype(np.float32) / 65535.0
-    array = array.astype(np.float32)
-    _check_finite(array, what)
-    if array.min() < -_RANGE_SLACK or array.max() > 1 + _RANGE_SLACK:
-        raise ValueError(
-            f"{what}: float images must be in 0..1, got {array.min():.4g}..{array.max():.4g} "
-            "(pass uint8 for 0..255 data)"
-        )
-    return np.clip(array, 0.0, 1.0)
-
-
-def _resize_float(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``HxWxC`` float32 -> ``size`` = (W, H) with PIL LANCZOS per channel (the official filter, without uint8)."""
-    channels = [
-        np.asarray(PIL.Image.fromarray(array[:, :, c], mode="F").resize(size, PIL.Image.Resampling.LANCZOS))
-        for c in range(array.shape[2])
-    ]
-    return np.stack(channels, axis=2)
-
-
-def _round_up(value: int) -> int:
-    return -(-value // _RESIZE_MULTIPLE) * _RESIZE_MULTIPLE
-
-
-def prepare_image(image, what: str = "image") -> tuple[torch.Tensor, tuple[int, int]]:
-    """One image -> (``[3, H8, W8]`` float32 in 0..1, original ``(H, W)``), resized like the official code.
-
-    uint8 images (PIL, uint8 arrays/tensors) take the exact official path: PIL LANCZOS on uint8 to the next
-    multiple of 8 (a no-op copy when already a multiple), then ``/ 255``. Float images are resized per channel with
-    the same filter in float.
-    """
-    array = _to_hwc(image, what)
-    h, w = array.shape[:2]
-    if h < 1 or w < 1:
-        raise ValueError(f"{what}: empty image {array.shape}")
-    size = (_round_up(w), _round_up(h))
-    if size != (w, h):
-        if array.dtype == np.uint8:
-            array = np.asarray(PIL.Image.fromarray(array).resize(size, PIL.Image.Resampling.LANCZOS))
-        else:
-            array = np.clip(_resize_float(array, size), 0.0, 1.0)
-    tensor = torch.from_numpy(np.array(array)).permute(2, 0, 1)
-    tensor = tensor.float().div(255) if tensor.dtype == torch.uint8 else tensor.float()
-    return tensor, (h, w)
-
-
-def prepare_illumination(illumination, size8: tuple[int, int], size: tuple[int, int], what: str) -> torch.Tensor:
-    """A user illumination map (0..1, one channel, at the input or the resized size) -> ``[1, H8, W8]`` float32."""
-    if isinstance(illumination, PIL.Image.Image):
-        array = np.asarray(illumination.convert("L"), dtype=np.float32) / 255.0
-    elif isinstance(illumination, torch.Tensor):
-        array = illumination.detach().to("cpu").float().numpy()
-    elif isinstance(illumination, np.ndarray):
-        array = illumination.astype(np.float32) / (255.0 if illumination.dtype == np.uint8 else 1.0)
-    else:
-        raise TypeError(f"{what}: expected a PIL image, numpy array or tensor, got {type(illumination).__name__}")
-    array = np.squeeze(array)
-    if array.ndim != 2:
-        raise ValueError(f"{what}: expected a single-channel HxW map, got shape {array.shape}")
-    _check_finite(array, what)
-    if array.shape == tuple(size) and tuple(size) != tuple(size8):
-        array = _resize_float(array[:, :, None], (size8[1], size8[0]))[:, :, 0]
-    elif array.shape != tuple(size8):
-        raise ValueError(f"{what}: size {array.shape} matches neither the image {size} nor {size8}")
-    return torch.from_numpy(np.clip(array, 0.0, 1.0)).float()[None]
+#: SCUF's VAE and UNet need sides that are multiples of 8: images are resized up to them and back (LANCZOS).
+RESIZE_MULTIPLE = 8
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -524,16 +400,16 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         if self.scuf_config is None or self.image_proj is None:
             raise RuntimeError("SCUF weights are not loaded: call pipe.load_scuf_weights(path) first")
         ADAPTER_SCALE.check(adapter_scale)
-        if output_type not in ("pil", "np", "pt"):
+        if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected 'pil', 'np' or 'pt', got {output_type!r}")
-        items = _split_images(image)
+        items = split_images(image)
         if not items:
             raise ValueError("image: empty batch")
         n = len(items)
         prompts = [DEFAULT_PROMPT] * n if prompt is None else [prompt] * n if isinstance(prompt, str) else list(prompt)
         if len(prompts) != n:
             raise ValueError(f"prompt: got {len(prompts)} prompts for {n} images")
-        illums = [None] * n if illumination is None else _split_images(illumination)
+        illums = [None] * n if illumination is None else split_images(illumination)
         if len(illums) != n:
             raise ValueError(f"illumination: got {len(illums)} maps for {n} images")
         if isinstance(generator, list) and len(generator) != n:
@@ -541,7 +417,7 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
 
         prepared, sizes, maps = [], [], []
         for i, item in enumerate(items):
-            tensor, size = prepare_image(item, f"image[{i}]")
+            tensor, size = prepare_image(item, f"image[{i}]", RESIZE_MULTIPLE)
             prepared.append(tensor)
             sizes.append(size)
             if illums[i] is None:
@@ -563,26 +439,13 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
             )
             for j, i in enumerate(indices):
                 outputs[i] = result[j].cpu()
-        images = [self._postprocess(out, size, output_type) for out, size in zip(outputs, sizes)]
+        images = [postprocess_image(out, size, output_type) for out, size in zip(outputs, sizes)]
         if output_type in ("np", "pt") and len({tuple(im.shape) for im in images}) == 1:
             images = np.stack(images) if output_type == "np" else torch.stack(images)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
-
-    @staticmethod
-    def _postprocess(out: torch.Tensor, size: tuple[int, int], output_type: str):
-        """``[3, H8, W8]`` float in 0..1 -> the requested type at the original ``size`` = (H, W)."""
-        h, w = size
-        if output_type == "pil":
-            u8 = out.mul(255).byte().permute(1, 2, 0).numpy()  # truncation, as torchvision's ToPILImage
-            pil = PIL.Image.fromarray(u8)
-            return pil if pil.size == (w, h) else pil.resize((w, h), PIL.Image.Resampling.LANCZOS)
-        array = out.permute(1, 2, 0).numpy().astype(np.float32)
-        if array.shape[:2] != (h, w):
-            array = np.clip(_resize_float(array, (w, h)), 0.0, 1.0)
-        return array if output_type == "np" else torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------- tokenizer

@@ -139,7 +139,7 @@ class SGZPipeline:
 
         Args:
             images: PIL image or list of them, numpy uint8/uint16/float ``HxW[x3|x4]`` or ``NxHxWx3``, or a torch
-                float tensor ``[B, 3, H, W]`` in 0..1 (see :mod:`.image_convert`). A list of PIL images of
+                float tensor ``[B, 3, H, W]`` in 0..1 (see :mod:`..media.image_convert`). A list of PIL images of
                 different sizes is processed image by image.
             downscale: integer 1..64; the factor network runs at ``round(H/s) x round(W/s)``; 12 as in the paper,
                 1 = full size.
