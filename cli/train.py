@@ -125,9 +125,13 @@ def sgz_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 
 def run_sgz(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..pipelines.sgz.trainer import train
+    from ..pipelines.sgz.trainer import CheckpointMismatchError, train
 
-    summary = train(sgz_config(args, parser))
+    try:
+        summary = train(sgz_config(args, parser))
+    except (FileExistsError, CheckpointMismatchError) as exc:  # an earlier run in --output, a torn checkpoint
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -196,13 +200,13 @@ def run_scuf_caption(args: argparse.Namespace) -> int:
 
 def _run_scuf_core(core, args: argparse.Namespace) -> int:
     """``core(args)`` without the command's dispatch keys (the trainer records its arguments in its checkpoints);
-    unusable data or captions end the run with exit code 2 and one line on stderr, not a traceback."""
+    unusable data or captions, or an earlier run in --output without --resume, end the run with exit code 2 and one line on stderr, not a traceback."""
     from ..pipelines.scuf.captions import CaptionsError
     from ..pipelines.scuf.trainer import DataError
 
     try:
         core(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in _DISPATCH_KEYS}))
-    except (DataError, CaptionsError) as exc:
+    except (DataError, CaptionsError, FileExistsError) as exc:  # FileExistsError: an earlier run in --output
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

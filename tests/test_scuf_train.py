@@ -248,6 +248,28 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(run, scuf, data, t
         train_scuf_command(_args(scuf, data, other, "--resume", "latest", "--no_reflectance"))
 
 
+@pytest.mark.parametrize("earlier", ["checkpoint-5", "train_log.jsonl", "scuf_weights.safetensors"])
+def test_refuses_an_output_folder_holding_an_earlier_run_without_resume(earlier, scuf, data, tmp_path, monkeypatch,
+                                                                        capsys):
+    def no_model(*a, **k):
+        raise AssertionError("the refusal must come before the model is built")
+
+    monkeypatch.setattr(train_scuf, "build_training", no_model)
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / earlier).mkdir() if earlier.startswith("checkpoint") else (output / earlier).write_text("earlier")
+    assert train_scuf_command(_args(scuf, data, output)) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0 and str(output) in message and "--resume" in message and "new folder" in message
+    assert sorted(p.name for p in output.iterdir()) == [earlier]  # nothing written
+
+
+def test_empty_or_absent_output_folder_is_not_refused(tmp_path):
+    train_scuf.refuse_earlier_run(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    train_scuf.refuse_earlier_run(tmp_path / "empty")
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "unreadable", "caption_missing", "caption_extra", "caption_bad"])
 def test_bad_data_fails_before_any_model_is_loaded(case, scuf, data, tmp_path, monkeypatch, capsys):
     def no_model(*a, **k):

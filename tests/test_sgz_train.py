@@ -201,3 +201,54 @@ def test_loss_weight_and_region_flags_reach_the_objective(dark_images, tmp_path,
     assert recorded["tv"] == 20 and recorded["brightness"] == 0.5 and recorded["brightness_region"] == 64
     assert recorded["spatial"] == 2 and recorded["rgb"] == 3
     assert load_sgz_weights(out / "last.safetensors").padding_mode == "zeros"
+
+
+FAST = ["--no-semantic", "--save-every", "5", "--seed", "3", *SMALL]
+
+
+def test_refuses_an_output_folder_holding_an_earlier_run_without_resume(dark_images, tmp_path, capsys):
+    output = tmp_path / "run"
+    output.mkdir()  # an empty folder is fine
+    assert train_sgz_command(["--data", str(dark_images), *FAST, "--output", str(output), "--max-steps", "2"]) == 0
+    before = {p.name: p.read_bytes() for p in output.iterdir()}
+    capsys.readouterr()
+    assert train_sgz_command(["--data", str(dark_images), *FAST, "--output", str(output), "--max-steps", "4"]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(output) in message and "--resume" in message and "new folder" in message
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == before  # nothing overwritten
+
+
+def test_kill_between_weights_and_state_resumes_from_a_consistent_pair(dark_images, tmp_path, monkeypatch):
+    """A kill after ``last.safetensors`` (step 10) but before ``last_state.pt`` (still step 5): --resume must not
+    pair the step-10 weights with the step-5 optimizer; it continues from sgz_step000005 exactly, or refuses."""
+    common = ["--data", str(dark_images), *FAST]
+    straight = tmp_path / "straight"
+    assert train_sgz_command([*common, "--output", str(straight), "--max-steps", "10"]) == 0
+    killed = tmp_path / "killed"
+    assert train_sgz_command([*common, "--output", str(killed), "--max-steps", "5"]) == 0
+
+    save_state = train_sgz._atomic_torch_save
+
+    def killed_at_step_10(state, path):
+        if state["step"] == 10:
+            raise KeyboardInterrupt("killed between the two writes")
+        save_state(state, path)
+
+    monkeypatch.setattr(train_sgz, "_atomic_torch_save", killed_at_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        train_sgz_command([*common, "--output", str(killed), "--max-steps", "10", "--resume"])
+    monkeypatch.setattr(train_sgz, "_atomic_torch_save", save_state)
+    assert torch.load(killed / "last_state.pt", weights_only=True)["step"] == 5
+    assert load_sgz_weights(killed / "last.safetensors").state_dict().keys()  # step-10 weights on disk
+
+    torn = tmp_path / "torn"  # the same torn folder without the step-5 weights: nothing consistent to resume
+    torn.mkdir()
+    for name in ("last.safetensors", "last_state.pt"):
+        (torn / name).write_bytes((killed / name).read_bytes())
+    assert train_sgz_command([*common, "--output", str(torn), "--max-steps", "10", "--resume"]) == 2
+
+    assert train_sgz_command([*common, "--output", str(killed), "--max-steps", "10", "--resume"]) == 0
+    a = load_sgz_weights(straight / "last.safetensors").state_dict()
+    b = load_sgz_weights(killed / "last.safetensors").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)

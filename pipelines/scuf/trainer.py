@@ -288,6 +288,18 @@ class TrainedParameters(torch.nn.Module):
         return loss
 
 
+def refuse_earlier_run(output: Path) -> None:
+    """Raise :class:`FileExistsError` if ``output`` holds an earlier run (only ``--resume`` may continue it)."""
+    if not output.is_dir():
+        return
+    found = sorted(p.name for p in output.iterdir()
+                   if _CHECKPOINT.match(p.name) or p.name in ("scuf_weights.safetensors", B2A_WEIGHTS_NAME, LOG_NAME))
+    if found:
+        raise FileExistsError(f"--output {output} already holds an earlier run ({', '.join(found[:3])}"
+                              f"{', ...' if len(found) > 3 else ''}); continue it with --resume latest or choose a "
+                              "new folder")
+
+
 def find_checkpoint(output: Path, resume: str) -> Path | None:
     """The checkpoint folder ``--resume`` names ('latest': the newest complete ``checkpoint-<step>`` in output, or
     None). ``training_state.json`` is written last: a folder without it is not a checkpoint."""
@@ -374,6 +386,8 @@ def train(args) -> Path:
 
     _check_args(args)
     output = Path(args.output)
+    if not args.resume:
+        refuse_earlier_run(output)
 
     def early_log(message):  # before the Accelerator exists: every process validates, rank 0 prints
         if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:

@@ -6,7 +6,10 @@ No labels and no reference images: the EFE learns from the five non-reference lo
 ``pipelines/sgz/losses.py``), L_sem coming from a frozen segmentation net (``pipelines/sgz/segmentation.py``).
 Every ``--save-every`` steps and at the end, ``OUTPUT/sgz_stepNNNNNN.safetensors`` (weights, loadable by
 ``SGZPipeline.from_pretrained``), ``OUTPUT/last.safetensors`` and ``OUTPUT/last_state.pt`` (optimizer, step and
-sampler state for ``--resume``) are written atomically.
+sampler state for ``--resume``) are written atomically. ``last.safetensors`` and ``last_state.pt`` both record the
+step: ``--resume`` uses them only as a pair of the same step (after a kill between the two writes, the weights of
+the state's step, ``sgz_stepNNNNNN.safetensors``, complete the pair; without them it refuses). A run never starts
+over an earlier one in ``OUTPUT`` without ``--resume``.
 """
 
 from __future__ import annotations
@@ -182,11 +185,48 @@ def save_checkpoint(output: Path, model, optimizer, sampler: CropSampler, step: 
     return weights
 
 
-def load_training_state(output: Path) -> dict:
-    path = output / "last_state.pt"
-    if not path.is_file() or not (output / "last.safetensors").is_file():
+class CheckpointMismatchError(ValueError):
+    """``last_state.pt`` and no weights file of its step (a run killed between the two writes)."""
+
+
+def earlier_run_files(output: Path) -> list[Path]:
+    """The files of an earlier run in ``output`` (checkpoints a new run would overwrite)."""
+    if not output.is_dir():
+        return []
+    return sorted([p for p in (output / "last.safetensors", output / "last_state.pt") if p.exists()]
+                  + list(output.glob("sgz_step*.safetensors")))
+
+
+def refuse_earlier_run(output: Path) -> None:
+    """Raise :class:`FileExistsError` if ``output`` holds an earlier run (only ``--resume`` may continue it)."""
+    found = earlier_run_files(output)
+    if found:
+        raise FileExistsError(f"--output {output} already holds an earlier run ({found[0].name}, {len(found)} "
+                              "checkpoint file(s)); continue it with --resume or choose a new folder")
+
+
+def _weights_step(path: Path) -> int | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as weights:
+        step = (weights.metadata() or {}).get("step")
+    return int(step) if step is not None and step.isdigit() else None
+
+
+def load_training_state(output: Path) -> tuple[dict, Path]:
+    """The resume state of ``output`` and the weights file of the same step: ``last.safetensors``, or after a kill
+    between the two writes of :func:`save_checkpoint`, ``sgz_stepNNNNNN.safetensors`` of the state's step."""
+    path, last = output / "last_state.pt", output / "last.safetensors"
+    if not path.is_file() or not last.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint in {output} (expected last.safetensors and last_state.pt)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    step = int(state["step"])
+    for weights in (last, output / f"sgz_step{step:06d}.safetensors"):
+        if weights.is_file() and _weights_step(weights) == step:
+            return state, weights
+    raise CheckpointMismatchError(f"--resume: {path} is at step {step} but {last} is at step {_weights_step(last)} and no "
+                     f"sgz_step{step:06d}.safetensors matches it (a run killed while saving); start a new folder "
+                     "with --init-weights to keep these weights")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -232,7 +272,11 @@ def train(config: TrainConfig) -> dict:
         torch.set_num_threads(config.threads)
     output = Path(config.output)
     torch.manual_seed(config.seed)
-    state = load_training_state(output) if config.resume else None
+    if config.resume:
+        state, resume_weights = load_training_state(output)
+    else:
+        refuse_earlier_run(output)
+        state = None
 
     files = find_images(config.data)
     images, failures = load_images(files, config.max_side)
@@ -252,7 +296,7 @@ def train(config: TrainConfig) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step = 0
     if state is not None:
-        model.load_state_dict(load_sgz_weights(output / "last.safetensors").state_dict())
+        model.load_state_dict(load_sgz_weights(resume_weights).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         sampler.generator.set_state(state["sampler_rng"])
         step = int(state["step"])
