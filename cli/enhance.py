@@ -6,7 +6,9 @@
 
 Each output keeps its input's format (16-bit PNG stays 16-bit, alpha is kept, grey stays grey) and is written
 atomically. Failures are reported per file and the run goes on; the exit code is 1 when any file failed, 2 for
-unusable arguments or weights. ``--method scuf`` enhances images only (videos are reported as failures).
+unusable arguments, weights or device. ``--method scuf`` enhances images only (videos are reported as failures).
+Ctrl-C and SIGTERM (``docker stop``, systemd) stop the batch alike: the file in progress leaves no temporary file,
+the summary line is printed, and the exit code is 128 + the signal's number (130, 143).
 
 Under ``accelerate launch`` (both methods) every process plans the same sorted job list, takes its share
 (``PartialState.split_between_processes``; ``--multi_gpu`` also on a CPU-only machine: it is what makes accelerate
@@ -32,7 +34,15 @@ from ..pipelines.scuf.options import (
     tiling_problem,
 )
 from ..pipelines.sgz.options import SGZ_OPTIONS, TEMPORAL_SMOOTHING, VIDEO_TEMPORAL_SMOOTHING
-from .plan import Job, Processes, plan_jobs, run_share
+from .plan import (
+    Job,
+    Processes,
+    interruption_exit_code,
+    interruption_name,
+    plan_jobs,
+    run_share,
+    sigterm_as_interrupt,
+)
 
 METHODS = ("sgz", "scuf")
 # Each method's own options: the other method refuses them instead of silently ignoring them.
@@ -127,10 +137,34 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _validate(args, parser)
-    return run_scuf(args) if args.method == "scuf" else run_sgz(args)
+    # SIGTERM (docker stop, systemd) ends the batch as Ctrl-C does: temporary files removed, summary printed
+    with sigterm_as_interrupt():
+        try:
+            return run_scuf(args) if args.method == "scuf" else run_sgz(args)
+        except KeyboardInterrupt as stop:  # before the batch started (while loading the model): nothing written
+            print(f"lowlight: interrupted by {interruption_name(stop)} before any file was written", file=sys.stderr)
+            return interruption_exit_code(interruption_name(stop))
+
+
+def _exit_code(counts) -> int:
+    if counts.interrupted:
+        return interruption_exit_code(counts.interrupted)
+    return 1 if counts.failed else 0
 
 
 # ------------------------------------------------------------------------------------------------------ SGZ
+
+
+def _unavailable_device(name: str) -> str | None:
+    """Why ``--device name`` cannot be used here (a CUDA or MPS device this machine lacks), or None."""
+    import torch
+
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: no CUDA device is available (torch sees no GPU); use --device cpu or auto"
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        return f"--device {name}: no MPS device is available; use --device cpu or auto"
+    return None
 
 
 def _resolve_device(name: str):
@@ -203,6 +237,10 @@ def run_sgz(args: argparse.Namespace) -> int:
 
     processes = Processes.launched(args.device)
     prefix = "lowlight" if processes.count == 1 else f"lowlight {processes.tag}"
+    problem = _unavailable_device(args.device)
+    if problem:
+        print(f"{prefix}: {problem}", file=sys.stderr)
+        return 2
     plan = plan_jobs(args.inputs, args.output)
     if not plan.jobs and not plan.failures:
         print(f"{prefix}: no images or videos found in {', '.join(map(str, args.inputs))}", file=sys.stderr)
@@ -227,9 +265,11 @@ def run_sgz(args: argparse.Namespace) -> int:
     counts = run_share(plan, processes, enhance, _failure_reporter(prefix), overwrite=args.overwrite,
                        progress=lambda share: tqdm(share, desc=prefix, unit="file", disable=not processes.is_main))
     hint = " (outputs already exist; --overwrite replaces them)" if counts.skipped else ""
-    print(f"{prefix}: {counts.written} written, {counts.skipped} skipped{hint}, {counts.failed} failed", flush=True)
-    processes.wait()
-    return 1 if counts.failed else 0
+    print(f"{prefix}: {counts.written} written, {counts.skipped} skipped{hint}, {counts.failed} failed"
+          f"{counts.interruption_note()}", flush=True)
+    if not counts.interrupted:  # the other processes were signalled too: no barrier to wait at
+        processes.wait()
+    return _exit_code(counts)
 
 
 # ----------------------------------------------------------------------------------------------------- SCUF
@@ -265,6 +305,8 @@ def run_scuf(args: argparse.Namespace) -> int:
         progress=lambda share: tqdm(share, desc=f"SCUF {tag}", disable=not processes.is_main),
     )
     print(f"{tag} enhanced {counts.written} of {counts.share} images, {counts.failed} failed"
-          + (f"; skipped {counts.skipped} existing outputs" if counts.skipped else ""), file=sys.stderr, flush=True)
-    processes.wait()
-    return 1 if counts.failed else 0
+          + (f"; skipped {counts.skipped} existing outputs" if counts.skipped else "") + counts.interruption_note(),
+          file=sys.stderr, flush=True)
+    if not counts.interrupted:
+        processes.wait()
+    return _exit_code(counts)

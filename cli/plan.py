@@ -4,6 +4,8 @@ process of an ``accelerate launch`` run enhances it."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -140,14 +142,50 @@ class Processes:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), cores // local_processes)))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, systemd) raised as the interrupt Ctrl-C raises, so the same cleanup runs: the
+    writers remove their hidden ``.part`` files and the batch ends with its summary."""
+
+
+def interruption_name(stop: KeyboardInterrupt) -> str:
+    return "SIGTERM" if isinstance(stop, Terminated) else "SIGINT"
+
+
+def interruption_exit_code(stop_name: str) -> int:
+    """The shell's convention for a run ended by a signal: 128 + its number."""
+    return 128 + signal.Signals[stop_name].value
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Terminated` (in the main thread; elsewhere it is left alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @dataclass
 class BatchCounts:
-    """What one process did with its share (planning failures are counted by the main process only)."""
+    """What one process did with its share (planning failures are counted by the main process only);
+    ``interrupted``: the signal that ended the run early ("SIGINT", "SIGTERM"), or None."""
 
     written: int = 0
     skipped: int = 0
     failed: int = 0
     share: int = 0
+    interrupted: str | None = None
+
+    def interruption_note(self) -> str:
+        return f"; interrupted by {self.interrupted}, the file in progress was not written" if self.interrupted else ""
 
 
 def run_share(
@@ -161,7 +199,9 @@ def run_share(
     progress: Callable[[list[Job]], object] = iter,
 ) -> BatchCounts:
     """Enhance this process's share of ``plan``: existing outputs are skipped unless ``overwrite``, a job that
-    ``refuse`` gives a reason for fails with it, and a file that raises fails alone (reported, the run goes on)."""
+    ``refuse`` gives a reason for fails with it, and a file that raises fails alone (reported, the run goes on).
+    Ctrl-C or SIGTERM (within :func:`sigterm_as_interrupt`) stops the batch: the counts so far are returned with
+    ``interrupted`` set (the file in progress removed its temporary file on the way out)."""
     counts = BatchCounts()
     if processes.is_main:
         for source, reason in plan.failures:
@@ -169,21 +209,22 @@ def run_share(
         counts.failed = len(plan.failures)
     with processes.share(plan.jobs) as share:
         counts.share = len(share)
-        for job in progress(share):
-            reason = refuse(job)
-            if reason is not None:
-                counts.failed += 1
-                report_failure(job.source, reason)
-            elif job.destination.exists() and not overwrite:
-                counts.skipped += 1
-            else:
-                try:
-                    job.destination.parent.mkdir(parents=True, exist_ok=True)
-                    enhance(job)
-                    counts.written += 1
-                except KeyboardInterrupt:
-                    raise
-                except Exception as error:  # one bad file must not stop the batch; it is reported and counted
+        try:
+            for job in progress(share):
+                reason = refuse(job)
+                if reason is not None:
                     counts.failed += 1
-                    report_failure(job.source, error)
+                    report_failure(job.source, reason)
+                elif job.destination.exists() and not overwrite:
+                    counts.skipped += 1
+                else:
+                    try:
+                        job.destination.parent.mkdir(parents=True, exist_ok=True)
+                        enhance(job)
+                        counts.written += 1
+                    except Exception as error:  # one bad file must not stop the batch; it is reported and counted
+                        counts.failed += 1
+                        report_failure(job.source, error)
+        except KeyboardInterrupt as stop:
+            counts.interrupted = interruption_name(stop)
     return counts

@@ -4,6 +4,7 @@ Everything runs on the shipped weights, the bundled sample and images and clips 
 only the check that the released official ``Epoch99.pth`` loads needs ``../shared``.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -190,6 +191,16 @@ def test_bad_weights_exit_2_naming_the_file(tmp_path, capsys):
     assert not (tmp_path / "out" / "a.jpg").exists()
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu_is_one_line_saying_what_to_use(device, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["enhance", str(_dark_image(tmp_path / "a.jpg")), "-o", str(tmp_path / "out"), "--device", device])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"--device {device}" in err and "no CUDA device is available" in err and "--device cpu" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_invalid_options_are_usage_errors(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["enhance", str(tmp_path), "-o", str(tmp_path / "o"), "--temporal-smoothing", "1.5"])
@@ -353,3 +364,34 @@ def test_accelerate_launch_splits_sgz_files_and_videos(tmp_path):
         assert after > before + 10, relative
     assert len([p for p in (tmp_path / "two").rglob("*") if p.is_file()]) == len(sources)
     assert _no_hidden_files(tmp_path / "two")
+
+
+def test_sigterm_mid_video_removes_temporary_files_and_prints_the_summary(tmp_path):
+    """``docker stop`` / systemd: SIGTERM while a video is being written ends the run as Ctrl-C does."""
+    import signal
+    import time
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _dark_image(folder / "a.png")
+    write_video(folder / "b.mp4", dark_clip_frames(400, 180, 320), fps=Fraction(30))
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "comfyui_lowlight", "enhance", str(folder), "-o", str(out), "--device", "cpu",
+         "--chunk-size", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (out.is_dir() and any(".part" in p.name for p in out.rglob("*"))):  # the video is being written
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before the video started"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    assert re.fullmatch(r"lowlight: 1 written, 0 skipped, 0 failed; interrupted by SIGTERM, .*", _summary(stdout))
+    assert (out / "a.png").is_file() and not (out / "b.mp4").exists()
+    assert _no_hidden_files(out)
