@@ -49,6 +49,7 @@ from ..pipelines.scuf.options import (
     SAMPLE_LATENT_HELP,
     SEED,
 )
+from ..pipelines.weights_files import WeightsFileError
 
 CATEGORY = "image/lowlight"
 SCUF_PIPE = "SCUF_PIPE"
@@ -266,6 +267,11 @@ class SCUFAdapterLoader:
             activate(model)  # fail here, on this node, if the file does not fit the base model
         except Exception as exc:  # unreadable, unsafe, truncated or mismatched: all say which file and where
             places = ", ".join([str(SHIPPED_DIR)] + folder_dirs(SCUF_FOLDER))
+            if isinstance(exc, WeightsFileError):  # not valid, code inside, integer or NaN/inf: whatever the base
+                raise ValueError(
+                    f"SCUF weights {scuf_weights!r} cannot be loaded: {exc}\nPut SCUF weights (this project's "
+                    f".safetensors or the official checkpoint) in one of: {places}"
+                ) from exc
             raise ValueError(
                 f"SCUF weights {scuf_weights!r} ({path}) cannot be used with the base model "
                 f"{scuf_pipe.base.model!r}: {exc}\nPut SCUF weights trained for this base model (SD-Turbo) in "

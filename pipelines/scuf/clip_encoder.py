@@ -16,6 +16,8 @@ import zipfile
 
 import torch
 
+from ..weights_files import torch_load_weights
+
 #: OpenAI's ``build_model`` derives the head count from the width (64 channels per head).
 OPENAI_HEAD_WIDTH = 64
 
@@ -52,12 +54,7 @@ def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
                     "or a local copy of that folder) instead, or a plain state dict saved with "
                     "torch.save(model.state_dict())."
                 )
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError/RuntimeError variants for unsafe content
-        raise ValueError(
-            f"{path}: not a plain CLIP state dict loadable with torch.load(weights_only=True): {exc}"
-        ) from exc
+    state_dict = torch_load_weights(path)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path}: expected a dict of tensors (CLIP state dict)")
     return state_dict

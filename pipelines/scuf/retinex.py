@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..weights_files import torch_load_weights
+
 #: Prefix of every key in the official ``decomp.pth`` (the ``RetinexNet`` wrapper's attribute name).
 DECOMNET_PREFIX = "DecomNet."
 
@@ -104,10 +106,7 @@ def load_decomnet(path, device=None) -> DecomNet:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"RetinexNet DecomNet weights not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the weights-only unpickler raises several exception types for unsafe content
-        raise ValueError(f"{path}: not a plain state dict loadable with torch.load(weights_only=True): {exc}") from exc
+    state = torch_load_weights(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a dict of tensors (RetinexNet DecomNet state dict)")
     state = {k[len(DECOMNET_PREFIX):] if k.startswith(DECOMNET_PREFIX) else k: v for k, v in state.items()}

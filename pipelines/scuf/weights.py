@@ -22,7 +22,6 @@ Converter: :func:`convert_official_file`, on the command line
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..media.atomic_files import atomic_output
+from ..weights_files import WeightsFileError, check_weight_tensors, open_safetensors, torch_load_weights
 from .modules import VAE_ADAPTER_NAME, SCUFConfig
 
 
@@ -49,6 +49,10 @@ _MAX_LISTED = 25
 
 class SCUFWeightsError(ValueError):
     """A SCUF weights file that cannot be used (unsafe, malformed, or made for another base model)."""
+
+
+class SCUFFileError(SCUFWeightsError, WeightsFileError):
+    """The file itself is unusable, whatever the base model: not valid, code inside, non-float or NaN/inf tensors."""
 
 
 # -------------------------------------------------------------------------------------------- reading
@@ -76,16 +80,10 @@ def safe_torch_load(path) -> object:
     """``torch.load(path, weights_only=True)`` on CPU, then refuse anything but plain values and tensors.
 
     Nothing in the pickle is executed: the weights-only unpickler rejects every global that is not a tensor
-    type or a plain container, and we raise :class:`SCUFWeightsError` with the reason.
+    type or a plain container, and we raise :class:`SCUFFileError` naming the file and what was blocked.
     """
     path = os.fspath(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as exc:
-        raise SCUFWeightsError(
-            f"{path}: refused to load: not a plain checkpoint of tensors, numbers, strings and lists "
-            f"(torch.load(weights_only=True) failed: {str(exc).splitlines()[0]})"
-        ) from exc
+    obj = torch_load_weights(path, error=SCUFFileError)
     _check_plain(obj, path)
     return obj
 
@@ -172,6 +170,9 @@ def convert_official_checkpoint(
 def load_scuf_file(path, direction: str = "a2b", layer_names: list[str] | None = None):
     """Read our ``.safetensors`` or an official checkpoint.
 
+    Raises :class:`SCUFFileError` when the file is not valid safetensors, holds code, or has non-float or NaN/inf
+    tensors (naming the file and the tensor).
+
     Returns:
         ``(tensors, config, base_shapes, metadata)``; ``base_shapes`` is empty for our format.
     """
@@ -179,9 +180,7 @@ def load_scuf_file(path, direction: str = "a2b", layer_names: list[str] | None =
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SCUF weights not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with open_safetensors(path, error=SCUFFileError) as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != FORMAT_NAME:
                 raise SCUFWeightsError(
@@ -195,9 +194,11 @@ def load_scuf_file(path, direction: str = "a2b", layer_names: list[str] | None =
                     f"(expected {FORMAT_VERSION})"
                 )
             tensors = OrderedDict((k, f.get_tensor(k)) for k in f.keys())
+        check_weight_tensors(path, tensors, error=SCUFFileError)
         return tensors, SCUFConfig.from_json(metadata["scuf_config"]), {}, metadata
     ckpt = safe_torch_load(path)
     tensors, config, base_shapes = convert_official_checkpoint(ckpt, direction, layer_names, path)
+    check_weight_tensors(path, tensors, error=SCUFFileError)
     return tensors, config, base_shapes, {"direction": direction, "source": os.path.basename(path)}
 
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..media.atomic_files import atomic_output
+from ..weights_files import WeightsFileError, check_weight_tensors, open_safetensors, torch_load_weights
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[2] / "lora_weights" / "sgz_lowlight.safetensors"
 
@@ -121,7 +122,8 @@ def load_sgz_weights(path: PathLike, map_location: Union[str, torch.device] = "c
     ``.pth`` files are read with ``torch.load(weights_only=True)`` (never executing pickles); a ``module.`` prefix
     (DataParallel) is accepted. The conv padding mode comes from the safetensors metadata ``padding_mode``
     (``"zeros"`` when absent, and always for ``.pth``: the official network). Raises ``FileNotFoundError`` naming
-    the path, or ``ValueError`` naming the file and the expected keys/shapes when the content does not match.
+    the path, or ``ValueError`` naming the file and the expected keys/shapes when the content does not match
+    (``weights_files.WeightsFileError`` when the file is not valid, holds code, or has non-float/NaN/inf tensors).
     Returns a float32 model in eval mode.
     """
     path = Path(path)
@@ -130,15 +132,13 @@ def load_sgz_weights(path: PathLike, map_location: Union[str, torch.device] = "c
     padding_mode = "zeros"
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            with open_safetensors(path, map_location) as f:
                 state_dict = {key: f.get_tensor(key) for key in f.keys()}
                 padding_mode = (f.metadata() or {}).get("padding_mode", "zeros")
         else:
-            state_dict = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # corrupt file, foreign pickle, ...: say which file
-        raise ValueError(f"could not read SGZ weights from {path}: {exc}") from exc
+            state_dict = torch_load_weights(path, map_location)
+    except WeightsFileError as exc:  # the helpers' messages name the file; say what it was meant to be
+        raise WeightsFileError(f"could not read SGZ weights: {exc}") from None
     if isinstance(state_dict, dict) and "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -166,6 +166,7 @@ def load_sgz_weights(path: PathLike, map_location: Union[str, torch.device] = "c
             f"{path} is not an SGZ EFE checkpoint: {'; '.join(problems)}. "
             f"Expected exactly: {_describe_expected(expected)}"
         )
+    check_weight_tensors(path, state_dict)
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"{path}: metadata padding_mode={padding_mode!r}, expected one of {PADDING_MODES}")
     model = EnhancementFactorEstimator(channels, padding_mode)
