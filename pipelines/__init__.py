@@ -4,9 +4,10 @@
 - ``scuf/``: SCUF (modules, weights, pipeline, tiling, training losses and trainer, CLIP image encoder, captions,
   RetinexNet, prompts, folder batch, shipped SD-Turbo configs);
 - ``media/``: what both use (image and video files, in-memory conversions, atomic writes, illumination maps);
-- ``parameters.py``: the ``Option`` type of both methods' parameter tables (``sgz/options.py``, ``scuf/options.py``).
+- ``parameters.py``: the ``Option`` type of both methods' parameter tables (``sgz/options.py``, ``scuf/options.py``);
+- ``weights_files.py``: the checks every weights loader shares (refused pickles, invalid safetensors, NaN/integer tensors).
 
-Layers: ``media`` and ``parameters`` import nothing of ours; ``sgz`` and ``scuf`` import them, never each other;
+Layers: ``media``, ``parameters`` and ``weights_files`` import nothing of ours; ``sgz`` and ``scuf`` import them, never each other;
 faces import these.
 
 Public names are resolved lazily so that ``import comfyui_lowlight`` never pulls in diffusers or transformers.
