@@ -75,7 +75,7 @@ def torch_load_weights(path, map_location="cpu", error: type[WeightsFileError] =
             f"{path}: refused to load: {reason}. Only plain state dicts of tensors are read (torch.load with "
             "weights_only=True); use a .safetensors file or one saved with torch.save(model.state_dict())."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as exc:
+    except Exception as exc:  # arbitrary bytes make the unpickler fail in any way (IndexError, KeyError, ...)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise error(f"{path}: not a readable PyTorch checkpoint ({first})") from exc
 

@@ -166,3 +166,16 @@ def test_sgz_float_weights_still_load_and_round_trip(tmp_path):
     loaded = load_sgz_weights(path)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("content", [b"this is not a checkpoint", b"", bytes(range(256)) * 4])
+def test_garbage_pth_is_not_a_readable_checkpoint_naming_the_file(tmp_path, content):
+    """Arbitrary bytes make torch's unpickler fail in many ways (IndexError, EOFError, ...): always our message."""
+    from comfyui_lowlight.pipelines.sgz.model import load_sgz_weights
+
+    path = tmp_path / "broken.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as raised:
+        load_sgz_weights(path)
+    message = str(raised.value)
+    assert "could not read SGZ weights" in message and str(path) in message
