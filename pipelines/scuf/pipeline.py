@@ -50,7 +50,7 @@ from .weights import (
 )
 
 from .options import ADAPTER_SCALE, SAMPLE_LATENT, TILE_OVERLAP, TILE_SIZE, check_tiling_options
-from .prompts import DARKEN_PROMPT, DEFAULT_PROMPT  # noqa: F401  (re-exported)
+from .prompts import DEFAULT_PROMPT
 
 SCUF_WEIGHTS_NAME = "scuf_weights.safetensors"
 #: A base model path with one of these endings is a single-file checkpoint (anything else: a folder or hub id).
