@@ -10,7 +10,7 @@ import torch
 
 from ..pipelines.sgz.model import SHIPPED_WEIGHTS
 from ..pipelines.parameters import Option
-from ..pipelines.sgz.options import SGZ_OPTIONS
+from ..pipelines.sgz.options import AUTO_EXPOSURE, DENOISE, SGZ_OPTIONS
 from .comfy_tensors import bchw_to_image, image_to_bchw
 from .model_folders import SGZ_FOLDER, resolve_weights, weight_choices
 
@@ -73,7 +73,8 @@ class SGZEnhance:
             }
         }
 
-    def enhance(self, image, weights, recurrences, downscale, strength, temporal_smoothing):
+    def enhance(self, image, weights, recurrences, downscale, strength, temporal_smoothing,
+                denoise=DENOISE.default, auto_exposure=AUTO_EXPOSURE.default):
         import comfy.model_management
         import comfy.utils
 
@@ -90,6 +91,8 @@ class SGZEnhance:
                 recurrences=recurrences,
                 strength=strength,
                 temporal_smoothing=temporal_smoothing,
+                denoise=denoise,
+                auto_exposure=auto_exposure,
                 return_factor=True,
                 video_state=video_state,
             )
