@@ -24,12 +24,19 @@ import torch.nn.functional as F
 # (benchmarks/bench_sgz_v2.py).
 _LUMA_NOISE_MULTIPLE = 2.0
 _CHROMA_NOISE_MULTIPLE = 4.0
-_LUMA_WINDOW = 9
-_CHROMA_WINDOW = 9
+_LUMA_WINDOW = 5
+_CHROMA_WINDOW = 5
 # Rows of Rec.601 luma and the chroma differences (Kornia's YCbCr without the 0.5 offset), and their inverse.
 _RGB_TO_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+# Added to every regulariser (about a quarter of an 8-bit level, squared): where the curve adds no noise the filter
+# stays near the identity, and flat patches (variance ~ float rounding) cannot make the slope blow up.
+_REGULARISER_FLOOR = 1e-6
 # The noise floor of 8-bit input (quantisation, 1/sqrt(12) of a level): very dark JPEGs estimate as noiseless.
 _MIN_SIGMA = 0.3 / 255.0
+# The noise estimate averages the smallest 80 % of the Laplacian responses; for Gaussian noise of standard deviation
+# s that mean is s * sqrt(2 / pi) * (1 - exp(-q^2 / 2)) / 0.8 with q = 1.2816, the half-normal's 80 % quantile.
+_NOISE_QUANTILE = 0.8
+_TRUNCATED_HALF_NORMAL_MEAN = (2.0 / 3.141592653589793) ** 0.5 * (1.0 - 2.718281828459045 ** (-1.2816 ** 2 / 2)) / 0.8
 # Strips of 3 rows the noise estimate reads (spread over the frame): its cost does not grow with the frame.
 _NOISE_STRIPS = 48
 
@@ -49,11 +56,14 @@ def curve_gain(image_lowres: torch.Tensor, factor: torch.Tensor, recurrences: in
 
 
 def estimate_noise_sigma(image: torch.Tensor) -> torch.Tensor:
-    """Standard deviation of the input's noise in 0..1 units, per image: ``[B]`` float32.
+    """Standard deviation of the noise of the input's luma in 0..1 units, per image: ``[B]`` float32 (for noise
+    independent in R, G and B that is 0.67 x the per-channel one).
 
-    Robust Laplacian estimate (Immerkaer's 3x3 mask, whose response to white noise has 6 sigma standard deviation,
-    with the median absolute response so that edges do not count), on the luma of ``_NOISE_STRIPS`` strips of 3
-    rows spread over the frame. ``image``: ``[B, 3, H, W]`` float 0..1 or uint8.
+    Laplacian estimate (Immerkaer's 3x3 mask, whose response to white noise has 6 sigma standard deviation) on the
+    luma of ``_NOISE_STRIPS`` strips of 3 rows spread over the frame. Edges and texture give the largest
+    responses, so only the smallest ``_NOISE_QUANTILE`` of them are averaged (with the matching factor of a
+    truncated half-normal); a mean rather than a median, because 8-bit input makes the responses discrete.
+    ``image``: ``[B, 3, H, W]`` float 0..1 or uint8.
     """
     height = image.shape[2]
     if height < 3 or image.shape[3] < 3:
@@ -67,7 +77,9 @@ def estimate_noise_sigma(image: torch.Tensor) -> torch.Tensor:
     luma = luma.reshape(image.shape[0] * len(starts), 1, 3, -1)
     mask = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]], device=image.device)
     response = F.conv2d(luma, mask.view(1, 1, 3, 3)).abs().reshape(image.shape[0], -1)
-    sigma = response.median(dim=1).values / (0.6745 * 6.0)
+    kept = max(1, int(response.shape[1] * _NOISE_QUANTILE))
+    smallest = response.sort(dim=1).values[:, :kept]
+    sigma = smallest.mean(dim=1) / (_TRUNCATED_HALF_NORMAL_MEAN * 6.0)
     return sigma.clamp_(min=_MIN_SIGMA)
 
 
@@ -124,7 +136,7 @@ def gain_guided_denoise(
         mean_target = box(target)
         variance = box(luma * luma) - mean_luma * mean_luma
         covariance = box(luma * target) - mean_luma * mean_target
-        slope = covariance / (variance + noise_variance * (amount * multiple) ** 2 + 1e-12)
+        slope = covariance / (variance + noise_variance * (amount * multiple) ** 2 + _REGULARISER_FLOOR)
         offset = mean_target - slope * mean_luma
         coefficients += [box(slope), box(offset)]
     # Back to RGB on the small grid (linear), then one multiply-add per pixel at full size.
