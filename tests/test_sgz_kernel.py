@@ -14,9 +14,12 @@ from comfyui_lowlight.pipelines.sgz import kernel
 from comfyui_lowlight.pipelines.sgz.model import (
     apply_recurrence_reference,
     enhance,
-    enhance_torch,
     upsample_factor,
 )
+
+
+def enhance_torch(*args, **kwargs):
+    return enhance(*args, use_kernel=False, **kwargs)
 
 
 def _case(batch, height, width, small, seed, factor_scale=1.0):

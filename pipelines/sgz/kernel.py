@@ -29,13 +29,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..media.image_convert import RANGE_SLACK
+
 #: Values per block of the recurrence loop: three float32 blocks (x, f, 1 - f) stay in L1 and vectorise.
 _BLOCK = 512
 #: Values per chunk of rows handed to a thread: large enough that Python's per-chunk cost (~20 us) is noise,
 #: small enough for dozens of chunks per frame (load balancing when a core is busy with something else).
 _CHUNK_VALUES = 1 << 17
-#: Float inputs may overshoot 0..1 by resampling noise; anything beyond is a scaling mistake (same as SCUF).
-RANGE_SLACK = 1e-3
 
 _SUPPORTED_INPUTS = (torch.uint8, torch.float32, torch.float64)
 _SUPPORTED_OUTPUTS = (torch.uint8, torch.float32, torch.float64)

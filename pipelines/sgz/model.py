@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..media.atomic_files import atomic_output
 from ..media.image_convert import RANGE_SLACK, check_unit_range
 from ..weights_files import WeightsFileError, check_weight_tensors, open_safetensors, torch_load_weights
+from . import kernel
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[2] / "lora_weights" / "sgz_lowlight.safetensors"
 
@@ -463,13 +464,14 @@ def enhance(
     out_dtype: Optional[torch.dtype] = None,
     *,
     what: str = "image",
+    use_kernel: bool = True,
 ) -> torch.Tensor:
     """Fused full-resolution pass: upsample ``factor_lowres`` (align_corners=True) and run the RIE.
 
     Equal (within float32 rounding) to
     ``apply_recurrence_reference(image, upsample_factor(factor_lowres, (H, W)), recurrences)`` but reads the image
     once and writes the output once: on the CPU with the compiled kernel of :mod:`.kernel` (uint8/float32/float64),
-    otherwise with :func:`enhance_torch`.
+    otherwise with torch ops tile by tile (any device and dtype; the kernel's reference).
 
     Args:
         image: ``[B, 3, H, W]`` in 0..1 (float of any dtype, or uint8 0..255; NCHW or channels-last).
@@ -477,6 +479,7 @@ def enhance(
         recurrences: number of RIE steps.
         out_dtype: output dtype (default: the image's; uint8 gives rounded 0..255). Same memory layout as image.
         what: the name used in input errors.
+        use_kernel: ``False`` forces the torch implementation (tests and benchmarks compare the two).
     Returns:
         ``[B, 3, H, W]`` enhanced image.
     Raises:
@@ -484,9 +487,7 @@ def enhance(
     """
     _check_enhance_arguments(image, factor_lowres, recurrences)
     out_dtype = out_dtype or image.dtype
-    from . import kernel
-
-    if kernel.supports(image, out_dtype):
+    if use_kernel and kernel.supports(image, out_dtype):
         out, outside = kernel.enhance_cpu(image, factor_lowres, recurrences, out_dtype)
     else:
         extrema = [] if image.is_floating_point() else None
@@ -510,25 +511,6 @@ def _check_enhance_arguments(image, factor_lowres, recurrences) -> None:
         raise ValueError(
             f"factor_lowres: batch {factor_lowres.shape[0]} does not match the image batch {image.shape[0]}"
         )
-
-
-@torch.no_grad()
-def enhance_torch(
-    image: torch.Tensor,
-    factor_lowres: torch.Tensor,
-    recurrences: int = 8,
-    out_dtype: Optional[torch.dtype] = None,
-    *,
-    what: str = "image",
-) -> torch.Tensor:
-    """:func:`enhance` with torch ops, tile by tile, on any device: the reference of the CPU kernel and the
-    implementation on CUDA/MPS. Same arguments, result and checks."""
-    _check_enhance_arguments(image, factor_lowres, recurrences)
-    extrema = [] if image.is_floating_point() else None
-    out = _enhance_tiles(image, factor_lowres, recurrences, out_dtype or image.dtype, extrema)
-    if extrema and not _within_unit_range(torch.stack(extrema)):
-        check_unit_range(image, what)
-    return out
 
 
 def _enhance_tiles(image, factor_lowres, recurrences, out_dtype, extrema):
