@@ -111,3 +111,30 @@ def decoded_pts_and_frames(path: Path, max_frames: int | None = None) -> list[tu
                 break
             result.append((frame.pts, frame.to_ndarray(format="rgb24")))
     return result
+
+
+def camera_exif(orientation: int = 1, thumbnail: bytes | None = None) -> bytes:
+    """EXIF as a camera writes it: make/model, orientation, capture date, pixel size, GPS, and optionally an IFD1
+    thumbnail (``thumbnail``: JPEG bytes), for ``Image.save(..., exif=...)``."""
+    import struct
+
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110], exif[0x0112] = "Canon", "EOS R6", orientation
+    exif.get_ifd(0x8769).update({0x9003: "2024:01:02 03:04:05", 0x829A: 1 / 60, 0xA002: 64, 0xA003: 48})
+    exif.get_ifd(0x8825).update({1: "N", 2: (52.0, 31.0, 12.0), 3: "E", 4: (13.0, 24.0, 36.0)})
+    data = bytearray(exif.tobytes())
+    if thumbnail is None:
+        return bytes(data)
+    # Pillow writes no IFD1: append one (JPEGInterchangeFormat + length, both LONG) and link it from IFD0.
+    tiff = 6  # b"Exif\0\0" precedes the TIFF header; offsets count from the header
+    order = "<" if data[tiff:tiff + 2] == b"II" else ">"
+    ifd0 = struct.unpack_from(order + "I", data, tiff + 4)[0]
+    entries = struct.unpack_from(order + "H", data, tiff + ifd0)[0]
+    ifd1 = len(data) - tiff
+    struct.pack_into(order + "I", data, tiff + ifd0 + 2 + 12 * entries, ifd1)
+    thumb_offset = ifd1 + 2 + 2 * 12 + 4
+    data += struct.pack(order + "H", 2)
+    data += struct.pack(order + "HHII", 0x0201, 4, 1, thumb_offset)
+    data += struct.pack(order + "HHII", 0x0202, 4, 1, len(thumbnail))
+    data += struct.pack(order + "I", 0) + thumbnail
+    return bytes(data)
