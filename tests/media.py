@@ -65,17 +65,27 @@ def write_video(
     irregular_timestamps: bool = False,
     with_audio: bool = False,
     rotation: int = 0,
+    pix_fmt: str = "yuv420p",
+    color_trc: int | None = None,
+    index_first: bool = False,
 ) -> Path:
     """Encode ``frames`` (uint8 ``[N, H, W, 3]`` RGB) to ``path`` with PyAV.
 
     ``irregular_timestamps``: a 1/90000 time base with frame durations jittered by up to +-20 % (variable frame
     rate, as phones record), so that timestamps cannot be recomputed from the frame rate. ``with_audio``: a stereo
     AAC 440 Hz tone as long as the video. ``rotation``: display rotation in degrees (a phone's portrait flag).
+    ``pix_fmt``: e.g. ``yuv420p10le`` for 10-bit; ``color_trc``: FFmpeg's transfer tag (16 = PQ, 18 = HLG, with
+    BT.2020 primaries and matrix). ``index_first``: the MP4 index at the front (``movflags=faststart``, as
+    streaming sites serve), so a cut-off copy still announces every frame.
     """
     count, height, width, _ = frames.shape
-    with av.open(str(path), "w") as container:
+    options = {"movflags": "faststart"} if index_first else {}
+    with av.open(str(path), "w", options=options) as container:
         video = container.add_stream(codec, rate=fps)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.width, video.height, video.pix_fmt = width, height, pix_fmt
+        if color_trc is not None:
+            video.codec_context.color_trc = color_trc
+            video.codec_context.color_primaries = video.codec_context.colorspace = 9  # BT.2020
         if rotation:
             video.set_display_rotation(rotation)
         time_base = Fraction(1, 90000) if irregular_timestamps else 1 / fps
@@ -89,6 +99,8 @@ def write_video(
             audio.layout = "stereo"
         for pixels, pts in zip(frames, timestamps):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            if pix_fmt != "yuv420p":
+                frame = frame.reformat(format=pix_fmt)
             frame.pts, frame.time_base = int(pts), time_base
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
@@ -138,3 +150,12 @@ def camera_exif(orientation: int = 1, thumbnail: bytes | None = None) -> bytes:
     data += struct.pack(order + "HHII", 0x0202, 4, 1, len(thumbnail))
     data += struct.pack(order + "I", 0) + thumbnail
     return bytes(data)
+
+
+def cut_off_copy(source: Path, destination: Path, fraction: float) -> Path:
+    """The first bytes of ``source`` up to its video packet at ``fraction`` of the packets (a clean cut between
+    packets: the demuxer then meets the end of the file without an error, as with an interrupted download)."""
+    with av.open(str(source)) as container:
+        positions = sorted(packet.pos for packet in container.demux(video=0) if packet.size)
+    destination.write_bytes(source.read_bytes()[: positions[int(len(positions) * fraction)]])
+    return destination

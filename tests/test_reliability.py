@@ -6,6 +6,7 @@ Each test makes its own input (PIL writes EXIF, animated images and header-only 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 from comfyui_lowlight.cli import main as lowlight
 from comfyui_lowlight.pipelines.media import image_io
 from comfyui_lowlight.pipelines.media.image_io import ImageFileError, read_image, write_image
-from media import SHIPPED_SGZ_WEIGHTS, camera_exif, dark_scene
+from media import SHIPPED_SGZ_WEIGHTS, camera_exif, cut_off_copy, dark_clip_frames, dark_scene, write_video
 
 
 def enhance(*args):
@@ -26,6 +27,54 @@ def enhance(*args):
 def _summary(capsys) -> tuple[str, str]:
     captured = capsys.readouterr()
     return captured.out.strip().splitlines()[-1], captured.err
+
+
+# ------------------------------------------------------------------------------- row 2: a cut-off video fails
+
+
+def test_cut_off_mp4_fails_with_the_shortfall_and_leaves_nothing(tmp_path, capsys):
+    full = write_video(tmp_path / "full.mp4", dark_clip_frames(60, 48, 64), with_audio=True, index_first=True)
+    cut = cut_off_copy(full, tmp_path / "cut.mp4", 0.6)  # 36 of 60 frames are there; the index lists 60
+    assert enhance(cut, "-o", tmp_path / "out") == 1
+    summary, err = _summary(capsys)
+    assert summary == "lowlight: 0 written, 0 skipped, 1 failed"
+    # B-frames: the last frames decoded before the cut are shown up to about 1.6 s
+    assert re.search(r"cut\.mp4: the video ends after 36 of the 60 frames its header announces \(1\.\d\d s of "
+                     r"2\.50 s\): the file is truncated", err), err
+    assert "--max-frames 36" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # no partial output, no .part
+    # what the message suggests works: the part that is there
+    assert enhance(cut, "-o", tmp_path / "out", "--max-frames", "36") == 0
+    from media import decoded_pts_and_frames
+
+    assert len(decoded_pts_and_frames(tmp_path / "out" / "cut.mp4")) == 36
+    capsys.readouterr()
+
+
+def test_a_complete_mp4_with_the_index_first_is_not_reported(tmp_path, capsys):
+    full = write_video(tmp_path / "full.mp4", dark_clip_frames(12, 48, 64), index_first=True)
+    assert enhance(full, "-o", tmp_path / "out") == 0
+    assert _summary(capsys)[0] == "lowlight: 1 written, 0 skipped, 0 failed"
+
+
+# --------------------------------------------------------------------- row 4: HDR / 10-bit video refused
+
+
+@pytest.mark.parametrize("pix_fmt, color_trc, expected", [
+    ("yuv420p10le", 16, r"HDR video \(PQ \(SMPTE ST 2084\) transfer, 10-bit yuv420p10le\) is not supported"),
+    ("yuv420p", 18, r"HDR video \(HLG \(ARIB STD-B67\) transfer, 8-bit yuv420p\) is not supported"),
+    ("yuv420p10le", None, r"10-bit video \(yuv420p10le\) is not supported: it would silently come out with 8 bits"),
+])
+def test_hdr_and_10bit_video_is_refused_not_flattened_to_sdr(pix_fmt, color_trc, expected, tmp_path, capsys):
+    from comfyui_lowlight.pipelines.media.video_io import VideoFileError, VideoReader
+
+    source = write_video(tmp_path / "hdr.mp4", dark_clip_frames(4, 48, 64), pix_fmt=pix_fmt, color_trc=color_trc)
+    with pytest.raises(VideoFileError, match=rf"hdr\.mp4: {expected}"):
+        VideoReader(source)
+    assert enhance(source, "-o", tmp_path / "out") == 1
+    summary, err = _summary(capsys)
+    assert summary == "lowlight: 0 written, 0 skipped, 1 failed" and "is not supported" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 # ------------------------------------------------------------------------------------------- row 7: EXIF kept
