@@ -270,3 +270,42 @@ def test_sgz_backbone_and_training_state_refuse_pickled_code_with_our_message(tm
     with pytest.raises(WeightsFileError, match="not a valid safetensors file"):
         (tmp_path / "random.safetensors").write_bytes(np.random.default_rng(0).bytes(200))
         segmentation._load_state_dict(tmp_path / "random.safetensors")
+
+
+# ------------------------------------------------------------------------------- row 15: SCUF keeps alpha
+
+
+from tiny_scuf import tiny_scuf  # noqa: E402,F401  session fixture: the tiny random SCUF model
+
+
+def test_scuf_keeps_alpha_in_the_pipeline_and_the_command_core(tiny_scuf, tmp_path):  # noqa: F811
+    import torch
+
+    from comfyui_lowlight.pipelines.scuf.batch import enhance_file
+
+    pipe = tiny_scuf.pipeline()
+    rgb = tiny_scuf.image("img64x64").resize((36, 20))  # not a multiple of 8: resized and back, alpha untouched
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgb.size))
+    alpha = np.asarray(rgba)[:, :, 3]
+
+    out = pipe(rgba).images[0]
+    assert out.mode == "RGBA" and out.size == rgb.size
+    np.testing.assert_array_equal(np.asarray(out)[:, :, 3], alpha)
+    np.testing.assert_array_equal(np.asarray(out)[:, :, :3], np.asarray(pipe(rgb).images[0]))
+
+    array = np.asarray(rgba).astype(np.uint16) * 257  # 16-bit HxWx4
+    result = pipe(array, output_type="np").images[0]
+    assert result.shape == (20, 36, 4)
+    np.testing.assert_allclose(result[:, :, 3], alpha / 255, atol=1e-7)
+    tensor = torch.from_numpy(np.asarray(rgba).copy()).permute(2, 0, 1)[None]  # uint8 [1, 4, H, W]
+    result = pipe(tensor, output_type="pt").images
+    assert result.shape == (1, 4, 20, 36)
+    assert torch.equal(result[0, 3], torch.from_numpy(alpha / np.float32(255)))
+
+    # the command's core (lowlight enhance --method scuf): 8-bit and 16-bit RGBA PNGs keep their alpha
+    for name, pixels in (("a8.png", np.asarray(rgba)), ("a16.png", array)):
+        write_image(tmp_path / name, pixels[:, :, :3], pixels[:, :, 3])
+        enhance_file(pipe, tmp_path / name, tmp_path / "out" / name, prompt=None)
+        written = read_image(tmp_path / "out" / name)
+        np.testing.assert_array_equal(written.alpha, pixels[:, :, 3])
