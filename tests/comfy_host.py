@@ -328,6 +328,9 @@ class ComfyServer:
 
     def _environment(self) -> dict:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(self.threads))
+        # numba's on-disk cache of the SGZ kernel records the module name it was compiled under; ComfyUI imports the
+        # pack under another name than the test process (comfyui_lowlight), so the two must not share a cache.
+        env["NUMBA_CACHE_DIR"] = str(self.session_dir / "numba_cache")
         if self.host.owned:  # the host venv alone decides what imports: nothing from the pytest interpreter
             for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP"):
                 env.pop(name, None)
