@@ -400,7 +400,7 @@ def illumination_maps(frames: torch.Tensor, mask=None, image=None) -> Optional[t
     if mask is None and image is None:
         return None
     if image is not None:
-        maps = image_to_bchw(image).mean(dim=1)
+        maps = image_to_bchw(image, "illumination_image").mean(dim=1)
         what = "illumination_image"
     else:
         maps = mask.float()

@@ -63,7 +63,6 @@ class SGZEnhance(io.ComfyNode):
                 "curve is applied several times at full resolution. Real-time, no prompt, no diffusion. Outputs the "
                 "enhanced image and the enhancement factor (mid gray = unchanged, darker = lifted more)."
             ),
-            search_aliases=["low light", "night", "brighten", "exposure", "zero-dce"],
             inputs=[
                 io.Image.Input("image", tooltip="Low-light image, or a batch of frames of one video in order."),
                 io.Combo.Input(

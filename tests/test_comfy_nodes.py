@@ -73,7 +73,12 @@ def test_every_node_is_documented_and_categorised():
 
 
 def test_empty_image_batch_says_what_to_do_in_one_line(comfy_stubs):
-    for run in (lambda empty: enhance(empty), lambda empty: IlluminationPrompt.execute(image=empty)):
+    from comfyui_lowlight.nodes.scuf_nodes import SCUFLighten
+
+    def lighten(empty):  # refused before the (absent) model is touched
+        return SCUFLighten.execute(scuf_pipe=None, image=empty, prompt="", seed=0, sample_latent=False)
+
+    for run in (lambda empty: enhance(empty), lambda empty: IlluminationPrompt.execute(image=empty), lighten):
         with pytest.raises(ValueError) as refused:
             run(torch.zeros(0, 48, 72, 3))
         message = str(refused.value)
