@@ -13,17 +13,17 @@ inside ComfyUI, never when the package is imported elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from pathlib import Path
 
 from comfy_api.latest import InputImpl, io
 
-from ..pipelines.parameters import Option
 from ..pipelines.sgz.model import SHIPPED_WEIGHTS
-from ..pipelines.sgz.options import SGZ_OPTIONS, VIDEO_TEMPORAL_SMOOTHING
+from ..pipelines.sgz.options import SGZ_OPTIONS, TEMPORAL_SMOOTHING, VIDEO_TEMPORAL_SMOOTHING
 from .model_folders import SGZ_FOLDER, resolve_weights, weight_choices
-from .sgz_nodes import CATEGORY, load_cached_pipeline
+from .sgz_nodes import CATEGORY, load_cached_pipeline, option_input, weights_fingerprint
 
 NODE_ID = "LowLightSGZEnhanceVideo"
 # Frames decoded, enhanced and encoded at a time: memory stays about this many frames whatever the video's length.
@@ -31,11 +31,9 @@ CHUNK_FRAMES = 8
 OUTPUT_SUFFIX = ".mp4"  # H.264 (VideoWriter) + the source's audio as is: what Save Video's "auto" keeps
 
 
-def _option_input(option: Option, default=None):
-    """A V3 INT/FLOAT widget with the SGZ table's bounds and help (``default`` overrides the table's)."""
-    kind = io.Int if option.type is int else io.Float
-    return kind.Input(option.name, default=option.default if default is None else default, min=option.min,
-                      max=option.max, step=option.step, tooltip=option.help)
+# The parameter table's options, with deflicker on by default for video.
+VIDEO_OPTIONS = {**SGZ_OPTIONS, TEMPORAL_SMOOTHING.name: dataclasses.replace(TEMPORAL_SMOOTHING,
+                                                                             default=VIDEO_TEMPORAL_SMOOTHING)}
 
 
 def _readable_source(video, scratch_dir: Path) -> tuple[Path, Path | None]:
@@ -61,13 +59,10 @@ def _readable_source(video, scratch_dir: Path) -> tuple[Path, Path | None]:
 class SGZEnhanceVideo(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        options = {**SGZ_OPTIONS}
-        smoothing = options.pop("temporal_smoothing")
         return io.Schema(
             node_id=NODE_ID,
             display_name="SGZ Enhance Video",
             category=CATEGORY,
-            search_aliases=["low light video", "night video", "brighten video", "deflicker"],
             description=(
                 "Brightens a low-light video with SGZ, frame by frame with deflicker, streamed: any length "
                 "fits in memory. Keeps the frame rate and timestamps, the rotation and the audio track. "
@@ -81,23 +76,18 @@ class SGZEnhanceVideo(io.ComfyNode):
                     tooltip="SGZ weights: the pack's shipped weights (lora_weights/), or a file in ComfyUI's "
                     "models/sgz folder (our .safetensors or the official Epoch99.pth).",
                 ),
-                *(_option_input(option) for option in options.values()),
-                _option_input(smoothing, default=VIDEO_TEMPORAL_SMOOTHING),
+                # Built from the parameter table, in its order (saved workflows list widget values by position).
+                *(option_input(option) for option in VIDEO_OPTIONS.values()),
             ],
             outputs=[io.Video.Output("video", tooltip="The enhanced video (H.264 MP4 with the source's audio).")],
         )
 
     @classmethod
     def fingerprint_inputs(cls, weights, **_):
-        """Run again when the chosen weights file changes on disk under the same name."""
-        try:
-            stat = resolve_weights(SGZ_FOLDER, weights).stat()
-        except OSError:  # missing: execute() reports it, naming the folders
-            return weights
-        return f"{weights}:{stat.st_mtime_ns}:{stat.st_size}"
+        return weights_fingerprint(SGZ_FOLDER, weights)
 
     @classmethod
-    def execute(cls, video, weights, recurrences, downscale, strength, temporal_smoothing) -> io.NodeOutput:
+    def execute(cls, video, weights, **options) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import folder_paths
@@ -106,8 +96,6 @@ class SGZEnhanceVideo(io.ComfyNode):
         from ..pipelines.media.video_io import VideoChunk, VideoReader, VideoWriter
 
         pipe = load_cached_pipeline(resolve_weights(SGZ_FOLDER, weights), comfy.model_management.get_torch_device())
-        settings = dict(recurrences=recurrences, downscale=downscale, strength=strength,
-                        temporal_smoothing=temporal_smoothing)
         temp_dir = Path(folder_paths.get_temp_directory())
         temp_dir.mkdir(parents=True, exist_ok=True)
         source_path, scratch = _readable_source(video, temp_dir)
@@ -122,7 +110,7 @@ class SGZEnhanceVideo(io.ComfyNode):
                         enhanced = []
                         for index in range(len(chunk.frames)):
                             comfy.model_management.throw_exception_if_processing_interrupted()
-                            enhanced.append(pipe(chunk.frames[index : index + 1], video_state=state, **settings))
+                            enhanced.append(pipe(chunk.frames[index : index + 1], video_state=state, **options))
                             progress.update(1)
                         writer.write(VideoChunk(np.concatenate(enhanced), chunk.pts))
         finally:
