@@ -196,7 +196,7 @@ class _Enhancer:
         # uint8 in -> uint8 out, uint16 (16-bit PNG) in -> uint16 out: the pipeline keeps the dtype.
         enhanced = self.pipe(loaded.pixels, **self.settings)
         write_image(job.destination, enhanced, loaded.alpha, grayscale=loaded.grayscale,
-                    icc_profile=loaded.icc_profile, quality=self.args.quality)
+                    icc_profile=loaded.icc_profile, quality=self.args.quality, exif=loaded.exif)
 
     def video(self, job: Job, progress_position: int) -> None:
         from tqdm import tqdm

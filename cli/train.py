@@ -126,10 +126,13 @@ def sgz_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 def run_sgz(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..pipelines.sgz.trainer import CheckpointMismatchError, train
+    from ..pipelines.weights_files import WeightsFileError
 
     try:
         summary = train(sgz_config(args, parser))
-    except (FileExistsError, CheckpointMismatchError) as exc:  # an earlier run in --output, a torn checkpoint
+    # an earlier run in --output, a missing --data/--resume/weights file, no readable --data image, a torn
+    # checkpoint, an unusable weights file (TrainingDataError is a FileNotFoundError)
+    except (FileExistsError, FileNotFoundError, CheckpointMismatchError, WeightsFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

@@ -65,17 +65,27 @@ def write_video(
     irregular_timestamps: bool = False,
     with_audio: bool = False,
     rotation: int = 0,
+    pix_fmt: str = "yuv420p",
+    color_trc: int | None = None,
+    index_first: bool = False,
 ) -> Path:
     """Encode ``frames`` (uint8 ``[N, H, W, 3]`` RGB) to ``path`` with PyAV.
 
     ``irregular_timestamps``: a 1/90000 time base with frame durations jittered by up to +-20 % (variable frame
     rate, as phones record), so that timestamps cannot be recomputed from the frame rate. ``with_audio``: a stereo
     AAC 440 Hz tone as long as the video. ``rotation``: display rotation in degrees (a phone's portrait flag).
+    ``pix_fmt``: e.g. ``yuv420p10le`` for 10-bit; ``color_trc``: FFmpeg's transfer tag (16 = PQ, 18 = HLG, with
+    BT.2020 primaries and matrix). ``index_first``: the MP4 index at the front (``movflags=faststart``, as
+    streaming sites serve), so a cut-off copy still announces every frame.
     """
     count, height, width, _ = frames.shape
-    with av.open(str(path), "w") as container:
+    options = {"movflags": "faststart"} if index_first else {}
+    with av.open(str(path), "w", options=options) as container:
         video = container.add_stream(codec, rate=fps)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.width, video.height, video.pix_fmt = width, height, pix_fmt
+        if color_trc is not None:
+            video.codec_context.color_trc = color_trc
+            video.codec_context.color_primaries = video.codec_context.colorspace = 9  # BT.2020
         if rotation:
             video.set_display_rotation(rotation)
         time_base = Fraction(1, 90000) if irregular_timestamps else 1 / fps
@@ -89,6 +99,8 @@ def write_video(
             audio.layout = "stereo"
         for pixels, pts in zip(frames, timestamps):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            if pix_fmt != "yuv420p":
+                frame = frame.reformat(format=pix_fmt)
             frame.pts, frame.time_base = int(pts), time_base
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
@@ -111,3 +123,39 @@ def decoded_pts_and_frames(path: Path, max_frames: int | None = None) -> list[tu
                 break
             result.append((frame.pts, frame.to_ndarray(format="rgb24")))
     return result
+
+
+def camera_exif(orientation: int = 1, thumbnail: bytes | None = None) -> bytes:
+    """EXIF as a camera writes it: make/model, orientation, capture date, pixel size, GPS, and optionally an IFD1
+    thumbnail (``thumbnail``: JPEG bytes), for ``Image.save(..., exif=...)``."""
+    import struct
+
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110], exif[0x0112] = "Canon", "EOS R6", orientation
+    exif.get_ifd(0x8769).update({0x9003: "2024:01:02 03:04:05", 0x829A: 1 / 60, 0xA002: 64, 0xA003: 48})
+    exif.get_ifd(0x8825).update({1: "N", 2: (52.0, 31.0, 12.0), 3: "E", 4: (13.0, 24.0, 36.0)})
+    data = bytearray(exif.tobytes())
+    if thumbnail is None:
+        return bytes(data)
+    # Pillow writes no IFD1: append one (JPEGInterchangeFormat + length, both LONG) and link it from IFD0.
+    tiff = 6  # b"Exif\0\0" precedes the TIFF header; offsets count from the header
+    order = "<" if data[tiff:tiff + 2] == b"II" else ">"
+    ifd0 = struct.unpack_from(order + "I", data, tiff + 4)[0]
+    entries = struct.unpack_from(order + "H", data, tiff + ifd0)[0]
+    ifd1 = len(data) - tiff
+    struct.pack_into(order + "I", data, tiff + ifd0 + 2 + 12 * entries, ifd1)
+    thumb_offset = ifd1 + 2 + 2 * 12 + 4
+    data += struct.pack(order + "H", 2)
+    data += struct.pack(order + "HHII", 0x0201, 4, 1, thumb_offset)
+    data += struct.pack(order + "HHII", 0x0202, 4, 1, len(thumbnail))
+    data += struct.pack(order + "I", 0) + thumbnail
+    return bytes(data)
+
+
+def cut_off_copy(source: Path, destination: Path, fraction: float) -> Path:
+    """The first bytes of ``source`` up to its video packet at ``fraction`` of the packets (a clean cut between
+    packets: the demuxer then meets the end of the file without an error, as with an interrupted download)."""
+    with av.open(str(source)) as container:
+        positions = sorted(packet.pos for packet in container.demux(video=0) if packet.size)
+    destination.write_bytes(source.read_bytes()[: positions[int(len(positions) * fraction)]])
+    return destination

@@ -62,7 +62,10 @@ def test_grayscale_rgba_and_containers_agree(pipe, low_image):
     assert torch.equal(_pt(pipe, gray), ref)
     assert torch.equal(_pt(pipe, np.asarray(gray)), ref)  # HxW uint8
     rgba = low_image.convert("RGBA")
-    assert torch.equal(_pt(pipe, rgba), _pt(pipe, low_image))  # alpha dropped, as the official convert("RGB")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    with_alpha = _pt(pipe, rgba)  # colours as the official convert("RGB"), alpha kept as a fourth channel
+    assert torch.equal(with_alpha[:, :3], _pt(pipe, low_image))
+    assert torch.equal(with_alpha[0, 3], torch.from_numpy(np.asarray(rgba)[:, :, 3] / np.float32(255)))
     u8 = np.asarray(low_image)
     as_float = torch.from_numpy(u8.copy()).permute(2, 0, 1).float() / 255
     assert torch.allclose(_pt(pipe, as_float[None]), _pt(pipe, u8), atol=1e-6)

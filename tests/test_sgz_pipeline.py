@@ -294,3 +294,39 @@ def test_thread_count_is_restored(pipe):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "images",
+    [
+        torch.rand(1, 3, 20, 30) * 255,  # 0..255 floats: a scaling mistake, used to return inf
+        torch.rand(1, 3, 20, 30) - 0.5,  # negative values, used to return garbage
+        np.random.default_rng(0).random((20, 30, 3)).astype(np.float32) * 255,
+        Image.fromarray(np.random.default_rng(1).random((20, 30)).astype(np.float32) * 255, mode="F"),
+    ],
+    ids=["torch-0..255", "torch-negative", "numpy-0..255", "pil-F-0..255"],
+)
+@pytest.mark.parametrize("temporal_smoothing", [0.0, 0.8])
+def test_float_input_out_of_range_gives_scufs_error(pipe, images, temporal_smoothing):
+    """Issue 18 row 5: the same message as SCUFPipeline (``to_unit_hwc``), and no video state is touched."""
+    from comfyui_lowlight.pipelines.media.image_convert import split_images, to_unit_hwc
+
+    with pytest.raises(ValueError) as scuf_error:
+        for image in split_images(images):
+            to_unit_hwc(image, "images")
+    state = pipe.new_video_state()
+    with pytest.raises(ValueError) as sgz_error:
+        pipe(images, temporal_smoothing=temporal_smoothing, video_state=state)
+    assert str(sgz_error.value) == str(scuf_error.value)
+    assert re.match(r"images: float images must be in 0\.\.1, got .*\(pass uint8 for 0\.\.255 data\)",
+                    str(sgz_error.value))
+    assert state.factor is None and state.input_level is None
+
+
+@pytest.mark.parametrize("strength", [-0.1, 4.05, float("inf"), True, "1"])
+def test_strength_bounds_as_the_command_line(pipe, strength):
+    from comfyui_lowlight.pipelines.sgz.options import STRENGTH
+
+    with pytest.raises(ValueError, match=re.escape(f"strength: expected {STRENGTH.expected}")):
+        pipe(torch.rand(1, 3, 8, 8), strength=strength)
+    assert STRENGTH.min == 0 and STRENGTH.max == 4

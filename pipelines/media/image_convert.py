@@ -43,6 +43,21 @@ def _check_finite(array_or_tensor, what: str) -> None:
         raise ValueError(f"{what}: contains NaN or inf values; expected finite values in 0..1")
 
 
+#: Float inputs may overshoot 0..1 by resampling noise; anything beyond this is a scaling mistake.
+RANGE_SLACK = 1e-3
+
+
+def check_unit_range(values, what: str) -> None:
+    """Raise the clear error for float image values (array or tensor) that are NaN/inf or outside 0..1 (beyond
+    :data:`RANGE_SLACK`), naming ``what`` and the range found."""
+    _check_finite(values, what)
+    low, high = float(values.min()), float(values.max())
+    if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
+        raise ValueError(
+            f"{what}: float images must be in 0..1, got {low:.4g}..{high:.4g} (pass uint8 for 0..255 data)"
+        )
+
+
 def _pil_to_array(image) -> Tuple[np.ndarray, Optional[np.ndarray], bool]:
     """PIL image -> (HxWx3 array of uint8/uint16/float32, alpha HxW or None, was_gray)."""
     mode = image.mode
@@ -99,13 +114,17 @@ def _unit_float(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() / 255.0 if tensor.dtype == torch.uint8 else tensor
 
 
-def to_tensor_batch(images: Any, keep_uint8: bool = False) -> Tuple[torch.Tensor, Callable[..., Any]]:
+def to_tensor_batch(
+    images: Any, keep_uint8: bool = False, check_values: bool = True
+) -> Tuple[torch.Tensor, Callable[..., Any]]:
     """Convert user images to one ``[B, 3, H, W]`` tensor and return a function that converts back.
 
     Args:
         images: see the module docstring. All images of a list must have the same size.
         keep_uint8: return 8-bit inputs as a uint8 tensor (0..255, a channels-last view of the input, no copy),
             so a fused kernel can convert on the fly. Otherwise always float 0..1.
+        check_values: reject float values that are NaN/inf (a full pass over the frame). ``False`` when the
+            caller checks them itself where it costs nothing (SGZ's fused pass checks finite and range).
     Returns:
         ``(tensor, restore_fn)``: tensor ``[B, 3, H, W]`` float32 0..1 (torch inputs keep their float dtype and
         device; with ``keep_uint8`` maybe uint8 0..255); ``restore_fn(output, plain=False)`` takes a tensor of the
@@ -115,26 +134,26 @@ def to_tensor_batch(images: Any, keep_uint8: bool = False) -> Tuple[torch.Tensor
         ValueError / TypeError naming what was expected (wrong shape, dtype, NaN/inf, mixed sizes).
     """
     if isinstance(images, torch.Tensor):
-        return _from_torch(images)
+        return _from_torch(images, check_values)
     if isinstance(images, np.ndarray):
-        return _from_numpy(images, keep_uint8)
+        return _from_numpy(images, keep_uint8, check_values)
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - pillow is a dependency
         Image = None
     if Image is not None and isinstance(images, Image.Image):
-        return _from_pil([images], single=True, keep_uint8=keep_uint8)
+        return _from_pil([images], single=True, keep_uint8=keep_uint8, check_values=check_values)
     if isinstance(images, (list, tuple)) and images and Image is not None and all(
         isinstance(im, Image.Image) for im in images
     ):
-        return _from_pil(list(images), single=False, keep_uint8=keep_uint8)
+        return _from_pil(list(images), single=False, keep_uint8=keep_uint8, check_values=check_values)
     raise TypeError(
         "images: expected a PIL.Image, a list of PIL images, a numpy array (HxW, HxWx3, HxWx4, NxHxWx3) or a "
         f"torch tensor [B, 3, H, W]; got {type(images).__name__}"
     )
 
 
-def _from_torch(tensor: torch.Tensor):
+def _from_torch(tensor: torch.Tensor, check_values: bool):
     squeeze = tensor.ndim == 3
     batch = tensor.unsqueeze(0) if squeeze else tensor
     if batch.ndim != 4 or batch.shape[1] != 3:
@@ -143,7 +162,8 @@ def _from_torch(tensor: torch.Tensor):
         raise ValueError(f"images: expected a float tensor in 0..1, got dtype {batch.dtype}")
     if min(batch.shape) == 0:
         raise ValueError(f"images: empty tensor {tuple(tensor.shape)}")
-    _check_finite(batch, "images")
+    if check_values:
+        _check_finite(batch, "images")
     device, dtype = batch.device, batch.dtype
 
     def restore(output: torch.Tensor, plain: bool = False) -> torch.Tensor:
@@ -153,7 +173,7 @@ def _from_torch(tensor: torch.Tensor):
     return batch, restore
 
 
-def _from_numpy(array: np.ndarray, keep_uint8: bool):
+def _from_numpy(array: np.ndarray, keep_uint8: bool, check_values: bool):
     shape = array.shape
     gray = array.ndim == 2
     single = array.ndim in (2, 3)
@@ -167,12 +187,12 @@ def _from_numpy(array: np.ndarray, keep_uint8: bool):
     dtype = array.dtype
     alpha = array[..., 3].copy() if array.shape[-1] == 4 else None
     rgb = np.ascontiguousarray(array[..., :3])
-    if scale == 1.0:
+    if scale == 1.0 and check_values:
         _check_finite(rgb, "images")
     return _finish(rgb, alpha, gray, dtype, keep_uint8, lambda nhwc: nhwc[0] if single else nhwc)
 
 
-def _from_pil(images: list, single: bool, keep_uint8: bool):
+def _from_pil(images: list, single: bool, keep_uint8: bool, check_values: bool):
     from PIL import Image
 
     sizes = {im.size for im in images}
@@ -186,7 +206,7 @@ def _from_pil(images: list, single: bool, keep_uint8: bool):
     alphas = [al for _, al, _ in converted]
     grays = [g for _, _, g in converted]
     dtype = rgb.dtype
-    if np.issubdtype(dtype, np.floating):
+    if np.issubdtype(dtype, np.floating) and check_values:
         _check_finite(rgb, "images")
 
     def to_pil(nhwc: np.ndarray, plain: bool):
@@ -249,9 +269,6 @@ def _finish(rgb, alpha, gray, dtype, keep_uint8, unbatch, pil=None):
 
 # ------------------------------------------------------------------------- image by image (SCUF's front end)
 
-#: Float inputs may overshoot 0..1 by resampling noise; anything beyond this is a scaling mistake.
-_RANGE_SLACK = 1e-3
-
 
 def split_images(images) -> list:
     """A batch argument -> list of single images (PIL, ``HxW[xC]`` array, or ``[C, H, W]`` tensor); lists nest."""
@@ -296,12 +313,7 @@ def to_unit_hwc(image, what: str) -> np.ndarray:
     if array.dtype == np.uint8:
         return np.ascontiguousarray(array)
     array = array.astype(np.float32) / np.float32(scale) if scale != 1.0 else array.astype(np.float32)
-    _check_finite(array, what)
-    if array.min() < -_RANGE_SLACK or array.max() > 1 + _RANGE_SLACK:
-        raise ValueError(
-            f"{what}: float images must be in 0..1, got {array.min():.4g}..{array.max():.4g} "
-            "(pass uint8 for 0..255 data)"
-        )
+    check_unit_range(array, what)
     return np.clip(array, 0.0, 1.0)
 
 

@@ -9,7 +9,12 @@
 - grayscale is expanded to RGB (``LoadedImage.grayscale`` remembers it so the output can be grey again);
 - palette images are expanded, transparency becomes alpha; RGBA keeps its alpha;
 - CMYK (e.g. print JPEGs) is converted to sRGB, through the embedded ICC profile when there is one;
-- the EXIF orientation tag is applied, so the pixels are upright and the tag is not written back.
+- the EXIF orientation tag is applied, so the pixels are upright and the tag is not written back; the rest of the
+  EXIF (date, camera, exposure, GPS...) is kept in ``LoadedImage.exif`` for ``write_image``, without the thumbnail
+  (it shows the unenhanced picture) and without TIFF layout tags;
+- animated GIF/PNG/WebP files are refused (taking their first frame would silently drop the rest);
+- 16-bit PNGs whose decoded size exceeds Pillow's decompression-bomb limit are refused from the header, before
+  any pixel is decoded.
 
 Writes are atomic (``atomic_files.atomic_output``): an interrupted run never leaves a partial image under the
 real name.
@@ -30,6 +35,17 @@ from .atomic_files import atomic_output
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _EXIF_ORIENTATION = 0x0112
+_EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
+_EXIF_PIXEL_X, _EXIF_PIXEL_Y = 0xA002, 0xA003
+# IFD0 tags that describe a TIFF file's own layout (or data kept elsewhere: ICC, XMP, IPTC, Photoshop), which
+# ``Image.getexif()`` of a TIFF returns along with the real metadata; none of them may travel to another file.
+_TIFF_LAYOUT_TAGS = frozenset({
+    254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 277, 278, 279, 280, 281, 284, 290, 291, 292, 293, 317, 318,
+    319, 320, 321, 322, 323, 324, 325, 330, 332, 338, 339, 340, 341, 347, 513, 514, 529, 530, 531, 532, 700, 33723,
+    34377, 34675, _EXIF_ORIENTATION,
+})
+# Formats whose files may hold several frames of an animation (multi-page TIFF and MPO previews are not animations).
+_ANIMATED_FORMATS = frozenset({"GIF", "PNG", "WEBP"})
 # Formats that can store an alpha channel when Pillow writes them.
 _ALPHA_FORMATS = frozenset({"PNG", "TIFF", "WEBP"})
 
@@ -47,12 +63,15 @@ class LoadedImage:
         alpha: ``[H, W]`` of the same dtype, or ``None`` when the file has no transparency.
         grayscale: the file had a single colour channel (``pixels`` then holds three equal channels).
         icc_profile: the embedded ICC profile of an RGB/grey file (``None`` for CMYK, which is converted to sRGB).
+        exif: the file's EXIF as bytes for ``write_image``, without orientation (the pixels are upright), thumbnail
+            and TIFF layout tags; ``None`` when there is none.
     """
 
     pixels: np.ndarray
     alpha: np.ndarray | None = None
     grayscale: bool = False
     icc_profile: bytes | None = None
+    exif: bytes | None = None
 
     @property
     def bit_depth(self) -> int:
@@ -79,6 +98,8 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         raise ImageFileError(f"{path}: cannot open ({error.strerror or error})") from error
     try:
         if header.startswith(_PNG_SIGNATURE) and len(header) >= 26 and header[24] == 16:
+            width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+            _refuse_png16_bomb(path, width, height, has_alpha=header[25] in (4, 6))
             return _read_png16(path, colour_type=header[25])
         return _read_with_pillow(path)
     except ImageFileError:
@@ -89,17 +110,20 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
 
 
 def _read_with_pillow(path: Path) -> LoadedImage:
-    with Image.open(path) as image:
+    with Image.open(path) as image:  # Pillow refuses decompression bombs here, from the header
+        _refuse_animation(path, image)
+        exif = image.getexif()
         image.load()  # decode now: truncated or corrupt data fails here, not later
         image = ImageOps.exif_transpose(image)
+    exif = _exif_to_keep(exif, image.size)
     icc_profile = image.info.get("icc_profile")
     mode = image.mode
     if mode == "CMYK":
-        return LoadedImage(np.array(_cmyk_to_srgb(image, icc_profile)), grayscale=False)
+        return LoadedImage(np.array(_cmyk_to_srgb(image, icc_profile)), grayscale=False, exif=exif)
     if mode in ("I;16", "I;16L", "I;16B", "I"):
         # 16-bit grey from TIFF/PGM (16-bit PNG takes the PyAV path); "I" is Pillow's 32-bit container for it.
         grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
-        return LoadedImage(np.repeat(grey[..., None], 3, axis=2), grayscale=True, icc_profile=icc_profile)
+        return LoadedImage(np.repeat(grey[..., None], 3, axis=2), grayscale=True, icc_profile=icc_profile, exif=exif)
     if mode == "F":
         raise ImageFileError(f"{path}: 32-bit float images are not supported (expected 8 or 16 bits per channel)")
     has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in image.info
@@ -108,7 +132,64 @@ def _read_with_pillow(path: Path) -> LoadedImage:
     rgba = np.array(image.convert("RGBA" if has_alpha else "RGB"))
     pixels = np.ascontiguousarray(rgba[..., :3])
     alpha = np.ascontiguousarray(rgba[..., 3]) if has_alpha else None
-    return LoadedImage(pixels, alpha, grayscale, icc_profile)
+    return LoadedImage(pixels, alpha, grayscale, icc_profile, exif)
+
+
+def _refuse_animation(path: Path, image: Image.Image) -> None:
+    """An animated GIF/APNG/WebP is a clip: enhancing its first frame as a still would silently lose the rest."""
+    if image.format in _ANIMATED_FORMATS and getattr(image, "is_animated", False):
+        raise ImageFileError(
+            f"{path}: animated {image.format} with {image.n_frames} frames; only still images are enhanced as "
+            f"images: convert it to a video first (e.g. ffmpeg -i {path.name} {path.stem}.mp4) and enhance that"
+        )
+
+
+def _exif_to_keep(exif: Image.Exif, upright_size: tuple[int, int]) -> bytes | None:
+    """The EXIF worth writing into the enhanced file, as bytes (``None`` if nothing is left).
+
+    Kept: camera, date, exposure, GPS... Dropped: the orientation (the pixels are transposed upright), the
+    thumbnail (IFD1, a small copy of the unenhanced picture: ``Exif.tobytes`` writes IFD0 and its sub-IFDs only),
+    and TIFF layout tags. The pixel dimensions of the Exif IFD are set to the upright size.
+    """
+    try:
+        return _serialise_kept_exif(exif, upright_size)
+    except Exception:  # noqa: BLE001  malformed EXIF fails in Pillow in many ways: lose the metadata, not the image
+        return None
+
+
+def _serialise_kept_exif(exif: Image.Exif, upright_size: tuple[int, int]) -> bytes | None:
+    sub_ifds = {tag: dict(exif.get_ifd(tag)) for tag in (_EXIF_IFD, _GPS_IFD) if tag in exif}
+    kept = Image.Exif()
+    for tag, value in exif.items():
+        if tag not in _TIFF_LAYOUT_TAGS and tag not in sub_ifds:
+            kept[tag] = value
+    for tag, entries in sub_ifds.items():
+        if tag == _EXIF_IFD:
+            for dimension_tag, dimension in zip((_EXIF_PIXEL_X, _EXIF_PIXEL_Y), upright_size):
+                if dimension_tag in entries:
+                    entries[dimension_tag] = dimension
+        if entries:
+            kept.get_ifd(tag).update(entries)
+    return kept.tobytes() if len(kept) or any(sub_ifds.values()) else None
+
+
+def _refuse_png16_bomb(path: Path, width: int, height: int, has_alpha: bool) -> None:
+    """Refuse, from the header, a 16-bit PNG that would decode to more memory than Pillow allows an 8-bit one.
+
+    ``Image.MAX_IMAGE_PIXELS`` counts pixels whatever their size, and Pillow refuses above twice that; it stores an
+    8-bit RGB(A) pixel in 4 bytes, so that is the byte budget here. Our 16-bit decode holds 6 (RGB) or 8 (RGBA)
+    bytes per pixel, hence a lower pixel limit (``MAX_IMAGE_PIXELS = None`` turns the check off, as in Pillow).
+    """
+    if Image.MAX_IMAGE_PIXELS is None:
+        return
+    budget = 2 * Image.MAX_IMAGE_PIXELS * 4
+    needed = width * height * (8 if has_alpha else 6)
+    if needed > budget:
+        raise ImageFileError(
+            f"{path}: refused as a possible decompression bomb: a {width}x{height} 16-bit PNG decodes to "
+            f"{needed / 1e9:.2f} GB, over the {budget / 1e9:.2f} GB allowed (twice PIL.Image.MAX_IMAGE_PIXELS = "
+            f"{Image.MAX_IMAGE_PIXELS} pixels of 4 bytes); raise Image.MAX_IMAGE_PIXELS if the file is trusted"
+        )
 
 
 def _cmyk_to_srgb(image: Image.Image, icc_profile: bytes | None) -> np.ndarray:
@@ -125,6 +206,12 @@ def _cmyk_to_srgb(image: Image.Image, icc_profile: bytes | None) -> np.ndarray:
 def _read_png16(path: Path, colour_type: int) -> LoadedImage:
     import av  # PyAV bundles FFmpeg's PNG codec, which keeps all 16 bits of every channel
 
+    has_alpha = colour_type in (4, 6)  # grey+alpha, RGBA
+    with Image.open(path) as header_only:  # Pillow reads the header and eXIf chunk without decoding pixels
+        _refuse_animation(path, header_only)
+        exif = header_only.getexif()
+        orientation = exif.get(_EXIF_ORIENTATION, 1)
+        icc_profile = header_only.info.get("icc_profile")
     decoder = av.CodecContext.create("png", "r")
     try:
         frames = list(decoder.decode(av.Packet(path.read_bytes()))) + list(decoder.decode(None))
@@ -132,15 +219,12 @@ def _read_png16(path: Path, colour_type: int) -> LoadedImage:
         raise ImageFileError(f"{path}: not a readable image ({error})") from error
     if not frames:
         raise ImageFileError(f"{path}: not a readable image (16-bit PNG with no decodable frame)")
-    has_alpha = colour_type in (4, 6)  # grey+alpha, RGBA
     array = frames[0].to_ndarray(format="rgba64le" if has_alpha else "rgb48le")
-    with Image.open(path) as header_only:  # Pillow reads the eXIf chunk without decoding pixels
-        orientation = header_only.getexif().get(_EXIF_ORIENTATION, 1)
-        icc_profile = header_only.info.get("icc_profile")
     array = _apply_exif_orientation(array, orientation)
     pixels = np.ascontiguousarray(array[..., :3])
     alpha = np.ascontiguousarray(array[..., 3]) if has_alpha else None
-    return LoadedImage(pixels, alpha, grayscale=colour_type in (0, 4), icc_profile=icc_profile)
+    return LoadedImage(pixels, alpha, grayscale=colour_type in (0, 4), icc_profile=icc_profile,
+                       exif=_exif_to_keep(exif, (pixels.shape[1], pixels.shape[0])))
 
 
 def _apply_exif_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
@@ -174,6 +258,7 @@ def write_image(
     grayscale: bool = False,
     icc_profile: bytes | None = None,
     quality: int = 95,
+    exif: bytes | None = None,
 ) -> Path:
     """Write RGB pixels (+ alpha) atomically; the format follows the file extension.
 
@@ -185,6 +270,7 @@ def write_image(
         grayscale: write a single grey channel (the mean of R, G, B).
         icc_profile: embedded in formats that carry one (JPEG, PNG, TIFF, WebP).
         quality: JPEG/WebP quality.
+        exif: EXIF bytes (``LoadedImage.exif``) embedded in JPEG, PNG (8 and 16 bits), TIFF and WebP; BMP has none.
     Returns:
         ``path`` as a ``Path``.
     """
@@ -210,9 +296,9 @@ def write_image(
         pixels, alpha = (_to_8bit(pixels), None if alpha is None else _to_8bit(alpha))
     with atomic_output(path) as temporary:
         if pixels.dtype == np.uint16:
-            _write_png16(temporary, pixels, alpha, grayscale)
+            _write_png16(temporary, pixels, alpha, grayscale, exif)
         else:
-            _write_with_pillow(temporary, image_format, pixels, alpha, grayscale, icc_profile, quality)
+            _write_with_pillow(temporary, image_format, pixels, alpha, grayscale, icc_profile, quality, exif)
     return path
 
 
@@ -231,7 +317,7 @@ def _to_8bit(array: np.ndarray) -> np.ndarray:
     return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
-def _write_with_pillow(path, image_format, pixels, alpha, grayscale, icc_profile, quality) -> None:
+def _write_with_pillow(path, image_format, pixels, alpha, grayscale, icc_profile, quality, exif) -> None:
     if grayscale:
         image = Image.fromarray(pixels[..., 0], "L")
         if alpha is not None:
@@ -243,12 +329,16 @@ def _write_with_pillow(path, image_format, pixels, alpha, grayscale, icc_profile
     options = {}
     if icc_profile:
         options["icc_profile"] = icc_profile
+    # A JPEG APP1 segment holds at most 64 KB: larger EXIF (only possible from a PNG/TIFF source) is left out.
+    if exif and image_format in ("PNG", "TIFF", "WEBP") or (exif and image_format == "JPEG" and len(exif) <= 65533):
+        options["exif"] = exif
     if image_format in ("JPEG", "WEBP"):
         options["quality"] = quality
     image.save(path, format=image_format, **options)
 
 
-def _write_png16(path: Path, pixels: np.ndarray, alpha: np.ndarray | None, grayscale: bool) -> None:
+def _write_png16(path: Path, pixels: np.ndarray, alpha: np.ndarray | None, grayscale: bool,
+                 exif: bytes | None = None) -> None:
     import av
 
     if alpha is not None:
@@ -265,6 +355,17 @@ def _write_png16(path: Path, pixels: np.ndarray, alpha: np.ndarray | None, grays
     encoder.width, encoder.height, encoder.pix_fmt = pixels.shape[1], pixels.shape[0], png_format
     # PNG stores big-endian samples; this reformat is a byte swap, exact.
     packets = list(encoder.encode(frame.reformat(format=png_format))) + list(encoder.encode(None))
+    png = b"".join(bytes(packet) for packet in packets)
     with open(path, "wb") as handle:
-        for packet in packets:
-            handle.write(bytes(packet))
+        handle.write(_with_exif_chunk(png, exif) if exif else png)
+
+
+def _with_exif_chunk(png: bytes, exif: bytes) -> bytes:
+    """``png`` with an eXIf chunk right after IHDR (FFmpeg's PNG encoder writes no EXIF)."""
+    import struct
+    import zlib
+
+    tiff = exif[6:] if exif.startswith(b"Exif\x00\x00") else exif  # the chunk holds the TIFF structure alone
+    chunk = struct.pack(">I", len(tiff)) + b"eXIf" + tiff + struct.pack(">I", zlib.crc32(b"eXIf" + tiff))
+    end_of_ihdr = len(_PNG_SIGNATURE) + 8 + 13 + 4  # length, type, 13 data bytes, CRC
+    return png[:end_of_ihdr] + chunk + png[end_of_ihdr:]

@@ -4,6 +4,10 @@ Frames are decoded and encoded in chunks, so memory stays bounded by the chunk s
 ``VideoWriter`` keeps the source's timestamps (hence its frame rate, also variable frame rates), its display
 rotation, and copies (remuxes, without re-encoding) its first audio track, interleaved with the video as it is
 written. The output is written under a hidden temporary name and renamed into place when it is complete.
+
+No silent wrong output: a file that ends before the frame count (or duration) its header announces raises
+:class:`VideoTruncatedError` once the frames run out, and HDR (PQ/HLG) or more-than-8-bit videos are refused when
+opened (they would come out as 8-bit SDR, untagged, with PQ/HLG code values brightened as if they were SDR).
 """
 
 from __future__ import annotations
@@ -24,6 +28,21 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".avi", ".mkv", ".m4v"})
 
 class VideoFileError(ValueError):
     """A video file could not be read or written; the message names the file."""
+
+
+class VideoTruncatedError(VideoFileError):
+    """The frames ran out before the count/duration the file announces (a cut-off copy or recording).
+
+    Attributes: ``decoded`` frames, ``announced`` frames (``None`` if the header gives a duration only).
+    """
+
+    def __init__(self, message: str, decoded: int, announced: int | None):
+        super().__init__(message)
+        self.decoded, self.announced = decoded, announced
+
+
+# FFmpeg's AVColorTransferCharacteristic values of the two HDR transfer functions.
+_HDR_TRANSFERS = {16: "PQ (SMPTE ST 2084)", 18: "HLG (ARIB STD-B67)"}
 
 
 @dataclass
@@ -65,8 +84,49 @@ class VideoReader:
         self.fps = Fraction(self.stream.average_rate or self.stream.guessed_rate or 25)
         self.time_base = Fraction(self.stream.time_base) if self.stream.time_base else 1 / self.fps
         self.frame_count = self.stream.frames or None
+        self.duration = float(self.stream.duration * self.time_base) if self.stream.duration else None
         self.rotation = 0
         self.has_audio = bool(self._container.streams.audio)
+        problem = self._unsupported_pixels()
+        if problem:
+            self._container.close()
+            raise VideoFileError(f"{self.path}: {problem}")
+
+    def _unsupported_pixels(self) -> str | None:
+        """Why the frames cannot go through 8-bit RGB without silently changing their meaning, or None."""
+        codec = self.stream.codec_context
+        pix_fmt = codec.pix_fmt
+        bits = av.VideoFormat(pix_fmt).components[0].bits if pix_fmt else 8
+        transfer = _HDR_TRANSFERS.get(getattr(codec, "color_trc", None))
+        if transfer:
+            return (f"HDR video ({transfer} transfer, {bits}-bit {pix_fmt}) is not supported: it would come out as "
+                    "untagged 8-bit SDR with its HDR values brightened as if they were SDR; tone-map it to 8-bit SDR "
+                    "first (e.g. with ffmpeg's zscale and tonemap filters) and enhance that")
+        if bits > 8:
+            return (f"{bits}-bit video ({pix_fmt}) is not supported: it would silently come out with 8 bits per "
+                    f"channel; convert it to 8 bits first (e.g. ffmpeg -i {self.path.name} -pix_fmt yuv420p "
+                    "OUT.mp4) if that loss is acceptable")
+        return None
+
+    def _shortfall(self, decoded: int, end_time: Fraction | None) -> VideoTruncatedError | None:
+        """A :class:`VideoTruncatedError` when the frames ran out clearly before the header's promise, else None.
+
+        One frame of slack on the count and two frame durations on the duration: edit lists and rounding can
+        make a complete file decode a frame less than its sample table lists.
+        """
+        announced = self.frame_count
+        seconds = f"{float(end_time or 0):.2f} s" + (f" of {self.duration:.2f} s" if self.duration else "")
+        if announced and decoded < announced - 1:
+            what = f"after {decoded} of the {announced} frames its header announces ({seconds})"
+        elif not announced and self.duration and end_time is not None and end_time < self.duration - 2 / self.fps:
+            what = f"at {seconds} its header announces, after {decoded} frames"
+        else:
+            return None
+        return VideoTruncatedError(
+            f"{self.path}: the video ends {what}: the file is truncated (an interrupted copy, download or "
+            f"recording); nothing was written for it (limit the frames to {decoded}, e.g. --max-frames {decoded}, "
+            "to enhance the part that is there)", decoded, announced,
+        )
 
     def chunks(self, chunk_size: int = 8, max_frames: int | None = None) -> Iterator[VideoChunk]:
         """Yield the frames in order, ``chunk_size`` at a time (the last chunk may be shorter).
@@ -80,22 +140,36 @@ class VideoReader:
         frames: list[np.ndarray] = []
         pts: list[int | None] = []
         count = 0
+        end_time: Fraction | None = None  # end of the latest frame shown, in seconds
+        stopped_early = False
         try:
             for frame in self._container.decode(self.stream):
                 if max_frames is not None and count >= max_frames:
+                    stopped_early = True
                     break
                 if count == 0:
                     self.rotation = int(round(getattr(frame, "rotation", 0) or 0))
                 frames.append(frame.to_ndarray(format="rgb24"))
                 pts.append(frame.pts)
+                if frame.pts is not None:
+                    shown_until = (frame.pts - (self.stream.start_time or 0)) * self.time_base + 1 / self.fps
+                    end_time = max(end_time or Fraction(0), shown_until)
                 count += 1
                 if len(frames) == chunk_size:
                     yield VideoChunk(np.stack(frames), pts)
                     frames, pts = [], []
         except av.FFmpegError as error:
-            raise VideoFileError(f"{self.path}: decoding failed after {count} frames ({error})") from error
+            announced = f" of {self.frame_count}" if self.frame_count else ""
+            raise VideoFileError(
+                f"{self.path}: decoding failed after {count}{announced} frames ({error}); the file is damaged or "
+                "truncated"
+            ) from error
         if frames:
             yield VideoChunk(np.stack(frames), pts)
+        shortfall = None if stopped_early or (max_frames is not None and count >= max_frames) else (
+            self._shortfall(count, end_time))
+        if shortfall is not None:
+            raise shortfall
 
     def close(self) -> None:
         self._container.close()

@@ -29,11 +29,11 @@ def load_pipeline(args: argparse.Namespace, device):
 
 
 def enhance_file(pipe, source: Path, destination: Path, prompt: str | None) -> None:
-    """Enhance one image file into ``destination`` (atomic), keeping bit depth, alpha, grey and ICC profile."""
+    """Enhance one image file into ``destination`` (atomic), keeping bit depth, alpha, grey, ICC profile and EXIF."""
     loaded = read_image(source)
     # uint8 pixels take the pipeline's exact official resize path; 16-bit goes in as float
     image = loaded.pixels if loaded.bit_depth == 8 else loaded.to_float()
     enhanced = pipe(image, prompt=prompt, output_type="np").images[0]
     destination.parent.mkdir(parents=True, exist_ok=True)
     write_image(destination, to_integer_pixels(enhanced, loaded.bit_depth), loaded.alpha,
-                grayscale=loaded.grayscale, icc_profile=loaded.icc_profile)
+                grayscale=loaded.grayscale, icc_profile=loaded.icc_profile, exif=loaded.exif)

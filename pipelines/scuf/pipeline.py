@@ -383,7 +383,9 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
 
         Args:
             image: PIL image, ``HxW[xC]`` numpy array (uint8 or float 0..1), ``[C, H, W]``/``[B, C, H, W]`` tensor
-                (float 0..1 or uint8), or a list of these. Grayscale is repeated to RGB, alpha is dropped; any size
+                (float 0..1 or uint8), or a list of these. Grayscale is repeated to RGB; alpha (RGBA/LA/P with
+                transparency, ``HxWx4``, ``[4, H, W]``) is set aside, not enhanced, and returned unchanged (see
+                ``output_type``); any size
                 (resized to a multiple of 8 with LANCZOS and back, as the official code). Float values outside 0..1 and
                 NaN/inf are rejected.
             prompt: text prompt, one per image or shared; default :data:`DEFAULT_PROMPT` (the paper's lighten prompt).
@@ -394,6 +396,8 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
             sample_latent: sample the VAE posterior like the official code (default: its mean, deterministic).
             output_type: ``"pil"`` (uint8 = floor(255 x), official), ``"np"`` (float32 ``[B, H, W, 3]`` in 0..1,
                 before quantisation) or ``"pt"`` (float32 ``[B, 3, H, W]``). Images of different sizes give lists.
+                An input with alpha comes back with it: RGBA PIL, ``HxWx4`` or ``[4, H, W]`` (a batch mixing
+                images with and without alpha gives a list).
         Returns:
             ``ImagePipelineOutput`` (or a tuple with the images if ``return_dict=False``).
         """
@@ -439,7 +443,10 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
             )
             for j, i in enumerate(indices):
                 outputs[i] = result[j].cpu()
-        images = [postprocess_image(out, size, output_type) for out, size in zip(outputs, sizes)]
+        images = [
+            _with_alpha(postprocess_image(out, size, output_type), _input_alpha(item, f"image[{i}]"), output_type)
+            for i, (item, out, size) in enumerate(zip(items, outputs, sizes))
+        ]
         if output_type in ("np", "pt") and len({tuple(im.shape) for im in images}) == 1:
             images = np.stack(images) if output_type == "np" else torch.stack(images)
         self.maybe_free_model_hooks()
@@ -484,3 +491,41 @@ def find_clip_tokenizer(config_dir: str | None = None):
         f"download it once: `huggingface-cli download {BASE_MODEL_ID} --include 'tokenizer/*'`. Tried:\n  "
         + "\n  ".join(errors)
     )
+
+
+# ------------------------------------------------------------------------------------------------- alpha
+
+
+def _input_alpha(image, what: str) -> np.ndarray | None:
+    """The alpha channel of one input image as float32 ``HxW`` in 0..1 (``None`` without one): SCUF enhances the
+    colours only, and the transparency goes back onto the result unchanged, as SGZ does."""
+    from PIL import Image
+
+    from ..media.image_convert import _array_scale, _pil_to_array
+
+    if isinstance(image, Image.Image):
+        alpha = _pil_to_array(image)[1]
+    elif isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 4:
+        alpha = image[:, :, 3]
+    elif isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 4:
+        alpha = image[3].detach().to("cpu").numpy()
+    else:
+        return None
+    if alpha is None:
+        return None
+    return np.clip(alpha.astype(np.float32) / np.float32(_array_scale(alpha.dtype, what)), 0.0, 1.0)
+
+
+def _with_alpha(image, alpha: np.ndarray | None, output_type: str):
+    """``postprocess_image``'s result with ``alpha`` attached as a fourth channel (RGBA for PIL)."""
+    if alpha is None:
+        return image
+    if output_type == "pil":
+        from PIL import Image
+
+        rgba = image.convert("RGBA")
+        rgba.putalpha(Image.fromarray(np.round(alpha * 255).astype(np.uint8)))  # exact for 8-bit alpha
+        return rgba
+    if output_type == "np":
+        return np.concatenate([image, alpha[:, :, None]], axis=2)
+    return torch.cat([image, torch.from_numpy(alpha)[None]], dim=0)

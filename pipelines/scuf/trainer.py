@@ -73,7 +73,8 @@ def find_images(folder, flag: str) -> list[Path]:
         raise DataError(f"--{flag}: folder not found: {root}")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise DataError(f"--{flag}: no images (extensions {sorted(IMAGE_EXTENSIONS)}) in {root}")
+        raise DataError(f"--{flag}: no images (extensions {sorted(IMAGE_EXTENSIONS)}) in {root}; put the training "
+                        "images there (any subfolders) or point --{flag} at the folder that holds them")
     return files
 
 
@@ -92,7 +93,8 @@ def readable_images(files: list[Path], flag: str, log) -> list[Path]:
         log(f"--{flag}: skipped {len(bad)} unreadable file(s) of {len(files)}: " + "; ".join(bad[:5])
             + (" ..." if len(bad) > 5 else ""))
     if not good:
-        raise DataError(f"--{flag}: none of the {len(files)} image files could be read")
+        raise DataError(f"--{flag}: none of the {len(files)} image files could be read (e.g. {bad[0]}); replace "
+                        "them with readable images")
     return good
 
 

@@ -8,7 +8,9 @@ Two parts, as in the paper (sections 3.1 and 3.2):
   times at full resolution, with ``x_r`` upsampled bilinearly (align_corners=True) to the image size.
 
 The full-resolution part is memory-bound, so :func:`enhance` does the upsampling, all recurrences and the dtype
-conversion tile by tile (a few rows at a time, in cache) instead of one pass over the frame per operation.
+conversion in one pass: on the CPU one compiled kernel (:mod:`.kernel`, numba) per pixel value; elsewhere (CUDA,
+MPS, half precision, or without numba) torch ops tile by tile (a few rows at a time, in cache), which is also the
+reference the kernel is tested against. Both check float inputs (finite, 0..1) inside that pass.
 :func:`apply_recurrence_reference` is the straightforward loop, kept for tests, benchmarks and autograd.
 """
 
@@ -25,7 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..media.atomic_files import atomic_output
+from ..media.image_convert import RANGE_SLACK, check_unit_range
 from ..weights_files import WeightsFileError, check_weight_tensors, open_safetensors, torch_load_weights
+from . import kernel
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[2] / "lora_weights" / "sgz_lowlight.safetensors"
 
@@ -325,6 +329,7 @@ def _fused_rows(
     recurrences: int,
     out: torch.Tensor,
     rows: int,
+    extrema: Optional[list] = None,
 ) -> torch.Tensor:
     """Shared tile loop: for each image and block of ``rows`` rows, build the factor tile, run all recurrences, store.
 
@@ -332,6 +337,7 @@ def _fused_rows(
     layout's own dims, so every buffer is contiguous. ``factor_rows(tile, b, r0, n, f, g)`` fills the factor tile
     ``f`` and ``g = 1 - f``. The recurrence is rewritten as ``x <- x * (g + f * x)`` (the same polynomial), so a
     step is 2 in-place ops; uint8 input is scaled while converting, uint8 output is scaled in the last step.
+    ``extrema``: a list that receives each float input tile's ``torch.aminmax`` (read while the tile is in cache).
 
     Tiles run one after the other on the calling thread; on CPU each op of a tile is split over torch's intra-op
     threads (measured on 2 cores: faster than handing small tiles to Python worker threads, which contend for
@@ -371,6 +377,8 @@ def _fused_rows(
             x.copy_(tile_of(src, b, r0, n))
             if from_uint8:
                 x.mul_(1.0 / 255.0)
+            elif extrema is not None:
+                extrema.append(torch.stack(torch.aminmax(x)))
             factor_rows(i, b, r0, n, f, g)
             for step in range(recurrences):
                 torch.addcmul(g, f, x, out=t)
@@ -454,21 +462,48 @@ def enhance(
     factor_lowres: torch.Tensor,
     recurrences: int = 8,
     out_dtype: Optional[torch.dtype] = None,
+    *,
+    what: str = "image",
+    use_kernel: bool = True,
 ) -> torch.Tensor:
-    """Fused full-resolution pass: upsample ``factor_lowres`` (align_corners=True) and run the RIE, tile by tile.
+    """Fused full-resolution pass: upsample ``factor_lowres`` (align_corners=True) and run the RIE.
 
     Equal (within float32 rounding) to
     ``apply_recurrence_reference(image, upsample_factor(factor_lowres, (H, W)), recurrences)`` but reads the image
-    once and writes the output once.
+    once and writes the output once: on the CPU with the compiled kernel of :mod:`.kernel` (uint8/float32/float64),
+    otherwise with torch ops tile by tile (any device and dtype; the kernel's reference).
 
     Args:
         image: ``[B, 3, H, W]`` in 0..1 (float of any dtype, or uint8 0..255; NCHW or channels-last).
         factor_lowres: ``[B, 3, h, w]`` factor in -1..1 (clamped to it), e.g. from :func:`estimate_factor_lowres`.
         recurrences: number of RIE steps.
         out_dtype: output dtype (default: the image's; uint8 gives rounded 0..255). Same memory layout as image.
+        what: the name used in input errors.
+        use_kernel: ``False`` forces the torch implementation (tests and benchmarks compare the two).
     Returns:
         ``[B, 3, H, W]`` enhanced image.
+    Raises:
+        ValueError naming ``what`` when a float image has NaN/inf or values outside 0..1 (checked in the same pass).
     """
+    _check_enhance_arguments(image, factor_lowres, recurrences)
+    out_dtype = out_dtype or image.dtype
+    if use_kernel and kernel.supports(image, out_dtype):
+        out, outside = kernel.enhance_cpu(image, factor_lowres, recurrences, out_dtype)
+    else:
+        extrema = [] if image.is_floating_point() else None
+        out = _enhance_tiles(image, factor_lowres, recurrences, out_dtype, extrema)
+        outside = bool(extrema) and not _within_unit_range(torch.stack(extrema))
+    if outside:
+        check_unit_range(image, what)  # the error path: a second pass only to report the range found
+    return out
+
+
+def _within_unit_range(extrema: torch.Tensor) -> bool:
+    # NaN compares false and inf is out of range: both fail.
+    return bool(((extrema >= -RANGE_SLACK) & (extrema <= 1.0 + RANGE_SLACK)).all())
+
+
+def _check_enhance_arguments(image, factor_lowres, recurrences) -> None:
     _check_image(image)
     _check_image(factor_lowres, "factor_lowres")
     _check_recurrences(recurrences)
@@ -476,6 +511,9 @@ def enhance(
         raise ValueError(
             f"factor_lowres: batch {factor_lowres.shape[0]} does not match the image batch {image.shape[0]}"
         )
+
+
+def _enhance_tiles(image, factor_lowres, recurrences, out_dtype, extrema):
     height, width = image.shape[-2:]
     small_h = factor_lowres.shape[2]
     out = _new_output(image, out_dtype)
@@ -506,4 +544,4 @@ def enhance(
             torch.matmul(matrices[i, :n, :k], source, out=f.view(source.shape[:-2] + (n, -1)))
             torch.sub(1.0, f, out=g)
 
-    return _fused_rows(image, factor_rows, recurrences, out, rows)
+    return _fused_rows(image, factor_rows, recurrences, out, rows, extrema)

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ..media.image_convert import to_tensor_batch
+from ..media.image_convert import check_unit_range, to_tensor_batch
 from .denoise import curve_gain, estimate_noise_sigma, gain_guided_denoise
 from .exposure import fit_exposure, highlight_shoulder
 from .options import (
@@ -176,7 +176,8 @@ class SGZPipeline:
         Returns:
             The enhanced images, same kind/size/dtype as the input; or ``(images, factor)``.
         Raises:
-            ValueError naming the parameter and its range (:mod:`.sgz_options`) when an option is out of range.
+            ValueError naming the parameter and its range (:mod:`.options`) when an option is out of range, and
+            ``images: ...`` when float images hold NaN/inf or values outside 0..1 (as :class:`SCUFPipeline`).
         """
         check_sgz_options(
             downscale=downscale,
@@ -197,7 +198,8 @@ class SGZPipeline:
                 return [r[0] for r in results], [r[1] for r in results]
             return results
 
-        batch, restore = to_tensor_batch(images, keep_uint8=True)
+        # Float values (finite, 0..1) are checked inside the full-resolution pass, not in a pass of their own.
+        batch, restore = to_tensor_batch(images, keep_uint8=True, check_values=False)
         batch = batch.to(self.device)
         with _serial_if_small(batch, downscale):
             factor = estimate_factor_lowres(self.model, batch, downscale).float()
@@ -214,7 +216,7 @@ class SGZPipeline:
             else:
                 factor = _deflicker(batch, factor, strength, recurrences, temporal_smoothing, video_state)
         if denoise > 0.0 and recurrences > 0 and bool(factor.abs().max() > 0):
-            enhanced = enhance(batch, factor, recurrences, out_dtype=torch.float32)
+            enhanced = enhance(batch, factor, recurrences, out_dtype=torch.float32, what="images")
             gain = curve_gain(small, factor, recurrences)
             enhanced = gain_guided_denoise(enhanced, gain, estimate_noise_sigma(batch), denoise).clamp_(0.0, 1.0)
             if batch.dtype == torch.uint8:
@@ -222,7 +224,7 @@ class SGZPipeline:
             output = restore(enhanced)
         else:
             out_dtype = torch.uint8 if batch.dtype == torch.uint8 else None
-            output = restore(enhance(batch, factor, recurrences, out_dtype=out_dtype))
+            output = restore(enhance(batch, factor, recurrences, out_dtype=out_dtype, what="images"))
         if not return_factor:
             return output
         full = upsample_factor(factor, batch.shape[-2:])
@@ -301,6 +303,8 @@ def _deflicker(
     if state.factor is not None and (state.factor.shape != factor.shape[1:] or state.factor.device != factor.device):
         state.reset()  # another size (or device): a new shot, start over
     sample = _brightness_sample(batch)
+    if batch.is_floating_point():  # bad values must not reach the state; enhance() checks every pixel later
+        check_unit_range(sample, "images")
     input_logs = sample.mean(dim=(1, 2, 3)).add_(_EPSILON).log_().tolist()
     cuts = []
     for value in input_logs:

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..weights_files import open_safetensors, torch_load_weights
+
 __all__ = ["EfficientNetLite0Features", "SemanticSegmentationNet", "build_segmentation_net"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -224,10 +226,9 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"segmentation backbone weights not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        with open_safetensors(path) as weights:
+            return {name: weights.get_tensor(name) for name in weights.keys()}
+    state = torch_load_weights(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

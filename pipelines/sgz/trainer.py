@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..media.atomic_files import atomic_output
+from ..weights_files import torch_load_weights
 
 
 @dataclass
@@ -71,6 +72,10 @@ class TrainConfig:
 # Data
 
 
+class TrainingDataError(FileNotFoundError):
+    """``--data`` cannot be trained on: a folder missing, or no readable image in it (the message says what to do)."""
+
+
 def find_images(dirs: list[str]) -> list[Path]:
     """All files with an image suffix under ``dirs`` (recursive), sorted for reproducibility."""
     from ..media.image_io import IMAGE_EXTENSIONS
@@ -79,7 +84,7 @@ def find_images(dirs: list[str]) -> list[Path]:
     for d in dirs:
         root = Path(d)
         if not root.is_dir():
-            raise FileNotFoundError(f"--data: not a folder: {root}")
+            raise TrainingDataError(f"--data: not a folder: {root} (give folders of training images)")
         files += [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(files)
 
@@ -219,7 +224,7 @@ def load_training_state(output: Path) -> tuple[dict, Path]:
     path, last = output / "last_state.pt", output / "last.safetensors"
     if not path.is_file() or not last.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint in {output} (expected last.safetensors and last_state.pt)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch_load_weights(path)
     step = int(state["step"])
     for weights in (last, output / f"sgz_step{step:06d}.safetensors"):
         if weights.is_file() and _weights_step(weights) == step:
@@ -283,7 +288,12 @@ def train(config: TrainConfig) -> dict:
     for path, reason in failures:
         print(f"warning: skipped unreadable image {path}: {reason}", file=sys.stderr)
     if not images:
-        raise ValueError(f"--data: no readable images in {config.data} ({len(failures)} unreadable)")
+        from ..media.image_io import IMAGE_EXTENSIONS
+
+        folders = ", ".join(str(Path(d)) for d in config.data)
+        found = f"none of its {len(files)} image files could be read" if files else "it holds no image files"
+        raise TrainingDataError(f"--data {folders}: {found}; put low-light photos ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+                                "in it, in any subfolders")
     print(f"{len(images)} training images loaded, {len(failures)} unreadable skipped", file=sys.stderr)
 
     sampler = CropSampler(images, config.batch_size, config.crop_min, config.crop_max, config.seed,
