@@ -20,12 +20,11 @@ import torch
 import torch.nn.functional as F
 
 # Regulariser multiples of the amplified noise (in standard deviations) for luma and chroma at amount 1, and the
-# windows (pixels of the subsampled grid). Chosen on ../shared/data/unpaired looks and checked on LOL eval15
+# window (full-resolution pixels; the subsampled grid uses the nearest odd size, at least 3). Chosen on ../shared/data/unpaired looks and checked on LOL eval15
 # (benchmarks/bench_sgz_v2.py).
 _LUMA_NOISE_MULTIPLE = 2.0
 _CHROMA_NOISE_MULTIPLE = 4.0
-_LUMA_WINDOW = 5
-_CHROMA_WINDOW = 5
+_WINDOW = 5
 # Rows of Rec.601 luma and the chroma differences (Kornia's YCbCr without the 0.5 offset), and their inverse.
 _RGB_TO_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 # Added to every regulariser (about a quarter of an 8-bit level, squared): where the curve adds no noise the filter
@@ -78,8 +77,9 @@ def estimate_noise_sigma(image: torch.Tensor) -> torch.Tensor:
     mask = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]], device=image.device)
     response = F.conv2d(luma, mask.view(1, 1, 3, 3)).abs().reshape(image.shape[0], -1)
     kept = max(1, int(response.shape[1] * _NOISE_QUANTILE))
-    smallest = response.sort(dim=1).values[:, :kept]
-    sigma = smallest.mean(dim=1) / (_TRUNCATED_HALF_NORMAL_MEAN * 6.0)
+    threshold = response.kthvalue(kept, dim=1, keepdim=True).values
+    smallest = torch.where(response <= threshold, response, torch.zeros_like(response))
+    sigma = smallest.sum(dim=1) / (response <= threshold).sum(dim=1) / (_TRUNCATED_HALF_NORMAL_MEAN * 6.0)
     return sigma.clamp_(min=_MIN_SIGMA)
 
 
@@ -125,23 +125,18 @@ def gain_guided_denoise(
     gain = F.interpolate(gain_lowres.float(), size=luma.shape[-2:], mode="bilinear", align_corners=False)
     noise_variance = gain.square_().sub_(1.0).clamp_(min=0.0).mul_(noise_sigma.view(-1, 1, 1, 1).float().square())
 
-    coefficients = []
-    for channel, (window, multiple) in enumerate(
-        ((_LUMA_WINDOW, _LUMA_NOISE_MULTIPLE), (_CHROMA_WINDOW, _CHROMA_NOISE_MULTIPLE), (_CHROMA_WINDOW, _CHROMA_NOISE_MULTIPLE))
-    ):
-        size = max(3, (window - 1) // subsample + 1) | 1
-        box = functools.partial(_box_mean, size=size)
-        target = ycc[:, channel : channel + 1]
-        mean_luma = box(luma)
-        mean_target = box(target)
-        variance = box(luma * luma) - mean_luma * mean_luma
-        covariance = box(luma * target) - mean_luma * mean_target
-        slope = covariance / (variance + noise_variance * (amount * multiple) ** 2 + _REGULARISER_FLOOR)
-        offset = mean_target - slope * mean_luma
-        coefficients += [box(slope), box(offset)]
+    # All window means in two calls: (Y, Cb, Cr, Y*Y, Y*Cb, Y*Cr), then the coefficients (slopes, offsets).
+    box = functools.partial(_box_mean, size=max(3, (_WINDOW - 1) // subsample + 1) | 1)
+    means = box(torch.cat([ycc, luma * ycc], dim=1))
+    mean_luma, mean_target, correlation = means[:, :1], means[:, :3], means[:, 3:]
+    covariance = torch.addcmul(correlation, mean_luma, mean_target, value=-1.0)  # channel 0: the luma variance
+    multiples = torch.tensor([_LUMA_NOISE_MULTIPLE, _CHROMA_NOISE_MULTIPLE, _CHROMA_NOISE_MULTIPLE], device=image.device)
+    regulariser = noise_variance * (amount * multiples).square().view(1, 3, 1, 1) + _REGULARISER_FLOOR
+    slopes = covariance / regulariser.add_(covariance[:, :1])
+    offsets = torch.addcmul(mean_target, slopes, mean_luma, value=-1.0)
+    coefficients = box(torch.cat([slopes, offsets], dim=1))
+    slopes, offsets = coefficients[:, :3], coefficients[:, 3:]
     # Back to RGB on the small grid (linear), then one multiply-add per pixel at full size.
-    slopes = torch.cat(coefficients[0::2], dim=1)
-    offsets = torch.cat(coefficients[1::2], dim=1)
     to_rgb = torch.linalg.inv(_RGB_TO_YCC).to(image.device)
     rgb_coefficients = torch.cat(
         [torch.einsum("cd,bdhw->bchw", to_rgb, slopes), torch.einsum("cd,bdhw->bchw", to_rgb, offsets)], dim=1
