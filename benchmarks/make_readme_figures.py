@@ -2,10 +2,12 @@
 
     python benchmarks/make_readme_figures.py [--weights PATH]
 
-- ``sgz_lol_pair.jpg``: a LOL eval15 pair: low input | SGZ | ground truth (600x400 each).
-- ``sgz_vv_photo.jpg``: a large VV photo (enhanced at full 2304x1728, shown downscaled): input | SGZ.
+- ``sgz_lol_pair.jpg``: a LOL eval15 pair: low input | plain SGZ | SGZ v2 | ground truth (600x400 each).
+- ``sgz_vv_photo.jpg``: a large VV photo (enhanced at full 2304x1728, shown downscaled): input | plain | v2.
 - ``sgz_video_frame.jpg``: a frame of ``night_street.mp4`` enhanced as the CLI does (temporal smoothing on,
-  frames streamed from the start): input | SGZ.
+  frames streamed from the start): input | SGZ v2.
+- ``sgz_noise_crop.jpg``: a dark corner of the LOL pair, 3x enlarged (nearest neighbour): plain SGZ | SGZ v2 |
+  ground truth, so that the noise (colour speckle) difference shows.
 (The exposure-control figure is made by ``make_exposure_figure.py``.)
 
 Default weights: the shipped ones, or the official Epoch99.pth when none are shipped (the labels say which).
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from comfyui_lowlight.pipelines.sgz.options import VIDEO_TEMPORAL_SMOOTHING
+from comfyui_lowlight.pipelines.sgz.options import PLAIN_SGZ, VIDEO_TEMPORAL_SMOOTHING
 from comfyui_lowlight.pipelines import SGZPipeline
 from comfyui_lowlight.pipelines.media.atomic_files import atomic_output
 from comfyui_lowlight.pipelines.media.image_io import read_image
@@ -36,6 +38,8 @@ LABEL_HEIGHT = 28
 LOL_IMAGE = "493.png"
 VV_IMAGE = "P1010676.jpg"
 VIDEO_FRAME = 30
+# (left, top, right, bottom) of the zoomed crop in LOL_IMAGE: a dark shelf, where the noise grows most.
+NOISE_CROP = (20, 230, 220, 363)
 
 
 def labelled(image: Image.Image, text: str) -> Image.Image:
@@ -79,7 +83,7 @@ def main() -> None:
     if args.weights is not None:
         weights, label = args.weights, f"SGZ ({args.weights.name})"
     elif SHIPPED_WEIGHTS.is_file():
-        weights, label = SHIPPED_WEIGHTS, "SGZ (shipped weights)"
+        weights, label = SHIPPED_WEIGHTS, "SGZ v2 (shipped weights)"
     else:
         weights, label = SHARED / "reference" / "sgz" / "Epoch99.pth", "SGZ (official weights)"
     print(f"weights: {weights}")
@@ -88,12 +92,17 @@ def main() -> None:
 
     low = read_image(SHARED / "data" / "lol_eval15" / "low" / LOL_IMAGE).pixels
     high = read_image(SHARED / "data" / "lol_eval15" / "high" / LOL_IMAGE).pixels
-    panels = [(Image.fromarray(low), "LOL input"), (Image.fromarray(pipe(low)), label),
-              (Image.fromarray(high), "ground truth")]
+    plain, v2 = Image.fromarray(pipe(low, **PLAIN_SGZ)), Image.fromarray(pipe(low))
+    panels = [(Image.fromarray(low), "LOL input"), (plain, "plain SGZ"), (v2, label), (Image.fromarray(high), "ground truth")]
     save_jpeg(side_by_side(panels, 400), "sgz_lol_pair.jpg")
+    crops = [(image.crop(NOISE_CROP), text) for image, text in ((plain, "plain SGZ"), (v2, "SGZ v2"),
+                                                                 (Image.fromarray(high), "ground truth"))]
+    zoomed = [(crop.resize((crop.width * 3, crop.height * 3), Image.NEAREST), text) for crop, text in crops]
+    save_jpeg(side_by_side(zoomed, zoomed[0][0].height), "sgz_noise_crop.jpg")
 
     photo = read_image(SHARED / "data" / "unpaired" / "VV" / VV_IMAGE).pixels
-    panels = [(Image.fromarray(photo), "VV photo (2304x1728)"), (Image.fromarray(pipe(photo)), label)]
+    panels = [(Image.fromarray(photo), "VV photo (2304x1728)"), (Image.fromarray(pipe(photo, **PLAIN_SGZ)), "plain SGZ"),
+              (Image.fromarray(pipe(photo)), label)]
     save_jpeg(side_by_side(panels, 540), "sgz_vv_photo.jpg")
 
     state = pipe.new_video_state()
