@@ -29,7 +29,7 @@ _TARGET_SLOPE = 0.25
 # The fitted scaling of the factor stays within these bounds (the model's own curve is 1).
 _SCALE_BOUNDS = (0.25, 4.0)
 # Candidate scalings, log-spaced over the bounds; the output key is interpolated between them.
-_CANDIDATES = 17
+_CANDIDATES = 9
 _KEY_EPSILON = 1.0 / 255.0
 # The shoulder: the factor is faded out between these brightnesses (the brightest channel of the input, dilated
 # by one low-resolution pixel so that the edge of a bright region is protected as well as its inside).
