@@ -204,6 +204,8 @@ class Lite0Classifier(torch.nn.Module):
 
 
 def bench_classify(args) -> None:
+    from comfyui_lowlight.pipelines.sgz.pipeline import SGZPipeline
+
     classifier = Lite0Classifier()
     pairs = lol_pairs()
     sets = {"LOL low (real)": [(low, high) for _, low, high in pairs]}
@@ -213,6 +215,8 @@ def bench_classify(args) -> None:
         ]
     references = {id(high): classifier.top1(high) for _, _, high in pairs}
     rows = methods()
+    shipped = SGZPipeline.from_pretrained()
+    rows.append(("v2 auto exposure only (`denoise=0`)", lambda image: shipped(image, denoise=0.0)))
     print("EfficientNet-Lite0 top-1 agreement with its own prediction on the normal-light image (LOL eval15 high), "
           "% of images\n")
     print("| method | " + " | ".join(sets) + " | all |")
