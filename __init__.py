@@ -1,19 +1,22 @@
 """comfyui-lowlight: low-light enhancement for ComfyUI and diffusers.
 
-The repository root is both a ComfyUI custom-node pack (ComfyUI reads ``NODE_CLASS_MAPPINGS`` from here)
-and the Python package ``comfyui_lowlight``. Importing it must stay cheap: the node classes (and with them torch)
-load on first access to the mappings, so ``python -m comfyui_lowlight --help`` and ``from comfyui_lowlight.pipelines
-import ...`` never pay for the ComfyUI face. A module ``__getattr__`` also keeps this file importable on its own
-(pytest imports a package's ``__init__.py`` while collecting, under the clone's folder name).
+The repository root is both a ComfyUI custom-node pack and the Python package ``comfyui_lowlight``. ComfyUI (0.3.x
+with ``comfy_api.latest``) calls :func:`comfy_entrypoint` and serves :data:`WEB_DIRECTORY` (the nodes' help pages)
+under ``/extensions/<pack folder>/``. Importing this file must stay cheap and work outside ComfyUI: the node classes
+(and with them torch and ComfyUI's ``comfy_api``) load only when ComfyUI calls the entrypoint, so
+``python -m comfyui_lowlight --help`` and ``from comfyui_lowlight.pipelines import ...`` never pay for the ComfyUI
+face. There is deliberately no ``NODE_CLASS_MAPPINGS`` here: ComfyUI would take that (V1) path instead of the
+entrypoint.
 """
 
 __version__ = "0.1.0"
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint", "__version__"]
+
+WEB_DIRECTORY = "./web"
 
 
-def __getattr__(name):
-    if name in ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"):
-        from . import nodes
+async def comfy_entrypoint():
+    """The pack's :class:`~comfy_api.latest.ComfyExtension` (ComfyUI awaits this when it loads custom nodes)."""
+    from .nodes import LowLightExtension
 
-        return getattr(nodes, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return LowLightExtension()

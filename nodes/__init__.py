@@ -1,27 +1,37 @@
-"""ComfyUI node adapters. Thin: the math lives in ``pipelines``.
+"""ComfyUI node adapters (V3 schema, ``comfy_api.latest``). Thin: the math lives in ``pipelines``.
 
-Each node module contributes its classes here; the keys are the node type names saved in workflows, so they
-never change once released (``LowLight`` prefix: node type names are global across all installed packs).
+:class:`LowLightExtension` is what the pack's ``comfy_entrypoint`` returns. The node ids (``Schema.node_id``) are the
+node type names saved in workflows, so they never change once released (``LowLight`` prefix: node type names are
+global across all installed packs). Importing this package needs ComfyUI's ``comfy_api`` (the tests provide a
+stand-in, tests/comfy_stubs.py); the rest of the pack never imports it.
 """
 
+import importlib.util
+
+from comfy_api.latest import ComfyExtension, io
+
+from .example_inputs import install_example_inputs
 from .illumination_nodes import IlluminationPrompt
 from .model_folders import register_model_folders
 from .scuf_nodes import SCUFAdapterLoader, SCUFLighten, SCUFLoadSDTurbo
 from .sgz_nodes import SGZEnhance
 
-register_model_folders()
 
-NODE_CLASS_MAPPINGS: dict = {
-    "LowLightSGZEnhance": SGZEnhance,
-    "LowLightIlluminationPrompt": IlluminationPrompt,
-    "LowLightSCUFLoadSDTurbo": SCUFLoadSDTurbo,
-    "LowLightSCUFAdapterLoader": SCUFAdapterLoader,
-    "LowLightSCUFLighten": SCUFLighten,
-}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {
-    "LowLightSGZEnhance": "SGZ Enhance",
-    "LowLightIlluminationPrompt": "Illumination Prompt",
-    "LowLightSCUFLoadSDTurbo": "SCUF Load SD-Turbo",
-    "LowLightSCUFAdapterLoader": "Cycle-Attention Adapter Loader",
-    "LowLightSCUFLighten": "SCUF One-Step Lighten",
-}
+def node_classes() -> list:
+    """Every node of the pack, SGZ first. The native-video node joins when its module is present (it is built
+    separately; a missing module is not an error, a broken one is)."""
+    nodes = [SGZEnhance]
+    if importlib.util.find_spec(f"{__name__}.sgz_video") is not None:
+        from .sgz_video import SGZEnhanceVideo
+
+        nodes.append(SGZEnhanceVideo)
+    return nodes + [IlluminationPrompt, SCUFLoadSDTurbo, SCUFAdapterLoader, SCUFLighten]
+
+
+class LowLightExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_model_folders()
+        install_example_inputs()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return node_classes()

@@ -7,11 +7,20 @@ The conversions are views where possible (a permuted IMAGE is a channels-last ``
 import torch
 
 
-def image_to_bchw(image: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE ``[B, H, W, C]`` -> ``[B, 3, H, W]`` float (alpha dropped, gray repeated), a view if possible."""
+def image_to_bchw(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """ComfyUI IMAGE ``[B, H, W, C]`` -> ``[B, 3, H, W]`` float (alpha dropped, gray repeated), a view if possible.
+
+    An empty batch (B = 0, e.g. from a filter or a folder loader that found nothing) is refused with a one-line
+    message naming the input ``name``, instead of failing later inside the model or in ``torch.cat``.
+    """
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"image: expected a ComfyUI IMAGE [B, H, W, C] with C in (1, 3, 4), got {shape}")
+        raise ValueError(f"{name}: expected a ComfyUI IMAGE [B, H, W, C] with C in (1, 3, 4), got {shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(
+            f"{name}: the image batch is empty (shape {tuple(image.shape)}); connect a node that outputs at least "
+            "one image (check the loader or filter before this node)"
+        )
     if image.shape[-1] == 1:
         image = image.expand(-1, -1, -1, 3)
     return image[..., :3].permute(0, 3, 1, 2).float()

@@ -25,19 +25,27 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from comfy_api.latest import io
 
 from .comfy_tensors import bchw_to_image, image_to_bchw
 from .model_folders import (
+    DEFAULT_BASE,
+    DEFAULT_CLIP,
+    DEFAULT_SCUF_WEIGHTS,
     SCUF_FOLDER,
     SHIPPED_DIR,
     base_choices,
+    base_missing,
+    check_scuf_parts,
     clip_choices,
+    clip_missing,
     file_stamp,
     folder_dirs,
     resolve_base,
     resolve_clip,
     resolve_weights,
     scuf_weight_choices,
+    scuf_weights_missing,
 )
 from ..pipelines.scuf.options import (
     ADAPTER_SCALE,
@@ -52,16 +60,10 @@ from ..pipelines.scuf.options import (
 from ..pipelines.weights_files import WeightsFileError
 
 CATEGORY = "image/lowlight"
-SCUF_PIPE = "SCUF_PIPE"
+# The typed value the three nodes pass along (a SCUFModel); the io type name is saved in workflows' links.
+SCUFPipe = io.Custom("SCUF_PIPE")
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
-
-
-def _number_input(option) -> tuple:
-    """A ComfyUI INT/FLOAT input read from the SCUF parameter table (pipelines/scuf/options.py)."""
-    return ("INT" if option.type is int else "FLOAT",
-            {"default": option.default, "min": option.min, "max": option.max, "step": option.step,
-             "tooltip": option.help})
 
 
 # ------------------------------------------------------------------------------------- the SCUF_PIPE value
@@ -181,45 +183,72 @@ def _module_bytes(pipe) -> int:
 # --------------------------------------------------------------------------------------------------- nodes
 
 
-class SCUFLoadSDTurbo:
-    DESCRIPTION = (
-        "Loads the SD-Turbo base model and the CLIP ViT-B/32 image encoder that SCUF builds on, from ComfyUI's model "
-        "folders: a diffusers folder in models/diffusers or the single file sd_turbo.safetensors in "
-        "models/checkpoints, and the CLIP encoder from models/clip_vision. Connect it to a Cycle-Attention Adapter "
-        "Loader. The model is loaded once and reused; it stays on the offload device between runs."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (SCUF_PIPE,)
-    RETURN_NAMES = ("scuf_pipe",)
-    OUTPUT_TOOLTIPS = ("SD-Turbo + CLIP image encoder, without SCUF weights yet.",)
+def _not_there_yet(default: str, missing: Optional[str]) -> str:
+    """Tooltip sentence marking a default dropdown name whose file is not downloaded yet."""
+    if missing is None:
+        return ""
+    return (f" Not downloaded yet: '{default}' (the default name, listed so that graphs open; running the graph "
+            "lists every missing file with where it goes and where to download it).")
+
+
+def _option_input(option, **extra):
+    """A ComfyUI INT/FLOAT widget read from the SCUF parameter table (pipelines/scuf/options.py)."""
+    kind = io.Int if option.type is int else io.Float
+    return kind.Input(option.name, default=option.default, min=option.min, max=option.max, step=option.step,
+                      tooltip=option.help, **extra)
+
+
+class SCUFLoadSDTurbo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LowLightSCUFLoadSDTurbo",
+            display_name="SCUF Load SD-Turbo",
+            category=CATEGORY,
+            description=(
+                "Loads the SD-Turbo base model and the CLIP ViT-B/32 image encoder that SCUF builds on, from "
+                "ComfyUI's model folders: a diffusers folder in models/diffusers or a single-file checkpoint in "
+                "models/checkpoints, and the CLIP encoder from models/clip_vision. Connect it to a Cycle-Attention "
+                "Adapter Loader. Before loading it checks all three parts SCUF needs (base, CLIP, SCUF weights) and "
+                "names every missing one with where it goes, its size and its download. The model is loaded once "
+                "and reused; it stays on the offload device between runs."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "model", options=base_choices(),
+                    tooltip="SD-Turbo: 'diffusers/<folder>' = a folder with model_index.json in models/diffusers; "
+                    "'checkpoints/<file>' = the single-file sd_turbo.safetensors in models/checkpoints (its "
+                    "tokenizer comes from ComfyUI's bundled CLIP tokenizer)."
+                    + _not_there_yet(DEFAULT_BASE, base_missing(DEFAULT_BASE)),
+                ),
+                io.Combo.Input(
+                    "clip", options=clip_choices(),
+                    tooltip="CLIP ViT-B/32 image encoder that embeds the illumination prompt: a folder "
+                    "(openai/clip-vit-base-patch32, transformers layout) or an OpenAI state-dict file in "
+                    "models/clip_vision, or the image_encoder/ folder saved inside a diffusers base folder."
+                    + _not_there_yet(DEFAULT_CLIP, clip_missing(DEFAULT_CLIP, DEFAULT_BASE)),
+                ),
+                io.Combo.Input(
+                    "dtype", options=["auto", *DTYPE_NAMES], default="auto",
+                    tooltip=f"{DTYPE_HELP} auto: float32 on the CPU; on a GPU bfloat16 where supported, else "
+                    "float16.",
+                ),
+            ],
+            outputs=[SCUFPipe.Output("scuf_pipe", tooltip="SD-Turbo + CLIP image encoder, without SCUF weights yet.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (
-                    base_choices(),
-                    {"tooltip": "SD-Turbo: 'diffusers/<folder>' = a folder with model_index.json in "
-                     "models/diffusers; 'checkpoints/<file>' = the single-file sd_turbo.safetensors in "
-                     "models/checkpoints (its tokenizer comes from ComfyUI's bundled CLIP tokenizer)."},
-                ),
-                "clip": (
-                    clip_choices(),
-                    {"tooltip": "CLIP ViT-B/32 image encoder that embeds the illumination prompt: a folder "
-                     "(openai/clip-vit-base-patch32, transformers layout) or an OpenAI state-dict file in "
-                     "models/clip_vision, or the image_encoder/ folder saved inside a diffusers base folder."},
-                ),
-                "dtype": (
-                    ["auto", *DTYPE_NAMES],
-                    {"default": "auto",
-                     "tooltip": f"{DTYPE_HELP} auto: float32 on the CPU; on a GPU bfloat16 where supported, else "
-                     "float16."},
-                ),
-            }
-        }
+    def fingerprint_inputs(cls, model, clip, dtype, **_):
+        # A folder downloaded (or replaced) under the same name runs the node again instead of reusing the cache.
+        try:
+            model_path = resolve_base(model)
+            return (model, clip, dtype, file_stamp(model_path), file_stamp(resolve_clip(clip, model_path)))
+        except (FileNotFoundError, ValueError):
+            return (model, clip, dtype, "missing")
 
-    def load(self, model, clip, dtype):
+    @classmethod
+    def execute(cls, model, clip, dtype) -> io.NodeOutput:
+        check_scuf_parts(model, clip)
         model_path = resolve_base(model)
         clip_path = resolve_clip(clip, model_path)
         spec = SCUFBaseSpec(
@@ -227,38 +256,51 @@ class SCUFLoadSDTurbo:
             dtype=_resolve_auto_dtype(dtype), stamp=(file_stamp(model_path), file_stamp(clip_path)),
         )
         base_pipeline(spec)
-        return (SCUFModel(spec),)
+        return io.NodeOutput(SCUFModel(spec))
 
 
-class SCUFAdapterLoader:
-    DESCRIPTION = (
-        "Attaches SCUF weights to the SD-Turbo pipeline: the VAE skip connections and LoRA, the image-prompt "
-        "projector and the cycle-attention adapter of SCUF (ICCV 2025). Reads this project's .safetensors or the "
-        "official GEFU checkpoint (.pkl). Changing the file or the scale does not reload the base model."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "attach"
-    RETURN_TYPES = (SCUF_PIPE,)
-    RETURN_NAMES = ("scuf_pipe",)
-    OUTPUT_TOOLTIPS = ("The pipeline with the SCUF weights and adapter scale, ready for SCUF One-Step Lighten.",)
+class SCUFAdapterLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LowLightSCUFAdapterLoader",
+            display_name="Cycle-Attention Adapter Loader",
+            category=CATEGORY,
+            description=(
+                "Attaches SCUF weights to the SD-Turbo pipeline: the VAE skip connections and LoRA, the image-prompt "
+                "projector and the cycle-attention adapter of SCUF (ICCV 2025). Reads this project's .safetensors or "
+                "the official GEFU checkpoint (.pkl). Changing the file or the scale does not reload the base model."
+            ),
+            inputs=[
+                SCUFPipe.Input("scuf_pipe", tooltip="From SCUF Load SD-Turbo."),
+                io.Combo.Input(
+                    "scuf_weights", options=scuf_weight_choices(),
+                    tooltip="SCUF weights in ComfyUI's models/scuf folder (or shipped in lora_weights/): this "
+                    "project's .safetensors (from lowlight train scuf or lowlight convert-scuf) or the official "
+                    "checkpoint .pkl (its lighten direction is used)."
+                    + _not_there_yet(DEFAULT_SCUF_WEIGHTS, scuf_weights_missing(DEFAULT_SCUF_WEIGHTS)),
+                ),
+                _option_input(ADAPTER_SCALE),
+            ],
+            outputs=[SCUFPipe.Output(
+                "scuf_pipe",
+                tooltip="The pipeline with the SCUF weights and adapter scale, ready for SCUF One-Step Lighten.",
+            )],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "scuf_pipe": (SCUF_PIPE, {"tooltip": "From SCUF Load SD-Turbo."}),
-                "scuf_weights": (
-                    scuf_weight_choices(),
-                    {"tooltip": "SCUF weights in ComfyUI's models/scuf folder (or shipped in lora_weights/): this "
-                     "project's .safetensors (from lowlight train scuf or lowlight convert-scuf) or the official checkpoint .pkl "
-                     "(its lighten direction is used)."},
-                ),
-                "adapter_scale": _number_input(ADAPTER_SCALE),
-            }
-        }
+    def fingerprint_inputs(cls, scuf_weights, adapter_scale, **_):
+        try:
+            return (scuf_weights, adapter_scale, file_stamp(resolve_weights(SCUF_FOLDER, scuf_weights)))
+        except (FileNotFoundError, ValueError):
+            return (scuf_weights, adapter_scale, "missing")
 
-    def attach(self, scuf_pipe, scuf_weights, adapter_scale):
+    @classmethod
+    def execute(cls, scuf_pipe, scuf_weights, adapter_scale) -> io.NodeOutput:
         ADAPTER_SCALE.check(adapter_scale)  # before any loading: the same bounds the widget and the pipeline use
+        missing = scuf_weights_missing(scuf_weights)
+        if missing:
+            raise FileNotFoundError(missing)
         path = resolve_weights(SCUF_FOLDER, scuf_weights)
         base_pipeline(scuf_pipe.base)  # a failing base load is not the weights file's fault: let it through as is
         try:
@@ -277,52 +319,46 @@ class SCUFAdapterLoader:
                 f"{scuf_pipe.base.model!r}: {exc}\nPut SCUF weights trained for this base model (SD-Turbo) in "
                 f"one of: {places}"
             ) from exc
-        return (model,)
+        return io.NodeOutput(model)
 
 
-class SCUFLighten:
-    DESCRIPTION = (
-        "Brightens a low-light image or batch with SCUF in one SD-Turbo step: the VAE encodes the image, one UNet "
-        "step guided by the text prompt and the illumination prompt (1 - V, bright where the image is dark) "
-        "removes the darkness, the VAE decodes with skip connections that keep the details. Any image size; the "
-        "output has the input's size."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "lighten"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("image",)
-    OUTPUT_TOOLTIPS = ("The lightened image or batch, same size as the input.",)
+class SCUFLighten(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LowLightSCUFLighten",
+            display_name="SCUF One-Step Lighten",
+            category=CATEGORY,
+            description=(
+                "Brightens a low-light image or batch with SCUF in one SD-Turbo step: the VAE encodes the image, one "
+                "UNet step guided by the text prompt and the illumination prompt (1 - V, bright where the image is "
+                "dark) removes the darkness, the VAE decodes with skip connections that keep the details. Any image "
+                "size; the output has the input's size."
+            ),
+            inputs=[
+                SCUFPipe.Input("scuf_pipe", tooltip="From Cycle-Attention Adapter Loader (SD-Turbo + SCUF weights)."),
+                io.Image.Input("image", tooltip="Low-light image or batch (RGB; an alpha channel is ignored)."),
+                io.String.Input("prompt", default=DEFAULT_PROMPT, multiline=True, tooltip=PROMPT_HELP),
+                _option_input(SEED),
+                io.Boolean.Input("sample_latent", default=SAMPLE_LATENT, label_on="sampled (official)",
+                                 label_off="mean", tooltip=SAMPLE_LATENT_HELP),
+                io.Mask.Input(
+                    "illumination_mask", optional=True,
+                    tooltip="Illumination prompt as a MASK (e.g. inverse_mask of Illumination Prompt, or edited with "
+                    "mask nodes), same size as the image, one per image or one for all. Absent: 1 - V of the image.",
+                ),
+                io.Image.Input(
+                    "illumination_image", optional=True,
+                    tooltip="Illumination prompt as an IMAGE (e.g. inverse_image of Illumination Prompt); its "
+                    "channel mean is used. Connect this or illumination_mask, not both.",
+                ),
+            ],
+            outputs=[io.Image.Output("image", tooltip="The lightened image or batch, same size as the input.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "scuf_pipe": (SCUF_PIPE, {"tooltip": "From Cycle-Attention Adapter Loader (SD-Turbo + SCUF weights)."}),
-                "image": ("IMAGE", {"tooltip": "Low-light image or batch (RGB; an alpha channel is ignored)."}),
-                "prompt": ("STRING", {"default": DEFAULT_PROMPT, "multiline": True, "tooltip": PROMPT_HELP}),
-                "seed": _number_input(SEED),
-                "sample_latent": (
-                    "BOOLEAN",
-                    {"default": SAMPLE_LATENT, "label_on": "sampled (official)", "label_off": "mean",
-                     "tooltip": SAMPLE_LATENT_HELP},
-                ),
-            },
-            "optional": {
-                "illumination_mask": (
-                    "MASK",
-                    {"tooltip": "Illumination prompt as a MASK (e.g. inverse_mask of Illumination Prompt, or edited "
-                     "with mask nodes), same size as the image, one per image or one for all. Absent: 1 - V of the "
-                     "image."},
-                ),
-                "illumination_image": (
-                    "IMAGE",
-                    {"tooltip": "Illumination prompt as an IMAGE (e.g. inverse_image of Illumination Prompt); its "
-                     "channel mean is used. Connect this or illumination_mask, not both."},
-                ),
-            },
-        }
-
-    def lighten(self, scuf_pipe, image, prompt, seed, sample_latent, illumination_mask=None, illumination_image=None):
+    def execute(cls, scuf_pipe, image, prompt, seed, sample_latent, illumination_mask=None,
+                illumination_image=None) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -350,7 +386,7 @@ class SCUFLighten:
         finally:
             pipe.to(mm.unet_offload_device())
             mm.soft_empty_cache()
-        return (torch.cat(lightened),)
+        return io.NodeOutput(torch.cat(lightened))
 
 
 def illumination_maps(frames: torch.Tensor, mask=None, image=None) -> Optional[torch.Tensor]:
@@ -364,7 +400,7 @@ def illumination_maps(frames: torch.Tensor, mask=None, image=None) -> Optional[t
     if mask is None and image is None:
         return None
     if image is not None:
-        maps = image_to_bchw(image).mean(dim=1)
+        maps = image_to_bchw(image, "illumination_image").mean(dim=1)
         what = "illumination_image"
     else:
         maps = mask.float()

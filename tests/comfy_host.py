@@ -19,7 +19,8 @@ of them reinstalls. A lock file makes parallel sessions wait for one install.
 Without ``../shared`` (a user's clone) the server tests are skipped, naming the missing tarball; under
 ``CI=true`` they fail (``tests/shared_material.py``). A missing headless Chromium is handled the same way.
 The tarball is the only shared material they need: the example inputs and models they stage are made from the
-repository (:func:`stage_examples`, tests/scuf_host.py), so with ``LOWLIGHT_COMFY_HOST`` they all run on a plain clone.
+repository (the pack's own sample inputs, :func:`stage_examples`, tests/scuf_host.py), so with ``LOWLIGHT_COMFY_HOST``
+they all run on a plain clone.
 
 Your own ComfyUI instead: set ``LOWLIGHT_COMFY_HOST`` to its folder (the one with ``main.py``). Nothing is
 installed then; the server runs with ``LOWLIGHT_COMFY_PYTHON`` if set, else ``venv/bin/python`` or
@@ -327,6 +328,9 @@ class ComfyServer:
 
     def _environment(self) -> dict:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(self.threads))
+        # numba's on-disk cache of the SGZ kernel records the module name it was compiled under; ComfyUI imports the
+        # pack under another name than the test process (comfyui_lowlight), so the two must not share a cache.
+        env["NUMBA_CACHE_DIR"] = str(self.session_dir / "numba_cache")
         if self.host.owned:  # the host venv alone decides what imports: nothing from the pytest interpreter
             for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP"):
                 env.pop(name, None)
@@ -389,8 +393,12 @@ class ComfyServer:
     # -- HTTP API ---------------------------------------------------------------------------------------------
 
     def get(self, path: str, timeout: float = 30.0):
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
-            return json.loads(response.read())
+        return json.loads(self.get_bytes(path, timeout))
+
+    def get_bytes(self, path: str, timeout: float = 30.0) -> bytes:
+        """The body of ``GET path`` (``urllib.error.HTTPError`` for a 4xx/5xx answer)."""
+        with urllib.request.urlopen(self.url + urllib.parse.quote(path, safe="/?=&"), timeout=timeout) as response:
+            return response.read()
 
     def object_info(self) -> dict:
         return self.get("/object_info")
@@ -453,23 +461,22 @@ class ComfyServer:
         return target
 
 
-# Example inputs named by the pack's workflows (workflows/*.json), made from repository material (tests/media.py),
-# so the server tests need nothing from ../shared once a host is there (e.g. LOWLIGHT_COMFY_HOST on a plain clone).
-# The bundled assets/sample_night.jpg (512x384) scaled to 600x450 and cropped to 600x400: the side-by-side workflows
-# (sgz_before_after, scuf_sgz_side_by_side) pad by the width of their example, 600 px.
-EXAMPLE_IMAGE = "night_example.png"
-EXAMPLE_IMAGE_SIZE = (600, 400)  # width, height
-# 8 frames of an H.264 clip (tests/media.py) panning over the same photo with exposure changes, lossless animated WebP
-EXAMPLE_FRAMES = "night_frames.webp"
+# The templates (example_workflows/*.json) load the pack's own sample inputs, which the pack copies into ComfyUI's
+# input folder when it loads (nodes/example_inputs.py): the tests use exactly what a user's fresh install has.
+EXAMPLE_IMAGE = "lowlight_sample_night.jpg"  # assets/sample_night.jpg, 512x384
+EXAMPLE_FRAMES = "lowlight_night_frames.webp"  # assets/night_frames.webp: 8 frames, 320x240 (example_clip_frames)
 EXAMPLE_FRAME_COUNT = 8
 EXAMPLE_CLIP_SIZE = (320, 240)  # width, height
 SHIPPED_SGZ_CHOICE = "lora_weights/sgz_lowlight.safetensors"  # what the workflows name
 SGZ_PTH = "sgz_lowlight_state_dict.pth"  # the shipped weights as a plain .pth state dict (the official format)
+# Frontend-only node types of the templates (never sent to the server, absent from /object_info).
+UI_ONLY_NODE_TYPES = ("MarkdownNote", "Note")
 
 
 def example_clip_frames() -> np.ndarray:
     """uint8 ``[8, 240, 320, 3]``: 448x336 windows of the bundled sample moving (8, 4) px a frame, scaled down,
-    with exposure gains 0.8 to 1.2 (a handheld night clip whose exposure drifts)."""
+    with exposure gains 0.8 to 1.2 (a handheld night clip whose exposure drifts). ``assets/night_frames.webp`` is
+    these frames (WebP quality 85)."""
     from media import sample_night
     from PIL import Image
 
@@ -482,22 +489,8 @@ def example_clip_frames() -> np.ndarray:
 
 
 def stage_examples(server: ComfyServer) -> None:
-    """Put the workflows' example inputs in the server's input folder and a ``.pth`` SGZ checkpoint in models/sgz
-    (idempotent)."""
-    from media import decoded_pts_and_frames, sample_night, write_video
-    from PIL import Image
-
-    image_path = server.input_dir / EXAMPLE_IMAGE
-    if not image_path.exists():
-        width, height = EXAMPLE_IMAGE_SIZE
-        scaled = Image.fromarray(sample_night()).resize((width, width * 3 // 4), Image.LANCZOS)
-        top = (scaled.height - height) // 2
-        scaled.crop((0, top, width, top + height)).save(image_path)
-    frames_path = server.input_dir / EXAMPLE_FRAMES
-    if not frames_path.exists():
-        clip = write_video(server.session_dir / "night_clip.mp4", example_clip_frames())
-        frames = [Image.fromarray(rgb) for _, rgb in decoded_pts_and_frames(clip, EXAMPLE_FRAME_COUNT)]
-        frames[0].save(frames_path, save_all=True, append_images=frames[1:], lossless=True, duration=100)
+    """A ``.pth`` SGZ checkpoint in models/sgz (idempotent). The templates' inputs are the pack's business: it
+    copies them into the input folder when ComfyUI loads it."""
     pth_path = server.models_dir / "sgz" / SGZ_PTH
     if not pth_path.exists():
         import torch
@@ -505,6 +498,21 @@ def stage_examples(server: ComfyServer) -> None:
         from comfyui_lowlight.pipelines.sgz.model import load_sgz_weights
 
         torch.save(load_sgz_weights(REPO_ROOT / SHIPPED_SGZ_CHOICE).state_dict(), pth_path)
+
+
+def input_as_loaded(server: ComfyServer, name: str) -> np.ndarray:
+    """The input file ``name`` as the server's Load Image decodes it, uint8 ``[H, W, 3]``.
+
+    A JPEG's pixels depend on the decoder build (chroma upsampling differs by tens of levels at colour edges between
+    libjpeg versions), so references are computed from what the server's own Pillow decoded: Load Image -> Save Image
+    (PNG) round-trips the decoded uint8 pixels exactly."""
+    from PIL import Image
+
+    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": name}},
+             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "lowlight_tests/decoded"}}}
+    entry = server.run(graph)
+    (path,) = server.output_files(entry)["2"]
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def history_error(entry: dict) -> Optional[dict]:

@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helpers (comfy_host, ...) importable by test modules
+from comfy_stubs import install_comfy_api  # noqa: E402
+
+install_comfy_api()  # the node classes import ComfyUI's comfy_api.latest: a stand-in outside ComfyUI
 from comfy_host import comfy_browser, comfy_server  # noqa: E402,F401  session fixtures: real ComfyUI + its web UI
 from scuf_host import scuf_models  # noqa: E402,F401  session fixture: the tiny SCUF models in that server
 from shared_material import shared_path  # noqa: E402

@@ -1,7 +1,7 @@
 """The tiny SCUF model of tests/tiny_scuf.py (made in code, no ``../shared``) placed in a real ComfyUI server's
 model folders.
 
-The SCUF workflows (``workflows/scuf_*.json``) name the files a user would download; here the tiny models take
+The SCUF templates (``example_workflows/*_scuf_*.json``) name the files a user would download; here the tiny models take
 those names, so the workflows run unchanged:
 
 - ``models/diffusers/sd-turbo`` -> the tiny diffusers base folder (a link);

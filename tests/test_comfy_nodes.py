@@ -2,6 +2,7 @@
 test_comfy_server.py). Runs on the shipped weights and images the repository has or the tests make: no ``../shared``.
 """
 
+import json
 import re
 import sys
 
@@ -10,12 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_lowlight import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from comfyui_lowlight.nodes import model_folders, sgz_nodes
+from comfyui_lowlight.nodes import model_folders, node_classes, sgz_nodes
 from comfyui_lowlight.nodes.illumination_nodes import IlluminationPrompt
 from comfyui_lowlight.nodes.sgz_nodes import SGZEnhance
 from comfyui_lowlight.pipelines.sgz.model import load_sgz_weights
-from comfy_stubs import StubProgressBar, install_comfy_stubs
+from comfy_stubs import StubProgressBar, install_comfy_stubs, node_outputs, schema_inputs
 from media import SHIPPED_SGZ_WEIGHTS, dark_scene, sample_night
 
 SHIPPED_CHOICE = "lora_weights/sgz_lowlight.safetensors"
@@ -50,22 +50,45 @@ def pth_in_models(comfy_stubs):
     return "my_sgz.pth"
 
 
+def enhance(image, weights=SHIPPED_CHOICE, recurrences=8, downscale=12, strength=1.0, temporal_smoothing=0.0):
+    """SGZ Enhance run as ComfyUI runs it (``execute`` with keyword inputs); returns ``(image, factor)``."""
+    return node_outputs(SGZEnhance.execute(image=image, weights=weights, recurrences=recurrences, downscale=downscale,
+                                           strength=strength, temporal_smoothing=temporal_smoothing))
+
+
 def test_every_node_is_documented_and_categorised():
-    assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS)
-    for name, cls in NODE_CLASS_MAPPINGS.items():
-        assert cls.DESCRIPTION.strip(), name
-        assert cls.CATEGORY == "image/lowlight", name
-        assert callable(getattr(cls, cls.FUNCTION))
-        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS), name
-        for section in cls.INPUT_TYPES().values():
-            for input_name, spec in section.items():
-                assert spec[1]["tooltip"].strip(), f"{name}.{input_name} has no tooltip"
+    schemas = [cls.define_schema() for cls in node_classes()]
+    ids = [schema.node_id for schema in schemas]
+    assert ids[:1] == ["LowLightSGZEnhance"] and len(set(ids)) == len(ids)
+    assert {"LowLightIlluminationPrompt", "LowLightSCUFLoadSDTurbo", "LowLightSCUFAdapterLoader",
+            "LowLightSCUFLighten"} <= set(ids)  # the released ids: saved workflows name them
+    for schema in schemas:
+        name = schema.node_id
+        assert name.startswith("LowLight") and schema.display_name, name
+        assert schema.description.strip(), name
+        assert schema.category == "image/lowlight", name
+        assert schema.outputs and all(output.tooltip.strip() for output in schema.outputs), name
+        for item in schema.inputs:
+            assert item.tooltip.strip(), f"{name}.{item.id} has no tooltip"
+
+
+def test_empty_image_batch_says_what_to_do_in_one_line(comfy_stubs):
+    from comfyui_lowlight.nodes.scuf_nodes import SCUFLighten
+
+    def lighten(empty):  # refused before the (absent) model is touched
+        return SCUFLighten.execute(scuf_pipe=None, image=empty, prompt="", seed=0, sample_latent=False)
+
+    for run in (lambda empty: enhance(empty), lambda empty: IlluminationPrompt.execute(image=empty), lighten):
+        with pytest.raises(ValueError) as refused:
+            run(torch.zeros(0, 48, 72, 3))
+        message = str(refused.value)
+        assert "\n" not in message and "empty" in message and "at least one image" in message, message
 
 
 def test_illumination_prompt_maps_and_masks():
     image = torch.rand(2, 5, 7, 4)  # RGBA: alpha must not count as a colour
     image[..., 3] = 1.0
-    value_image, value_mask, inverse_image, inverse_mask = IlluminationPrompt().compute(image)
+    value_image, value_mask, inverse_image, inverse_mask = node_outputs(IlluminationPrompt.execute(image=image))
     expected = image[..., :3].amax(dim=-1)
     assert value_image.shape == inverse_image.shape == (2, 5, 7, 3)
     assert value_mask.shape == inverse_mask.shape == (2, 5, 7)
@@ -78,7 +101,7 @@ def test_illumination_prompt_maps_and_masks():
 
 def test_illumination_prompt_rejects_non_images():
     with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
-        IlluminationPrompt().compute(torch.rand(5, 7, 3))
+        IlluminationPrompt.execute(image=torch.rand(5, 7, 3))
 
 
 def test_model_folders_keep_extra_model_paths_entries(comfy_stubs, tmp_path):
@@ -95,7 +118,7 @@ def test_model_folders_keep_extra_model_paths_entries(comfy_stubs, tmp_path):
 
 
 def test_weight_choices_and_resolution(pth_in_models, comfy_stubs):
-    choices = SGZEnhance.INPUT_TYPES()["required"]["weights"][0]
+    choices = schema_inputs(SGZEnhance)["weights"].options
     assert choices[0] == "lora_weights/sgz_lowlight.safetensors"
     assert pth_in_models in choices
     resolved = model_folders.resolve_weights("sgz", pth_in_models)
@@ -115,9 +138,8 @@ def test_weight_choices_outside_comfyui_list_the_shipped_file(monkeypatch):
 def test_sgz_enhance_matches_the_pipeline_with_progress_and_cache(pth_in_models, comfy_stubs, night_frames):
     from comfyui_lowlight.pipelines import SGZPipeline
 
-    node = SGZEnhance()
     args = dict(weights=pth_in_models, recurrences=8, downscale=4, strength=1.0, temporal_smoothing=0.5)
-    image, factor = node.enhance(night_frames, **args)
+    image, factor = enhance(night_frames, **args)
     assert image.shape == factor.shape == night_frames.shape
     assert image.dtype == torch.float32 and image.device.type == "cpu"
     assert image.mean() > night_frames.mean() + 0.1
@@ -134,7 +156,7 @@ def test_sgz_enhance_matches_the_pipeline_with_progress_and_cache(pth_in_models,
     torch.testing.assert_close(factor, ((expected_factor + 1) / 2).permute(0, 2, 3, 1), atol=1e-5, rtol=0)
 
     cached = sgz_nodes._PIPELINE_CACHE["pipe"]
-    node.enhance(night_frames[:1], **args)
+    enhance(night_frames[:1], **args)
     assert sgz_nodes._PIPELINE_CACHE["pipe"] is cached
 
 
@@ -143,10 +165,10 @@ def test_sgz_enhance_default_choice_is_the_shipped_weights(comfy_stubs, night_fr
 
     model_folders.register_model_folders()
     sgz_nodes._PIPELINE_CACHE.clear()
-    weights = SGZEnhance.INPUT_TYPES()["required"]["weights"][0][0]
+    weights = schema_inputs(SGZEnhance)["weights"].options[0]
     assert weights == SHIPPED_CHOICE
     assert model_folders.resolve_weights("sgz", weights) == SHIPPED_SGZ_WEIGHTS
-    image, factor = SGZEnhance().enhance(night_frames, weights, 8, 12, 1.0, 0.0)
+    image, factor = enhance(night_frames, weights)
     assert image.shape == factor.shape == night_frames.shape and image.dtype == factor.dtype == torch.float32
     assert (image.mean(dim=(1, 2, 3)) > night_frames.mean(dim=(1, 2, 3)) + 0.1).all()  # every frame brightened
     expected = SGZPipeline.from_pretrained(device="cpu")(night_frames.permute(0, 3, 1, 2).contiguous())
@@ -154,14 +176,14 @@ def test_sgz_enhance_default_choice_is_the_shipped_weights(comfy_stubs, night_fr
 
 
 def test_sgz_enhance_strength_zero_is_identity(pth_in_models, comfy_stubs, night_frames):
-    image, _ = SGZEnhance().enhance(night_frames[:1], pth_in_models, 8, 12, 0.0, 0.0)
+    image, _ = enhance(night_frames[:1], pth_in_models, strength=0.0)
     torch.testing.assert_close(image, night_frames[:1], atol=1e-6, rtol=0)
 
 
 def test_sgz_enhance_stops_between_frames_when_interrupted(pth_in_models, comfy_stubs, night_frames):
     comfy_stubs.calls["interrupt_after"] = 1
     with pytest.raises(RuntimeError, match="interrupted"):
-        SGZEnhance().enhance(night_frames, pth_in_models, 8, 12, 1.0, 0.0)
+        enhance(night_frames, pth_in_models)
     assert StubProgressBar.instances[-1].current == 1
 
 
@@ -169,7 +191,7 @@ def test_sgz_enhance_unreadable_weights_names_the_file(comfy_stubs, pth_in_model
     broken = comfy_stubs.models_dir / "sgz" / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="broken.pth"):
-        SGZEnhance().enhance(night_frames[:1], "broken.pth", 8, 12, 1.0, 0.0)
+        enhance(night_frames[:1], "broken.pth")
 
 
 def test_sgz_enhance_runs_inside_inference_mode_like_comfyui(pth_in_models, comfy_stubs):
@@ -180,10 +202,10 @@ def test_sgz_enhance_runs_inside_inference_mode_like_comfyui(pth_in_models, comf
     torch.set_num_threads(2)
     try:
         with torch.inference_mode():
-            enhanced, _ = SGZEnhance().enhance(frame, pth_in_models, 8, 12, 1.0, 0.0)
+            enhanced, _ = enhance(frame, pth_in_models)
     finally:
         torch.set_num_threads(threads)
-    expected, _ = SGZEnhance().enhance(frame, pth_in_models, 8, 12, 1.0, 0.0)
+    expected, _ = enhance(frame, pth_in_models)
     torch.testing.assert_close(enhanced, expected)
 
 
@@ -204,3 +226,53 @@ def test_comfy_registry_metadata_and_requirements_match_pyproject():
         line for line in (PACK_ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")
     ]
     assert requirements == [d for d in pyproject["project"]["dependencies"] if d != "torch"]
+
+
+def test_sample_inputs_are_copied_once_and_never_overwrite(tmp_path):
+    from comfyui_lowlight.nodes.example_inputs import EXAMPLE_INPUTS, install_example_inputs
+
+    assert install_example_inputs(tmp_path) == list(EXAMPLE_INPUTS)
+    for name, source in EXAMPLE_INPUTS.items():
+        assert (tmp_path / name).read_bytes() == source.read_bytes()
+    users_own = tmp_path / "lowlight_sample_night.jpg"
+    users_own.write_bytes(b"the user's own file under that name")
+    assert install_example_inputs(tmp_path) == []  # nothing copied twice, nothing overwritten
+    assert users_own.read_bytes() == b"the user's own file under that name"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(EXAMPLE_INPUTS)  # no temporary file left
+
+
+def test_sample_inputs_in_a_read_only_folder_do_not_stop_comfyui(tmp_path):
+    from comfyui_lowlight.nodes.example_inputs import install_example_inputs
+
+    blocked = tmp_path / "input"
+    blocked.write_text("a file where the folder should be")
+    assert install_example_inputs(blocked) == []
+
+
+def test_template_inputs_are_the_shipped_samples():
+    from comfyui_lowlight.nodes.example_inputs import EXAMPLE_INPUTS
+
+    templates = sorted((model_folders.PACK_ROOT / "example_workflows").glob("*.json"))
+    assert templates
+    for template in templates:
+        graph = json.loads(template.read_text())
+        for node in graph["nodes"]:
+            if node["type"] in ("LoadImage", "LoadVideo"):
+                assert node["widgets_values"][0] in EXAMPLE_INPUTS, f"{template.name}: {node['widgets_values'][0]}"
+
+
+def test_weights_fingerprint_follows_the_file_on_disk(pth_in_models, comfy_stubs):
+    path = comfy_stubs.models_dir / "sgz" / pth_in_models
+    before = SGZEnhance.fingerprint_inputs(weights=pth_in_models, image=None)
+    assert SGZEnhance.fingerprint_inputs(weights=pth_in_models, image=None) == before  # unchanged file: cached
+    path.write_bytes(path.read_bytes() + b"\0")  # the same name replaced by another download
+    assert SGZEnhance.fingerprint_inputs(weights=pth_in_models, image=None) != before
+    assert SGZEnhance.fingerprint_inputs(weights="gone.pth") == ("gone.pth", "missing")
+
+
+@pytest.mark.parametrize("choice", ["../outside.pth", "/etc/passwd", "lora_weights/../../secret.safetensors",
+                                    "night/../../outside.pth"])
+def test_weights_paths_must_stay_inside_the_model_folders(comfy_stubs, choice):
+    model_folders.register_model_folders()
+    with pytest.raises(ValueError, match="without '..' or an absolute path"):
+        model_folders.resolve_weights("sgz", choice)

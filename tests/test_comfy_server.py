@@ -2,12 +2,13 @@
 
 The server is the session fixture ``comfy_server`` (tests/comfy_host.py); the first run installs the host from
 ``../shared/hosts`` into a cache folder (about 4 minutes), later runs reuse it. Without that material the tests
-are skipped (failed under ``CI=true``); ``LOWLIGHT_COMFY_HOST`` runs them in your own ComfyUI instead. Their
-inputs and models are made from the repository (the bundled sample photo, a clip made with tests/media.py, the
-shipped SGZ weights), so nothing else from ``../shared`` is needed.
+are skipped (failed under ``CI=true``); ``LOWLIGHT_COMFY_HOST`` runs them in your own ComfyUI instead. The
+templates' inputs are the ones the pack itself copies into the (fresh) input folder when it loads, the models are
+the shipped SGZ weights, so nothing else from ``../shared`` is needed.
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +20,22 @@ from comfy_host import (
     EXAMPLE_FRAME_COUNT,
     EXAMPLE_FRAMES,
     EXAMPLE_IMAGE,
+    PACK_LINK_NAME,
     REPO_ROOT,
     SGZ_PTH,
+    UI_ONLY_NODE_TYPES,
     PromptRejected,
     history_error,
+    input_as_loaded,
     stage_examples,
 )
-from comfyui_lowlight import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from comfyui_lowlight.nodes import node_classes
+from comfyui_lowlight.nodes.example_inputs import EXAMPLE_INPUTS
 
-WORKFLOWS = REPO_ROOT / "workflows"
+WORKFLOWS = REPO_ROOT / "example_workflows"
 UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
+SCHEMAS = [cls.define_schema() for cls in node_classes()]
 
 
 @pytest.fixture(scope="module")
@@ -57,28 +63,58 @@ def assert_enhanced(output: np.ndarray, source: np.ndarray):
 
 
 def test_object_info_lists_every_node_with_tooltips_and_types(object_info):
-    for name, cls in NODE_CLASS_MAPPINGS.items():
-        info = object_info[name]
-        assert info["display_name"] == NODE_DISPLAY_NAME_MAPPINGS[name]
+    for schema in SCHEMAS:
+        info = object_info[schema.node_id]
+        assert info["display_name"] == schema.display_name
         assert info["category"] == "image/lowlight"
-        assert info["description"] == cls.DESCRIPTION
-        assert info["output"] == list(cls.RETURN_TYPES)
-        assert info["output_name"] == list(cls.RETURN_NAMES)
-        for section, local_inputs in cls.INPUT_TYPES().items():
-            assert list(info["input"][section]) == list(local_inputs)
-            for input_name, spec in info["input"][section].items():
-                assert spec[1]["tooltip"] == local_inputs[input_name][1]["tooltip"], f"{name}.{input_name}"
-                if isinstance(local_inputs[input_name][0], str):
-                    assert spec[0] == local_inputs[input_name][0], f"{name}.{input_name} type"
+        assert info["description"] == schema.description
+        assert info["output"] == [output.get_io_type() for output in schema.outputs]
+        assert info["output_name"] == [output.display_name for output in schema.outputs]
+        assert info["output_tooltips"] == [output.tooltip for output in schema.outputs]
+        served = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        assert list(served) == [item.id for item in schema.inputs], schema.node_id  # widget order = saved order
+        for item in schema.inputs:
+            kind, spec = served[item.id]
+            assert kind == item.get_io_type(), f"{schema.node_id}.{item.id} type"
+            assert spec["tooltip"] == item.tooltip, f"{schema.node_id}.{item.id}"
+            assert (item.id in info["input"].get("optional", {})) == item.optional, f"{schema.node_id}.{item.id}"
     assert object_info["LowLightIlluminationPrompt"]["output"] == ["IMAGE", "MASK", "IMAGE", "MASK"]
+    assert object_info["LowLightSCUFLighten"]["input"]["required"]["scuf_pipe"][0] == "SCUF_PIPE"
 
 
-def test_weights_dropdown_lists_shipped_and_model_folder_files(object_info):
-    choices = object_info["LowLightSGZEnhance"]["input"]["required"]["weights"][0]
-    # The shipped entry comes first; a .pth sits in models/sgz given by an extra_model_paths.yaml `sgz:` entry,
-    # which the pack's own folder registration must keep.
-    assert choices[0] == "lora_weights/sgz_lowlight.safetensors"
-    assert SGZ_PTH in choices
+def test_pack_is_a_v3_extension_with_help_pages(server, object_info):
+    for schema in SCHEMAS:
+        # V3 nodes report their module like ComfyUI's own V3 nodes; the help page is the one the UI fetches
+        assert object_info[schema.node_id]["python_module"] == f"custom_nodes.{PACK_LINK_NAME}"
+        page = server.get_bytes(f"/extensions/{PACK_LINK_NAME}/docs/{schema.node_id}.md").decode()
+        assert page.startswith(f"# {schema.display_name}"), schema.node_id
+        for item in schema.inputs:
+            assert f"`{item.id}`" in page, f"{schema.node_id}.md does not explain input {item.id}"
+        for output in schema.outputs:
+            assert f"`{output.display_name}`" in page, f"{schema.node_id}.md does not explain output {output.id}"
+        for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page):  # every picture it shows is served
+            assert server.get_bytes(f"/extensions/{PACK_LINK_NAME}/docs/{image}")[:4] in (b"\x89PNG", b"\xff\xd8\xff\xe0",
+                                                                                       b"\xff\xd8\xff\xdb")
+        assert re.search(r"!\[[^\]]*\]\(([^)]+)\)", page), f"{schema.node_id}.md has no picture"
+    log = server.log_path.read_text(errors="replace")
+    assert "comfyui-lowlight" in log and "Traceback" not in log
+
+
+def test_templates_are_listed_with_their_thumbnails_and_inputs_were_installed(server):
+    listed = server.get("/workflow_templates")[PACK_LINK_NAME]
+    assert sorted(listed) == [path.stem for path in UI_WORKFLOWS]  # the API twins (api/) are not templates
+    methods = [name.split("_")[1] for name in sorted(listed)]  # "01_sgz_enhance_image" -> "sgz"
+    assert methods == sorted(methods, key=lambda method: method != "sgz"), "SGZ templates come first by name"
+    for name in listed:
+        template = json.loads(server.get_bytes(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json"))
+        assert template == json.loads((WORKFLOWS / f"{name}.json").read_text())
+        thumbnail = server.get_bytes(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.jpg")
+        assert thumbnail[:3] == b"\xff\xd8\xff", f"{name}.jpg is not a JPEG"
+        notes = [n for n in template["nodes"] if n["type"] == "MarkdownNote"]
+        assert len(notes) == 1 and notes[0]["title"] and "Needs" in notes[0]["widgets_values"][0], name
+    # The pack copied its sample inputs into the fresh input folder when it loaded: the templates run as shipped.
+    for name, source in EXAMPLE_INPUTS.items():
+        assert (server.input_dir / name).read_bytes() == source.read_bytes(), name
 
 
 @pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda p: p.stem)
@@ -97,7 +133,7 @@ def test_api_workflow_completes(server, workflow):
 
 def check_enhance_image(server, entry, saved):
     (path,) = saved["3"]
-    source = load_rgb(server.input_dir / EXAMPLE_IMAGE)
+    source = input_as_loaded(server, EXAMPLE_IMAGE).astype(np.float64)
     output = load_rgb(path)
     assert_enhanced(output, source)
 
@@ -112,9 +148,9 @@ def check_enhance_image(server, entry, saved):
     assert np.abs(output - expected).max() <= 1.0
 
 
-def check_before_after(server, entry, saved):
+def check_before_after(server, entry, saved, image=EXAMPLE_IMAGE):
     (path,) = saved["6"]
-    source = load_rgb(server.input_dir / EXAMPLE_IMAGE)
+    source = input_as_loaded(server, image).astype(np.float64)
     side_by_side = load_rgb(path)
     height, width, _ = source.shape
     assert side_by_side.shape == (height, 2 * width, 3)
@@ -137,14 +173,26 @@ def check_video_frames(server, entry, saved):
 
 
 SAVED_OUTPUT_CHECKS = {
-    "sgz_enhance_image": check_enhance_image,
-    "sgz_before_after": check_before_after,
-    "sgz_video_frames": check_video_frames,
+    "01_sgz_enhance_image": check_enhance_image,
+    "02_sgz_before_after": check_before_after,
+    "03_sgz_frames_batch": check_video_frames,
 }
 
 
+@pytest.mark.parametrize("size", [(333, 217), (1000, 751), (120, 480)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_before_after_works_for_any_input_size(server, size):
+    # The before | after template stitches the two images (core ImageStitch): no fixed pad, no overlap.
+    name = f"night_{size[0]}x{size[1]}.png"
+    Image.open(REPO_ROOT / "assets" / "sample_night.jpg").convert("RGB").resize(size).save(server.input_dir / name)
+    graph = json.loads((WORKFLOWS / "api" / "02_sgz_before_after.json").read_text())
+    graph["1"]["inputs"]["image"] = name
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success", history_error(entry)
+    check_before_after(server, entry, server.output_files(entry), image=name)
+
+
 def enhance_graph(**sgz_inputs) -> dict:
-    graph = json.loads((WORKFLOWS / "api" / "sgz_enhance_image.json").read_text())
+    graph = json.loads((WORKFLOWS / "api" / "01_sgz_enhance_image.json").read_text())
     graph["2"]["inputs"].update(sgz_inputs)
     return graph
 
@@ -186,7 +234,8 @@ def test_ui_workflow_nodes_exist_and_links_match_types(object_info, workflow):
     graph = json.loads(workflow.read_text())
     nodes = {node["id"]: node for node in graph["nodes"]}
     for node in nodes.values():
-        assert node["type"] in object_info, f"{workflow.name}: node type {node['type']} unknown to ComfyUI"
+        assert node["type"] in object_info or node["type"] in UI_ONLY_NODE_TYPES, (
+            f"{workflow.name}: node type {node['type']} unknown to ComfyUI")
     assert graph["links"], "a workflow without links"
     for link_id, from_id, from_slot, to_id, to_slot, link_type in graph["links"]:
         source, target = nodes[from_id], nodes[to_id]

@@ -1,13 +1,17 @@
 """The pack's UI-format workflows in the real ComfyUI 0.33 web UI (frontend 1.49), in headless Chromium (selenium).
 
-Each workflow is loaded the way the UI's Load does (``app.loadGraphData``), must open with nothing flagged
-(no missing node types, models or input files, no error overlay, no dialog), must produce exactly its API twin
-``workflows/api/<name>.json`` when the UI converts it (``app.graphToPrompt``), and is then run from the UI;
-a screenshot of the graph with its results goes to ``docs/images/comfy_<workflow>.png`` (used by the README).
+Each template (``example_workflows/*.json``) is loaded the way the UI's template browser does
+(``app.loadGraphData`` of the JSON the server serves at ``/api/workflow_templates/<pack>/<name>.json``), must open
+with nothing flagged (no missing node types, models or input files, no error overlay, no dialog), must produce
+exactly its API twin ``example_workflows/api/<name>.json`` when the UI converts it (``app.graphToPrompt``), and is
+then run from the UI (the Run button's ``app.queuePrompt``); a screenshot of the graph with its results goes to
+``docs/images/comfy_<name without its number>.png`` (used by the README).
 
-The twins are what the UI's "Export (API)" writes. After a deliberate change to a UI workflow (or to the frontend
+The twins are what the UI's "Export (API)" writes. After a deliberate change to a template (or to the frontend
 the tests run), ``LOWLIGHT_REGENERATE_API_TWINS=1 python -m pytest tests/test_comfy_webui.py`` rewrites them from
-the UI; review the diff before committing it.
+the UI, and ``LOWLIGHT_REGENERATE_THUMBNAILS=1`` rewrites the templates' thumbnails ``<name>.jpg`` from the run
+(the saved output of an SGZ template; the graph with its results for a SCUF one, whose tiny test models only make
+noise); review the diff before committing it.
 """
 
 import json
@@ -16,11 +20,12 @@ import os
 import pytest
 from PIL import Image
 
-from comfy_host import REPO_ROOT, stage_examples
-from comfyui_lowlight import NODE_CLASS_MAPPINGS
+from comfy_host import PACK_LINK_NAME, REPO_ROOT, stage_examples
+from comfyui_lowlight.nodes import node_classes
 
-WORKFLOWS = REPO_ROOT / "workflows"
+WORKFLOWS = REPO_ROOT / "example_workflows"
 SCREENSHOTS = REPO_ROOT / "docs" / "images"
+THUMBNAIL_WIDTH = 512
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +36,29 @@ def browser(comfy_browser, scuf_models):
 
 
 def test_pack_nodes_are_registered_in_the_ui(browser):
+    ids = [cls.define_schema().node_id for cls in node_classes()]
     categories = browser.driver.execute_script(
-        "return Object.fromEntries(arguments[0].map((t) => [t, LiteGraph.registered_node_types[t]?.category]));",
-        list(NODE_CLASS_MAPPINGS),
+        "return Object.fromEntries(arguments[0].map((t) => [t, LiteGraph.registered_node_types[t]?.category]));", ids,
     )
-    assert categories == {name: "image/lowlight" for name in NODE_CLASS_MAPPINGS}
+    assert categories == {name: "image/lowlight" for name in ids}
+
+
+def write_thumbnail(browser, workflow, entry, screenshot):
+    """``<template>.jpg`` from this run: the first saved image of an SGZ template, the graph screenshot otherwise."""
+    source = screenshot
+    if workflow.stem.split("_")[1] == "sgz":
+        saved = browser.server.output_files(entry)
+        source = next(path for paths in saved.values() for path in paths)
+    with Image.open(source) as image:
+        image = image.convert("RGB")
+        image.thumbnail((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH))
+        image.save(workflow.with_suffix(".jpg"), quality=85)
 
 
 @pytest.mark.parametrize("workflow", sorted(WORKFLOWS.glob("*.json")), ids=lambda p: p.stem)
 def test_ui_workflow_loads_converts_runs_and_is_screenshotted(browser, workflow):
-    flagged = browser.load_workflow(json.loads(workflow.read_text()))
+    served = browser.server.get(f"/api/workflow_templates/{PACK_LINK_NAME}/{workflow.name}")  # as the UI fetches it
+    flagged = browser.load_workflow(served)
     assert flagged is None, f"{workflow.name}: {flagged}"
     twin_path = WORKFLOWS / "api" / workflow.name
     if os.environ.get("LOWLIGHT_REGENERATE_API_TWINS") == "1":
@@ -52,7 +70,11 @@ def test_ui_workflow_loads_converts_runs_and_is_screenshotted(browser, workflow)
     entry = browser.server.get(f"/history/{prompt_id}")[prompt_id]
     produced = {node_id: len(out["images"]) for node_id, out in entry["outputs"].items() if out.get("images")}
     assert shown == produced  # every output node shows every image its run produced (batches: all frames)
-    path = browser.screenshot_graph(SCREENSHOTS / f"comfy_{workflow.stem}.png")
+    path = browser.screenshot_graph(SCREENSHOTS / f"comfy_{workflow.stem.split('_', 1)[1]}.png")
     with Image.open(path) as shot:
         assert shot.width >= 800 and shot.height >= 500
         assert len(set(shot.convert("L").resize((64, 40)).tobytes())) > 20  # a drawn graph, not a blank canvas
+    if os.environ.get("LOWLIGHT_REGENERATE_THUMBNAILS") == "1":
+        write_thumbnail(browser, workflow, entry, path)
+    with Image.open(workflow.with_suffix(".jpg")) as thumbnail:  # every template ships one
+        assert thumbnail.format == "JPEG" and max(thumbnail.size) <= THUMBNAIL_WIDTH

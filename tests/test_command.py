@@ -47,7 +47,8 @@ def test_node_inputs_are_the_table():
     inputs = SGZEnhance.INPUT_TYPES()["required"]
     # widget order is part of saved workflows: image, weights, then the table in its order
     assert list(inputs) == ["image", "weights", *NAMES]
-    assert list(inspect.signature(SGZEnhance.enhance).parameters)[1:] == ["image", "weights", *NAMES]
+    # execute passes the table's values to the pipeline by name: every table entry is an input, none is dropped
+    assert set(inspect.signature(SGZEnhance.execute).parameters) == {"image", "weights", "options"}
     for name, option in SGZ_OPTIONS.items():
         kind, spec = inputs[name]
         assert kind == ("INT" if option.type is int else "FLOAT")

@@ -5,15 +5,23 @@ import pytest
 
 
 def test_import_and_node_listing_stay_cheap():
-    """ComfyUI imports every pack at start and asks each node for its inputs: neither may pull in diffusers."""
+    """ComfyUI imports every pack at start, calls its entrypoint and asks each node for its schema: none of that may
+    pull in diffusers. There is no NODE_CLASS_MAPPINGS, or ComfyUI would take the V1 path instead of the entrypoint."""
+    from pathlib import Path
+
     code = (
-        "import sys, comfyui_lowlight as p;"
-        "assert p.NODE_CLASS_MAPPINGS, 'no nodes exported';"
-        "[cls.INPUT_TYPES() for cls in p.NODE_CLASS_MAPPINGS.values()];"
+        "import asyncio, sys; sys.path.insert(0, sys.argv[1]);"
+        "import comfyui_lowlight as p;"
+        "assert not hasattr(p, 'NODE_CLASS_MAPPINGS');"
+        "assert 'torch' not in sys.modules, 'importing the pack imported torch';"
+        "from comfy_stubs import install_comfy_api; install_comfy_api();"
+        "nodes = asyncio.run(asyncio.run(p.comfy_entrypoint()).get_node_list());"
+        "assert nodes, 'no nodes listed';"
+        "[cls.define_schema() for cls in nodes];"
         "heavy = [m for m in ('diffusers', 'transformers', 'peft') if m in sys.modules];"
         "assert not heavy, heavy"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent)], check=True)
 
 
 @pytest.mark.parametrize("command", [[], ["enhance"], ["train"], ["train", "sgz"], ["train", "scuf"],

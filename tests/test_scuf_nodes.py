@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfy_stubs import StubProgressBar, install_comfy_stubs
-from comfyui_lowlight import NODE_CLASS_MAPPINGS
+from comfy_stubs import StubProgressBar, install_comfy_stubs, node_outputs, schema_inputs
 from comfyui_lowlight.nodes import model_folders, scuf_nodes
 from comfyui_lowlight.nodes.illumination_nodes import IlluminationPrompt
 from comfyui_lowlight.nodes.scuf_nodes import SCUFAdapterLoader, SCUFLighten, SCUFLoadSDTurbo
@@ -70,16 +69,27 @@ def frames() -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0) for image in images])
 
 
+def load_base(model="diffusers/sd-turbo", clip="clip_tiny.pt", dtype="float32"):
+    (base,) = node_outputs(SCUFLoadSDTurbo.execute(model=model, clip=clip, dtype=dtype))
+    return base
+
+
+def attach(base, weights="official.pkl", scale=1.0):
+    (model,) = node_outputs(SCUFAdapterLoader.execute(scuf_pipe=base, scuf_weights=weights, adapter_scale=scale))
+    return model
+
+
 def load_chain(weights="official.pkl", scale=1.0, dtype="float32"):
-    (base,) = SCUFLoadSDTurbo().load("diffusers/sd-turbo", "clip_tiny.pt", dtype)
-    (model,) = SCUFAdapterLoader().attach(base, weights, scale)
-    return base, model
+    base = load_base(dtype=dtype)
+    return base, attach(base, weights, scale)
 
 
 def lighten(model, image, prompt=None, seed=0, sample_latent=False, **illumination):
     from comfyui_lowlight.pipelines.scuf.pipeline import DEFAULT_PROMPT
 
-    return SCUFLighten().lighten(model, image, prompt or DEFAULT_PROMPT, seed, sample_latent, **illumination)[0]
+    (out,) = node_outputs(SCUFLighten.execute(scuf_pipe=model, image=image, prompt=prompt or DEFAULT_PROMPT, seed=seed,
+                                              sample_latent=sample_latent, **illumination))
+    return out
 
 
 def expected(pipe, image, **kwargs) -> torch.Tensor:
@@ -89,14 +99,19 @@ def expected(pipe, image, **kwargs) -> torch.Tensor:
 
 
 def test_nodes_are_registered_documented_and_typed():
-    for name in ("LowLightSCUFLoadSDTurbo", "LowLightSCUFAdapterLoader", "LowLightSCUFLighten"):
-        cls = NODE_CLASS_MAPPINGS[name]
-        assert cls.CATEGORY == "image/lowlight" and cls.DESCRIPTION.strip()
-        for section in cls.INPUT_TYPES().values():
-            for input_name, spec in section.items():
-                assert spec[1]["tooltip"].strip(), f"{name}.{input_name}"
-    assert SCUFLoadSDTurbo.RETURN_TYPES == SCUFAdapterLoader.RETURN_TYPES == ("SCUF_PIPE",)
-    assert SCUFLighten.INPUT_TYPES()["required"]["scuf_pipe"][0] == "SCUF_PIPE"
+    from comfyui_lowlight.nodes import node_classes
+
+    ids = {cls.define_schema().node_id: cls for cls in node_classes()}
+    for name, cls in (("LowLightSCUFLoadSDTurbo", SCUFLoadSDTurbo), ("LowLightSCUFAdapterLoader", SCUFAdapterLoader),
+                      ("LowLightSCUFLighten", SCUFLighten)):
+        assert ids[name] is cls
+        schema = cls.define_schema()
+        assert schema.category == "image/lowlight" and schema.description.strip()
+        for item in schema.inputs:
+            assert item.tooltip.strip(), f"{name}.{item.id}"
+    for cls in (SCUFLoadSDTurbo, SCUFAdapterLoader):
+        assert [output.get_io_type() for output in cls.define_schema().outputs] == ["SCUF_PIPE"]
+    assert schema_inputs(SCUFLighten)["scuf_pipe"].get_io_type() == "SCUF_PIPE"
 
 
 def test_dropdowns_list_model_folders_and_keep_the_defaults(comfy):
@@ -115,32 +130,74 @@ def test_dropdowns_list_model_folders_and_keep_the_defaults(comfy):
     for name in ("ours.safetensors", "official.pkl", "readme.md"):
         (models / "scuf" / name).write_bytes(b"")
 
-    model = SCUFLoadSDTurbo.INPUT_TYPES()["required"]["model"][0]
+    model = schema_inputs(SCUFLoadSDTurbo)["model"].options
     assert model == ["diffusers/sd-turbo", "diffusers/nested/other-base", "checkpoints/sd_turbo.safetensors"]
-    clip = SCUFLoadSDTurbo.INPUT_TYPES()["required"]["clip"][0]
-    assert clip == ["clip-vit-base-patch32", "vit-b-32", "ViT-B-32.pt", model_folders.CLIP_FROM_BASE]
-    weights = SCUFAdapterLoader.INPUT_TYPES()["required"]["scuf_weights"][0]
+    clip = schema_inputs(SCUFLoadSDTurbo)["clip"].options
+    assert clip == ["clip-vit-base-patch32", "vit-b-32", "ViT-B-32.pt"]  # no base folder has an image_encoder/
+    (models / "diffusers" / "sd-turbo" / "image_encoder").mkdir()
+    (models / "diffusers" / "sd-turbo" / "image_encoder" / "config.json").write_text("{}")
+    assert schema_inputs(SCUFLoadSDTurbo)["clip"].options[-1] == model_folders.CLIP_FROM_BASE
+    weights = schema_inputs(SCUFAdapterLoader)["scuf_weights"].options
     assert weights[0] == "scuf_lowlight.safetensors" and {"ours.safetensors", "official.pkl"} <= set(weights)
     assert "readme.md" not in weights
 
 
+def test_dropdowns_list_only_existing_files_plus_the_marked_default_names(comfy):
+    # Nothing downloaded: only the default names (so that the templates open), each marked in its tooltip.
+    inputs = {**schema_inputs(SCUFLoadSDTurbo), **schema_inputs(SCUFAdapterLoader)}
+    assert inputs["model"].options == ["diffusers/sd-turbo"]
+    assert inputs["clip"].options == ["clip-vit-base-patch32"]
+    assert inputs["scuf_weights"].options == ["scuf_lowlight.safetensors"]
+    for name, default in (("model", "diffusers/sd-turbo"), ("clip", "clip-vit-base-patch32"),
+                          ("scuf_weights", "scuf_lowlight.safetensors")):
+        assert f"Not downloaded yet: '{default}'" in inputs[name].tooltip, name
+    (comfy.models_dir / "clip_vision" / "clip-vit-base-patch32").mkdir()
+    (comfy.models_dir / "clip_vision" / "clip-vit-base-patch32" / "config.json").write_text("{}")
+    assert "Not downloaded yet" not in schema_inputs(SCUFLoadSDTurbo)["clip"].tooltip
+
+
 def test_dropdowns_outside_comfyui_keep_only_the_defaults(monkeypatch):
     monkeypatch.setitem(sys.modules, "folder_paths", None)  # import fails: not inside ComfyUI
-    assert model_folders.base_choices() == ["diffusers/sd-turbo", "checkpoints/sd_turbo.safetensors"]
-    assert model_folders.clip_choices() == ["clip-vit-base-patch32", model_folders.CLIP_FROM_BASE]
+    assert model_folders.base_choices() == ["diffusers/sd-turbo"]
+    assert model_folders.clip_choices() == ["clip-vit-base-patch32"]
 
 
-def test_missing_files_name_the_file_and_the_folder(comfy):
+def test_missing_parts_are_all_named_in_one_message_with_folder_size_and_download(comfy, scuf):
     with pytest.raises(FileNotFoundError) as missing:
-        SCUFLoadSDTurbo().load("diffusers/sd-turbo", "clip_tiny.pt", "auto")
-    assert "'diffusers/sd-turbo'" in str(missing.value) and str(comfy.models_dir / "diffusers") in str(missing.value)
+        load_base("diffusers/sd-turbo", "clip-vit-base-patch32", "auto")
+    message = str(missing.value)
+    assert message.startswith("3 of the 3 parts SCUF needs are missing")
+    for expected_text in ("'diffusers/sd-turbo'", str(comfy.models_dir / "diffusers"), "https://huggingface.co/stabilityai/sd-turbo",
+                          "about 5 GB", "'clip-vit-base-patch32'", str(comfy.models_dir / "clip_vision"),
+                          "https://huggingface.co/openai/clip-vit-base-patch32", "about 0.6 GB",
+                          "scuf_lowlight.safetensors", str(comfy.models_dir / "scuf"), "https://github.com/wangsen99/GEFU"):
+        assert expected_text in message, expected_text
+    # Two parts there: the message names the one still missing, and only it.
+    (comfy.models_dir / "diffusers" / "sd-turbo").symlink_to(scuf.base)
+    (comfy.models_dir / "clip_vision" / "clip_tiny.pt").symlink_to(scuf.clip)
     with pytest.raises(FileNotFoundError) as missing:
-        SCUFLoadSDTurbo().load("checkpoints/sd_turbo.safetensors", "clip_tiny.pt", "auto")
-    assert "sd_turbo.safetensors" in str(missing.value) and str(comfy.models_dir / "checkpoints") in str(missing.value)
-    (comfy.models_dir / "checkpoints" / "sd_turbo.safetensors").write_bytes(b"")
-    with pytest.raises(FileNotFoundError) as missing:
-        SCUFLoadSDTurbo().load("checkpoints/sd_turbo.safetensors", "clip-vit-base-patch32", "auto")
-    assert "clip-vit-base-patch32" in str(missing.value) and str(comfy.models_dir / "clip_vision") in str(missing.value)
+        load_base("diffusers/sd-turbo", "clip_tiny.pt", "float32")
+    message = str(missing.value)
+    assert message.startswith("1 of the 3 parts SCUF needs is missing") and "SCUF weights" in message
+    assert "SD-Turbo" not in message and "CLIP" not in message
+    (comfy.models_dir / "scuf" / "official.pkl").symlink_to(scuf.official)
+    base = load_base("diffusers/sd-turbo", "clip_tiny.pt", "float32")
+    with pytest.raises(FileNotFoundError) as missing:  # a chosen weights file that is not there
+        attach(base, "scuf_lowlight.safetensors")
+    assert "scuf_lowlight.safetensors" in str(missing.value) and str(comfy.models_dir / "scuf") in str(missing.value)
+
+
+@pytest.mark.parametrize("field, value", [("model", "diffusers/../../outside"), ("model", "checkpoints//etc/x.safetensors"),
+                                          ("clip", "../clip_vision_elsewhere"), ("scuf_weights", "../scuf.pkl")])
+def test_node_paths_must_stay_inside_the_model_folders(staged, field, value):
+    outside = staged.models_dir.parent / "outside"
+    (outside / "unet").mkdir(parents=True, exist_ok=True)
+    (outside / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="without '..' or an absolute path"):
+        if field == "scuf_weights":
+            attach(load_base(), value)
+        else:
+            load_base(**{"model": "diffusers/sd-turbo", "clip": "clip_tiny.pt", field: value})
 
 
 def test_lighten_matches_the_pipeline_with_progress_and_offload(staged, reference_pipe, frames):
@@ -158,7 +215,7 @@ def test_lighten_matches_the_pipeline_with_progress_and_offload(staged, referenc
 
 def test_illumination_inputs_custom_prompt_and_sampled_latent(staged, reference_pipe, frames):
     _, model = load_chain(scale=0.5)
-    _, _, inverse_image, inverse_mask = IlluminationPrompt().compute(frames)
+    _, _, inverse_image, inverse_mask = node_outputs(IlluminationPrompt.execute(image=frames))
     default = lighten(model, frames)
     # The Illumination Prompt's 1 - V, as MASK or IMAGE, is the default image prompt (up to the resize: a map at the
     # input size is resized to the multiple of 8 with the image, the default one is computed after that resize).
@@ -201,9 +258,9 @@ def test_base_is_loaded_once_and_weights_switch_without_reloading(staged, refere
 
     base, official = load_chain("official.pkl")
     pipe = scuf_nodes._BASE_CACHE["pipe"]
-    (base_again,) = SCUFLoadSDTurbo().load("diffusers/sd-turbo", "clip_tiny.pt", "float32")
-    (other,) = SCUFAdapterLoader().attach(base_again, "other.safetensors", 1.0)
-    (official_half,) = SCUFAdapterLoader().attach(base, "official.pkl", 0.5)
+    base_again = load_base()
+    other = attach(base_again, "other.safetensors", 1.0)
+    official_half = attach(base, "official.pkl", 0.5)
     first = lighten(official, frames[:1])
     other_out = lighten(other, frames[:1])
     half = lighten(official_half, frames[:1])
@@ -233,16 +290,16 @@ def test_mismatched_scuf_weights_name_the_file_and_folder(staged, frames, refere
                                            [n[: -len(".processor")] for n in reference_pipe.unet.attn_processors])
     tensors["image_proj.proj.weight"] = torch.zeros(7, 512)
     save_scuf_file(staged.models_dir / "scuf" / "other_base.safetensors", tensors, config)
-    (base,) = SCUFLoadSDTurbo().load("diffusers/sd-turbo", "clip_tiny.pt", "float32")
+    base = load_base()
     with pytest.raises(ValueError) as mismatch:
-        SCUFAdapterLoader().attach(base, "other_base.safetensors", 1.0)
+        attach(base, "other_base.safetensors", 1.0)
     message = str(mismatch.value)
     assert "other_base.safetensors" in message and "image_proj.proj.weight" in message
     assert str(staged.models_dir / "scuf") in message
     (staged.models_dir / "scuf" / "truncated.safetensors").write_bytes(b"\x10\x00 not safetensors")
     with pytest.raises(ValueError, match=r"(?s)'truncated.safetensors'.*Put SCUF weights"):
-        SCUFAdapterLoader().attach(base, "truncated.safetensors", 1.0)
-    (good,) = SCUFAdapterLoader().attach(base, "official.pkl", 1.0)  # the base is still usable
+        attach(base, "truncated.safetensors", 1.0)
+    good = attach(base, "official.pkl", 1.0)  # the base is still usable
     torch.testing.assert_close(lighten(good, frames[:1]), expected(reference_pipe, frames[:1]), atol=PARITY_ATOL,
                                rtol=0)
 
@@ -287,7 +344,7 @@ def test_single_file_checkpoint_is_loaded_with_from_single_file(staged, monkeypa
 
     monkeypatch.setattr(SCUFPipeline, "from_single_file", classmethod(fake_from_single_file))
     with pytest.raises(RuntimeError) as failed:
-        SCUFLoadSDTurbo().load("checkpoints/sd_turbo.safetensors", "clip_tiny.pt", "float32")
+        load_base("checkpoints/sd_turbo.safetensors", "clip_tiny.pt", "float32")
     (path, kwargs), = calls
     assert path == str(checkpoint) and kwargs["image_encoder"].endswith("clip_tiny.pt")
     assert kwargs["dtype"] == torch.float32

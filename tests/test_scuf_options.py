@@ -86,7 +86,7 @@ def test_node_inputs_are_the_table(comfy):
     assert (lighten["sample_latent"][1]["default"], lighten["sample_latent"][1]["tooltip"]) == (
         SAMPLE_LATENT, SAMPLE_LATENT_HELP)
     dtype = SCUFLoadSDTurbo.INPUT_TYPES()["required"]["dtype"]
-    assert dtype[0] == ["auto", *DTYPES] and DTYPE_HELP in dtype[1]["tooltip"]
+    assert dtype[1]["options"] == ["auto", *DTYPES] and DTYPE_HELP in dtype[1]["tooltip"]
     assert list(scuf_nodes.DTYPES) == list(DTYPES)
     assert all(scuf_nodes.DTYPES[name] == getattr(torch, name) for name in DTYPES)
 
@@ -128,7 +128,7 @@ def test_adapter_scale_bounds_in_pipeline_and_node(pipe, tiny_scuf):  # noqa: F8
     for value in (ADAPTER_SCALE.min, ADAPTER_SCALE.max):
         assert pipe(image, adapter_scale=value, output_type="pt").images.shape == (1, 3, 64, 64)
     for value in _rejected(ADAPTER_SCALE):
-        for face in (lambda: pipe(image, adapter_scale=value), lambda: SCUFAdapterLoader().attach(None, "x", value)):
+        for face in (lambda: pipe(image, adapter_scale=value), lambda: SCUFAdapterLoader.execute(scuf_pipe=None, scuf_weights="x", adapter_scale=value)):
             with pytest.raises(ValueError) as error:
                 face()
             assert str(error.value).startswith("adapter_scale: ") and "0..2" in str(error.value)

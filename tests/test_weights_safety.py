@@ -150,14 +150,14 @@ def test_scuf_node_says_not_a_valid_safetensors_file(staged):  # noqa: F811
 
     path = staged.models_dir / "scuf" / "random.safetensors"
     path.write_bytes(os.urandom(4096))
-    (base,) = SCUFLoadSDTurbo().load("diffusers/sd-turbo", "clip_tiny.pt", "float32")
+    (base,) = SCUFLoadSDTurbo.execute(model="diffusers/sd-turbo", clip="clip_tiny.pt", dtype="float32").args
     with pytest.raises(ValueError) as refused:
-        SCUFAdapterLoader().attach(base, "random.safetensors", 1.0)
+        SCUFAdapterLoader.execute(scuf_pipe=base, scuf_weights="random.safetensors", adapter_scale=1.0)
     message = str(refused.value)
     assert f"not a valid safetensors file: {path}" in message
     assert "cannot be used with the base model" not in message
     assert str(staged.models_dir / "scuf") in message  # where valid weights go
-    SCUFAdapterLoader().attach(base, "official.pkl", 1.0)  # the base is still usable
+    SCUFAdapterLoader.execute(scuf_pipe=base, scuf_weights="official.pkl", adapter_scale=1.0)  # base still usable
 
 
 def test_sgz_float_weights_still_load_and_round_trip(tmp_path):

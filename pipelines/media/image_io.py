@@ -151,6 +151,13 @@ def _exif_to_keep(exif: Image.Exif, upright_size: tuple[int, int]) -> bytes | No
     thumbnail (IFD1, a small copy of the unenhanced picture: ``Exif.tobytes`` writes IFD0 and its sub-IFDs only),
     and TIFF layout tags. The pixel dimensions of the Exif IFD are set to the upright size.
     """
+    try:
+        return _serialise_kept_exif(exif, upright_size)
+    except Exception:  # noqa: BLE001  malformed EXIF fails in Pillow in many ways: lose the metadata, not the image
+        return None
+
+
+def _serialise_kept_exif(exif: Image.Exif, upright_size: tuple[int, int]) -> bytes | None:
     sub_ifds = {tag: dict(exif.get_ifd(tag)) for tag in (_EXIF_IFD, _GPS_IFD) if tag in exif}
     kept = Image.Exif()
     for tag, value in exif.items():
@@ -322,7 +329,8 @@ def _write_with_pillow(path, image_format, pixels, alpha, grayscale, icc_profile
     options = {}
     if icc_profile:
         options["icc_profile"] = icc_profile
-    if exif and image_format in ("JPEG", "PNG", "TIFF", "WEBP"):
+    # A JPEG APP1 segment holds at most 64 KB: larger EXIF (only possible from a PNG/TIFF source) is left out.
+    if exif and image_format in ("PNG", "TIFF", "WEBP") or (exif and image_format == "JPEG" and len(exif) <= 65533):
         options["exif"] = exif
     if image_format in ("JPEG", "WEBP"):
         options["quality"] = quality
