@@ -150,18 +150,23 @@ def peak_extra_mb(kind: str, width: int, height: int) -> float:
 
 
 def _median_ms(runs: dict, repeats: int) -> dict:
-    """Median wall ms of each run, interleaved. A short untimed pause before each run lets torch's OpenMP threads
-    of the previous run stop spinning, so one implementation's threads do not slow down the next."""
+    """Median wall ms of each run, interleaved, plus ``"<name> cpu"``: median process CPU ms (what the run costs
+    the machine, far less sensitive to other processes than wall time). A short untimed pause before each run
+    lets torch's OpenMP threads of the previous run stop spinning, so they do not slow down the next."""
     times = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
     for run in runs.values():
         run()
     for _ in range(repeats):
         for name, run in runs.items():
             time.sleep(0.02)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             run()
             times[name].append((time.perf_counter() - start) * 1000)
-    return {name: float(np.median(t)) for name, t in times.items()}
+            cpu[name].append((time.process_time() - cpu_start) * 1000)
+    medians = {name: float(np.median(t)) for name, t in times.items()}
+    medians.update({f"{name} cpu": float(np.median(t)) for name, t in cpu.items()})
+    return medians
 
 
 def main() -> None:
@@ -228,25 +233,26 @@ def main() -> None:
                           f"unfused {e2e['unfused']:.1f} ms", flush=True)
 
     print("\nEnd to end (uint8 frame in and out):\n")
-    print("| condition | threads | size | kernel ms | FPS | torch tiles ms | unfused ms | vs unfused | vs torch tiles "
-          "| 2 threads vs 1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| condition | threads | size | kernel ms | FPS | kernel CPU ms | torch tiles ms | unfused ms | vs unfused "
+          "| vs torch tiles | 2 threads vs 1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     one_thread = {(c, w, h): e["kernel"] for c, _, t, w, h, e in end_to_end if t == 1}
     for condition, load, threads, width, height, e in end_to_end:
         ms = e["kernel"]
         versus_one = f"{one_thread[condition, width, height] / ms:.2f}x" if threads != 1 and (
             condition, width, height) in one_thread else "-"
         print(f"| {condition} (load {load:.1f}) | {threads} | {width}x{height} | {ms:.1f} | {1000 / ms:.0f} "
-              f"| {e['torch tiles']:.1f} | {e['unfused']:.1f} | {e['unfused'] / ms:.1f}x | "
+              f"| {e['kernel cpu']:.1f} | {e['torch tiles']:.1f} | {e['unfused']:.1f} | {e['unfused'] / ms:.1f}x | "
               f"{e['torch tiles'] / ms:.1f}x | {versus_one} |")
 
     print("\nFull-resolution pass alone (enhance, uint8 in and out) vs its compute bound:\n")
-    print("| condition | threads | size | kernel ms | torch tiles ms | kernel vs torch tiles | compute bound ms "
-          "| kernel / bound |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| condition | threads | size | kernel ms | kernel CPU ms | torch tiles ms | kernel vs torch tiles "
+          "| compute bound ms | kernel / bound | kernel CPU / (bound x threads) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for condition, threads, width, height, p, bound in full_res:
-        print(f"| {condition} | {threads} | {width}x{height} | {p['kernel']:.1f} | {p['torch tiles']:.1f} "
-              f"| {p['torch tiles'] / p['kernel']:.1f}x | {bound:.1f} | {p['kernel'] / bound:.1f}x |")
+        print(f"| {condition} | {threads} | {width}x{height} | {p['kernel']:.1f} | {p['kernel cpu']:.1f} "
+              f"| {p['torch tiles']:.1f} | {p['torch tiles'] / p['kernel']:.1f}x | {bound:.1f} "
+              f"| {p['kernel'] / bound:.1f}x | {p['kernel cpu'] / (bound * threads):.1f}x |")
 
     print("\nAgreement with the unfused equations: " + "; ".join(
         f"{w}x{h}: float {d[0]:.1e}, uint8 {d[1]} level(s)" for (w, h), d in diffs.items()))

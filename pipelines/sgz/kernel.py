@@ -202,7 +202,7 @@ class _Chunks:
                     self.idle.notify_all()
 
 
-def _run_chunks(chunks: int, work, threads: int) -> None:
+def run_chunks(chunks: int, work, threads: int) -> None:
     """Call ``work(i)`` for ``i`` in ``range(chunks)`` on the calling thread and up to ``threads - 1`` helpers.
 
     The calling thread never waits for a helper to start: it takes chunks itself until none is left and then
@@ -286,5 +286,5 @@ def enhance_cpu(
         rows_kernel(src, wide, dst, height, row_scale, first, min(total, first + rows_per_chunk), recurrences,
                     in_scale, to_u8, not from_u8, low, high, bad)
 
-    _run_chunks(chunks, work, torch.get_num_threads() if threads is None else threads)
+    run_chunks(chunks, work, torch.get_num_threads() if threads is None else threads)
     return out, int(bad.sum())
