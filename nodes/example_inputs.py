@@ -23,6 +23,7 @@ ASSETS = PACK_ROOT / "assets"
 EXAMPLE_INPUTS: Dict[str, Path] = {
     "lowlight_sample_night.jpg": ASSETS / "sample_night.jpg",
     "lowlight_night_frames.webp": ASSETS / "night_frames.webp",
+    "lowlight_night_clip.mp4": ASSETS / "night_clip.mp4",
 }
 
 

@@ -662,7 +662,7 @@ class ComfyBrowser:
 
     def queue_and_wait(self, timeout: float = 120.0) -> tuple:
         """Press "Run" (``app.queuePrompt``) and wait until the run succeeded and every output node of the graph
-        shows its loaded images.
+        shows its loaded images (or its playable video).
 
         Returns ``(prompt_id, {output node id: number of images it shows})``. Raises ``AssertionError`` with what
         the UI reported if the run is rejected or fails.
@@ -686,11 +686,16 @@ class ComfyBrowser:
                                           .map((d) => d.textContent.trim()).join(' | ')};
                 const succeeded = window.lowlightEvents.find((e) => e.type === 'execution_success');
                 const outputs = app.graph._nodes.filter((n) => n.constructor.nodeData?.output_node);
-                const shown = outputs.every((n) => app.nodeOutputs[n.id] && n.imgs && n.imgs.length
-                                                   && n.imgs.every((img) => img.complete && img.naturalWidth > 0));
+                // Images show as n.imgs; a video output (Save Video) plays in a <video> inside n.videoContainer.
+                const media = (n) => n.previewMediaType === 'video'
+                    ? Array.from(n.videoContainer?.querySelectorAll('video') ?? [])
+                    : (n.imgs ?? []);
+                const loaded = (m) => m.tagName === 'VIDEO' ? m.readyState >= 2 && m.videoWidth > 0
+                                                           : m.complete && m.naturalWidth > 0;
+                const shown = outputs.every((n) => app.nodeOutputs[n.id] && media(n).length && media(n).every(loaded));
                 if (!succeeded || !shown) return {done: false};
                 return {done: true, prompt_id: succeeded.detail.prompt_id,
-                        shown: Object.fromEntries(outputs.map((n) => [String(n.id), n.imgs.length]))};
+                        shown: Object.fromEntries(outputs.map((n) => [String(n.id), media(n).length]))};
                 """
             )
             if state.get("error"):

@@ -132,7 +132,8 @@ def camera_exif(orientation: int = 1, thumbnail: bytes | None = None) -> bytes:
 
     exif = Image.Exif()
     exif[0x010F], exif[0x0110], exif[0x0112] = "Canon", "EOS R6", orientation
-    exif.get_ifd(0x8769).update({0x9003: "2024:01:02 03:04:05", 0x829A: 1 / 60, 0xA002: 64, 0xA003: 48})
+    exif.get_ifd(0x8769).update({0x9003: "2024:01:02 03:04:05", 0x829A: 1 / 60, 0xA002: 64, 0xA003: 48,
+                                 0xA005: {1: "R98", 2: b"0100"}})  # the interoperability IFD, nested
     exif.get_ifd(0x8825).update({1: "N", 2: (52.0, 31.0, 12.0), 3: "E", 4: (13.0, 24.0, 36.0)})
     data = bytearray(exif.tobytes())
     if thumbnail is None:

@@ -44,15 +44,23 @@ def test_pack_nodes_are_registered_in_the_ui(browser):
 
 
 def write_thumbnail(browser, workflow, entry, screenshot):
-    """``<template>.jpg`` from this run: the first saved image of an SGZ template, the graph screenshot otherwise."""
+    """``<template>.jpg`` from this run: the first saved image (a video's middle frame) of an SGZ template, the graph
+    screenshot otherwise."""
     source = screenshot
     if workflow.stem.split("_")[1] == "sgz":
         saved = browser.server.output_files(entry)
         source = next(path for paths in saved.values() for path in paths)
-    with Image.open(source) as image:
-        image = image.convert("RGB")
-        image.thumbnail((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH))
-        image.save(workflow.with_suffix(".jpg"), quality=85)
+    if source.suffix.lower() in (".mp4", ".mkv", ".webm"):  # a saved video: its middle frame
+        import av
+
+        with av.open(str(source)) as container:
+            frames = [frame.to_image() for frame in container.decode(video=0)]
+        image = frames[len(frames) // 2]
+    else:
+        with Image.open(source) as opened:
+            image = opened.convert("RGB")
+    image.thumbnail((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH))
+    image.save(workflow.with_suffix(".jpg"), quality=85)
 
 
 @pytest.mark.parametrize("workflow", sorted(WORKFLOWS.glob("*.json")), ids=lambda p: p.stem)

@@ -223,3 +223,34 @@ def test_batch_of_small_frames_shares_frames_among_threads_with_the_same_result(
         torch.set_num_threads(threads)
     assert batched == [(5, 1)] and seen == [(1, 1)] * 5
     assert np.abs(one.astype(int) - two.astype(int)).max() <= 1
+
+
+def test_cached_kernel_loads_under_another_import_name(tmp_path):
+    """ComfyUI imports the pack under its folder's path, an install as ``comfyui_lowlight``: numba's disk cache,
+    shared by both (same source file), must not hand one the kernel the other compiled (that failed with
+    ``ModuleNotFoundError: No module named 'comfyui_lowlight'`` inside ComfyUI)."""
+    from pathlib import Path
+
+    repo = Path(kernel.__file__).parents[2]  # as imported (numba keys its cache folder by this path)
+    run = (
+        "import numpy as np\n"
+        "frames = np.full((1, 24, 32, 3), 20, np.uint8)\n"
+        "out = pipelines.SGZPipeline.from_pretrained(\n"
+        f"    {str(repo / 'lora_weights' / 'sgz_lowlight.safetensors')!r})(frames)\n"
+        "assert out.shape == frames.shape and out.mean() > 20, out.mean()\n"
+    )
+    as_installed = "import comfyui_lowlight.pipelines as pipelines\n" + run
+    as_in_comfyui = (  # what ComfyUI's custom-node loader does
+        "import importlib.util, sys\n"
+        f"name = {str(tmp_path / 'custom_nodes' / 'comfyui-lowlight')!r}\n"
+        f"spec = importlib.util.spec_from_file_location(name, {str(repo / '__init__.py')!r})\n"
+        "pack = importlib.util.module_from_spec(spec)\n"
+        "sys.modules[name] = pack\n"
+        "spec.loader.exec_module(pack)\n"
+        "pipelines = importlib.import_module(name + '.pipelines')\n" + run
+    )
+    env = {**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba_cache")}
+    for code in (as_installed, as_in_comfyui, as_installed):  # each after the other has written the cache
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((tmp_path / "numba_cache").rglob("*.nbi"))) == 4  # rows and widen, once per import name

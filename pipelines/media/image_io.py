@@ -35,7 +35,7 @@ from .atomic_files import atomic_output
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _EXIF_ORIENTATION = 0x0112
-_EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
+_EXIF_IFD, _GPS_IFD, _INTEROP_IFD = 0x8769, 0x8825, 0xA005
 _EXIF_PIXEL_X, _EXIF_PIXEL_Y = 0xA002, 0xA003
 # IFD0 tags that describe a TIFF file's own layout (or data kept elsewhere: ICC, XMP, IPTC, Photoshop), which
 # ``Image.getexif()`` of a TIFF returns along with the real metadata; none of them may travel to another file.
@@ -112,7 +112,7 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
 def _read_with_pillow(path: Path) -> LoadedImage:
     with Image.open(path) as image:  # Pillow refuses decompression bombs here, from the header
         _refuse_animation(path, image)
-        exif = image.getexif()
+        exif = _read_exif(image)  # before load(), which closes a TIFF
         image.load()  # decode now: truncated or corrupt data fails here, not later
         image = ImageOps.exif_transpose(image)
     exif = _exif_to_keep(exif, image.size)
@@ -144,6 +144,23 @@ def _refuse_animation(path: Path, image: Image.Image) -> None:
         )
 
 
+def _read_exif(image: Image.Image) -> Image.Exif:
+    """``image.getexif()`` with its Exif, GPS and interoperability IFDs read now: Pillow reads them lazily from
+    the file, which ``load()`` closes for a TIFF."""
+    exif = image.getexif()
+    try:
+        for tag in (_EXIF_IFD, _GPS_IFD, _INTEROP_IFD):
+            exif.get_ifd(tag)
+    except Exception:  # noqa: BLE001  malformed EXIF: _exif_to_keep drops it
+        pass
+    return exif
+
+
+def _upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation is applied: orientations 5-8 swap the sides."""
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
 def _exif_to_keep(exif: Image.Exif, upright_size: tuple[int, int]) -> bytes | None:
     """The EXIF worth writing into the enhanced file, as bytes (``None`` if nothing is left).
 
@@ -168,6 +185,12 @@ def _serialise_kept_exif(exif: Image.Exif, upright_size: tuple[int, int]) -> byt
             for dimension_tag, dimension in zip((_EXIF_PIXEL_X, _EXIF_PIXEL_Y), upright_size):
                 if dimension_tag in entries:
                     entries[dimension_tag] = dimension
+            if _INTEROP_IFD in entries:  # an offset into the source's bytes: written again as a nested IFD
+                interop = dict(exif.get_ifd(_INTEROP_IFD))
+                if interop:
+                    entries[_INTEROP_IFD] = interop
+                else:
+                    del entries[_INTEROP_IFD]
         if entries:
             kept.get_ifd(tag).update(entries)
     return kept.tobytes() if len(kept) or any(sub_ifds.values()) else None
@@ -212,6 +235,7 @@ def _read_png16(path: Path, colour_type: int) -> LoadedImage:
         exif = header_only.getexif()
         orientation = exif.get(_EXIF_ORIENTATION, 1)
         icc_profile = header_only.info.get("icc_profile")
+        exif = _exif_to_keep(exif, _upright_size(header_only.size, orientation))  # eXIf: Pillow upright nothing
     decoder = av.CodecContext.create("png", "r")
     try:
         frames = list(decoder.decode(av.Packet(path.read_bytes()))) + list(decoder.decode(None))
@@ -223,8 +247,7 @@ def _read_png16(path: Path, colour_type: int) -> LoadedImage:
     array = _apply_exif_orientation(array, orientation)
     pixels = np.ascontiguousarray(array[..., :3])
     alpha = np.ascontiguousarray(array[..., 3]) if has_alpha else None
-    return LoadedImage(pixels, alpha, grayscale=colour_type in (0, 4), icc_profile=icc_profile,
-                       exif=_exif_to_keep(exif, (pixels.shape[1], pixels.shape[0])))
+    return LoadedImage(pixels, alpha, grayscale=colour_type in (0, 4), icc_profile=icc_profile, exif=exif)
 
 
 def _apply_exif_orientation(array: np.ndarray, orientation: int) -> np.ndarray:

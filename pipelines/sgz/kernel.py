@@ -18,7 +18,7 @@ numba, :func:`available` is False and :mod:`.model` uses its torch implementatio
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import math
 import os
 import threading
@@ -45,10 +45,18 @@ _kernels = None  # (rows, widen) once compiled; False when numba is unavailable
 _pool: Optional[ThreadPoolExecutor] = None
 
 
+# numba names a cached kernel's files after the source file and the function only, but the cached code refers to
+# this module by its import name, which differs between an install (comfyui_lowlight...) and ComfyUI (which imports
+# the pack under its folder's path): code cached under one name fails to load under the other (ModuleNotFoundError).
+# So each import name gets its own cache entries, tagged with a digest of the name.
+_CACHE_TAG = "_" + hashlib.sha1(__name__.encode()).hexdigest()[:12]
+
+
 def _compile():
     import numba
 
     def jit(function):
+        function.__qualname__ += _CACHE_TAG
         try:
             return numba.njit(nogil=True, cache=True, fastmath={"contract"})(function)
         except RuntimeError:  # no writable cache location (read-only install): compile in memory each session
