@@ -186,7 +186,8 @@ class _Enhancer:
         self.pipe = pipe
         self.args = args
         self.show_progress = show_progress
-        self.settings = dict(downscale=args.downscale, recurrences=args.recurrences, strength=args.strength)
+        # Every option of the table but the smoothing, which applies to videos only.
+        self.settings = {name: getattr(args, name) for name in SGZ_OPTIONS if name != TEMPORAL_SMOOTHING.name}
 
     def image(self, job: Job) -> None:
         from ..pipelines.media.image_io import read_image, write_image
