@@ -30,8 +30,26 @@ TEMPORAL_SMOOTHING = Option(
     "steadier but slower to follow real changes.",
 )
 
-# In the ComfyUI node's widget order (saved workflows list widget values by position).
-SGZ_OPTIONS = {option.name: option for option in (RECURRENCES, DOWNSCALE, STRENGTH, TEMPORAL_SMOOTHING)}
+DENOISE = Option(
+    "denoise", float, 1.0, 0.0, 4.0, 0.05,
+    "Noise control (SGZ v2): smooths the noise the curve amplified, as strongly as it amplified it (dark regions "
+    "lifted far get the most). 0 = off (plain SGZ), 1 = default, higher = smoother.",
+)
+AUTO_EXPOSURE = Option(
+    "auto_exposure", float, 1.0, 0.0, 1.0, 0.05,
+    "Automatic exposure (SGZ v2): fits the brightening to the whole photo (very dark photos lifted far, mid-dark "
+    "ones little) and keeps bright regions from clipping. 1 = on, 0 = off (plain SGZ), between = partly. "
+    "strength still scales the result.",
+)
+
+# In the ComfyUI node's widget order (saved workflows list widget values by position): new options go at the end.
+SGZ_OPTIONS = {
+    option.name: option
+    for option in (RECURRENCES, DOWNSCALE, STRENGTH, TEMPORAL_SMOOTHING, DENOISE, AUTO_EXPOSURE)
+}
+
+# The settings that give plain SGZ (the model and curve of the paper, as before v2).
+PLAIN_SGZ = {DENOISE.name: 0.0, AUTO_EXPOSURE.name: 0.0}
 
 # What the command line uses for videos (images are unaffected by it).
 VIDEO_TEMPORAL_SMOOTHING = 0.8

