@@ -185,3 +185,30 @@ def test_sgz_gives_an_animation_the_video_temporal_smoothing(options, smoothing,
     assert [(shape, value) for shape, value, _ in calls] == [((2, 24, 32, 3), expected), ((1, 24, 32, 3), expected)]
     states = {id(state) for _, _, state in calls}
     assert (calls[0][2] is not None and len(states) == 1) if expected else calls[0][2] is None  # one state, carried
+
+
+def _gif_transparency_flags(path) -> list[bool]:
+    """Each frame's "has a transparent index" flag, from the graphic control extensions of the file."""
+    data = path.read_bytes()
+    flags, start = [], data.find(b"\x21\xf9\x04")
+    while start >= 0:
+        flags.append(bool(data[start + 3] & 1))
+        start = data.find(b"\x21\xf9\x04", start + 1)
+    return flags
+
+
+@pytest.mark.parametrize("name", ["late.gif", "late.png", "late.webp"])
+def test_the_writer_keeps_alpha_that_starts_after_opaque_frames(name, tmp_path):
+    frames = dark_clip_frames(3, 8, 8)
+    alpha = np.full((2, 8, 8), 255, np.uint8)
+    alpha[:, :, :3] = 0
+    write_animation(tmp_path / name, [AnimationChunk(frames[:1], None, [100]),
+                                      AnimationChunk(frames[1:], alpha, [50, 70])], loop=0)
+    if name.endswith(".gif"):  # Pillow reads such a GIF onto an opaque canvas: look at the file itself
+        assert _gif_transparency_flags(tmp_path / name) == [False, True, True]
+        return
+    with AnimationReader(tmp_path / name) as reader:
+        chunk = next(reader.chunks(8))
+    assert chunk.durations == [100, 50, 70] and (chunk.alpha[0] == 255).all()
+    for index in (1, 2):
+        assert (chunk.alpha[index][:, :3] == 0).all() and (chunk.alpha[index][:, 3:] == 255).all()

@@ -12,9 +12,9 @@ sends them here instead:
   WebP (from the extension), keeping each frame's duration and the loop count. GIF frames get their own adaptive
   256-colour palette (``image_io.gif_palette_frame``); ICC and EXIF go into PNG and WebP.
 
-Reading is streamed, writing is not quite: Pillow's GIF writer keeps the palettised frames (1 byte a pixel) until
-the file is complete, and its APNG and WebP writers take the frames as a list (4 bytes a pixel), so one file's
-enhanced frames are held in memory; the decompression-bomb limit on the sum of all frames bounds that.
+Reading is streamed, writing is not: Pillow's writers take the frames as a list (GIF: palettised, 1 byte a pixel;
+APNG and WebP: 3 or 4 bytes a pixel), so one file's enhanced frames are held in memory until it is written; the
+decompression-bomb limit on the sum of all frames bounds that.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ class AnimationReader:
 
     Attributes:
         path, format ("GIF", "PNG", "WEBP"), frame_count, size (width, height, upright), loop (0 = forever, N =
-        N times; ``None``: the GIF has no loop extension and plays once), has_alpha, icc_profile, exif (bytes for
+        N times; ``None``: the GIF has no loop extension and plays once), has_alpha (Pillow composites a GIF whose
+        first frame is opaque onto an opaque canvas, so only its first frame decides), icc_profile, exif (bytes for
         the writer, without orientation and thumbnail).
 
     Raises:
@@ -169,8 +170,7 @@ def _png_bit_depth(path: Path) -> int:
 
 def _chunk(frames: list[tuple[np.ndarray, np.ndarray | None, float]]) -> AnimationChunk:
     alphas = [alpha for _, alpha, _ in frames]
-    return AnimationChunk(np.stack([rgb for rgb, _, _ in frames]),
-                          None if alphas[0] is None else np.stack(alphas),
+    return AnimationChunk(np.stack([rgb for rgb, _, _ in frames]), None if alphas[0] is None else np.stack(alphas),
                           [duration for _, _, duration in frames])
 
 
@@ -201,16 +201,19 @@ def write_animation(
     if image_format not in ANIMATED_FORMATS:
         raise ImageFileError(f"{path}: {path.suffix or 'no extension'} cannot hold an animation "
                              f"(use .gif, .png or .webp)")
-    frames = _pil_frames(chunks, image_format)
-    first = next(frames, None)
-    if first is None:
+    # A list: Pillow's APNG and WebP writers go over the frames twice, its GIF writer keeps them all anyway.
+    frames = list(_pil_frames(chunks, image_format))
+    if not frames:
         raise ImageFileError(f"{path}: no frame to write")
-    options: dict = {"save_all": True, "append_images": frames}
+    if image_format != "GIF" and any(frame.mode == "RGBA" for frame in frames):
+        frames = [frame.convert("RGBA") for frame in frames]  # one mode for all (convert keeps the duration)
+    first, rest = frames[0], frames[1:]
+    options: dict = {"save_all": True, "append_images": rest}
     if image_format == "GIF":
         if loop is not None:
             options["loop"] = loop
-        # Transparent frames replace the picture instead of being drawn over the previous frame.
-        if "transparency" in first.info:
+        # Transparent pixels must show what is behind the animation, not the previous frame.
+        if any("transparency" in frame.info for frame in frames):
             options["disposal"] = 2
     else:
         options["loop"] = 1 if loop is None else loop
@@ -218,12 +221,9 @@ def write_animation(
             options["icc_profile"] = icc_profile
         if exif:
             options["exif"] = exif
-    if image_format != "GIF":  # Pillow's APNG and WebP writers go over the frames twice: a list
-        rest = list(frames)
-        options["append_images"] = rest
-        if image_format == "WEBP":  # which reads the durations from its arguments only
-            options["duration"] = [first.info["duration"]] + [frame.info["duration"] for frame in rest]
-            options["quality"] = quality
+    if image_format == "WEBP":  # Pillow's WebP writer reads the durations from its arguments only
+        options["duration"] = [frame.info["duration"] for frame in frames]
+        options["quality"] = quality
     with atomic_output(path) as temporary:
         first.save(temporary, format=image_format, **options)
     return path

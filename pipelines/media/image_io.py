@@ -347,6 +347,8 @@ def gif_palette_frame(pixels: np.ndarray, alpha: np.ndarray | None = None) -> Im
     """``uint8`` RGB ``[H, W, 3]`` (+ alpha) as a GIF frame: its own adaptive palette (median cut, 256 colours, or
     255 and a transparent index where alpha < 128), Floyd-Steinberg dithered against banding in smooth dark
     gradients."""
+    if alpha is not None and not (np.asarray(alpha) < 128).any():
+        alpha = None  # opaque: all 256 colours, no transparent index
     rgb = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
     colours = 256 if alpha is None else 255
     palette = rgb.quantize(colours, method=Image.Quantize.MEDIANCUT)
