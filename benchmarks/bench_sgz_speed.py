@@ -1,18 +1,25 @@
-"""SGZ speed: the shipped pipeline (fused full-resolution pass) vs a straightforward unfused implementation.
+"""SGZ speed: the shipped pipeline (compiled CPU kernel) vs the torch tile loop and the plain unfused equations.
 
-Both take a uint8 HxWx3 frame and return a uint8 HxWx3 frame (conversion included), with the same weights and the
-same torch thread count, measured in the same run with interleaved repetitions (median ms of wall time, and of
-process CPU time, which is far less sensitive to other processes sharing the CPU). Memory: each
-(implementation, size) runs in a fresh subprocess that resets the kernel's RSS high-water mark
-(``/proc/self/clear_refs``) after a warm-up on a tiny frame and reports ``VmHWM - VmRSS-before``, i.e. the peak extra resident memory
-of one call (outputs included; torch allocations are invisible to tracemalloc, RSS sees them).
+One run prints, for 1200x900, 1920x1080 and 3840x2160 uint8 frames, 1 and 2 threads, on the machine as it is
+("idle") and with a neighbour process burning one core ("loaded"):
 
-    python benchmarks/bench_sgz_speed.py [--repeats 30] [--threads 2 1] [--weights PATH]
+1. end to end (uint8 HxWx3 in, uint8 HxWx3 out, same weights): ms per frame and ratios;
+2. the full-resolution pass alone (``enhance``: factor upsampling + recurrences + uint8 conversion), kernel vs
+   torch tiles, against its compute bound: the pass's float operations divided by the rate this core reaches on
+   the same arithmetic held in L1 (measured in the same run);
+3. peak extra memory of one call (fresh subprocess per case: ``VmHWM`` after ``/proc/self/clear_refs`` minus the
+   RSS before the call; torch allocations are invisible to tracemalloc).
+
+Timings are medians of interleaved repetitions in one process; the thread count is ``torch.set_num_threads``
+(the kernel follows it).
+
+    python benchmarks/bench_sgz_speed.py [--repeats 7] [--sizes 1200x900 1920x1080 3840x2160] [--threads 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -26,27 +33,24 @@ import torch.nn.functional as F
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SIZES = [(1200, 900), (1920, 1080)]  # (width, height)
+SAMPLE = REPO / "assets" / "sample_night.jpg"
 DOWNSCALE, RECURRENCES = 12, 8
+# Float operations per value of the fused pass: input scale 1, factor row interpolation 2, 1 - f 1,
+# 2 per recurrence (fma + mul), uint8 store 2 (fma + clamp).
+FLOPS_PER_VALUE = 6 + 2 * RECURRENCES
 
 
-def _import_package():
-    from comfyui_lowlight.pipelines.sgz.model import SHIPPED_WEIGHTS  # the package is installed (pip install -e .)
+def _package():
+    from comfyui_lowlight.pipelines.sgz import kernel
+    from comfyui_lowlight.pipelines.sgz.model import enhance, estimate_factor_lowres
     from comfyui_lowlight.pipelines.sgz.pipeline import SGZPipeline
 
-    return SGZPipeline, SHIPPED_WEIGHTS
-
-
-def default_weights() -> Path:
-    _, shipped = _import_package()
-    return shipped if shipped.is_file() else SHARED / "reference" / "sgz" / "Epoch99.pth"
+    return SGZPipeline, kernel, enhance, estimate_factor_lowres
 
 
 def make_frame(width: int, height: int) -> np.ndarray:
-    """A real LOL low-light image resized to the benchmark size, uint8 HxWx3."""
-    low = Image.open(SHARED / "data" / "lol_eval15" / "low" / "1.png").convert("RGB")
-    return np.asarray(low.resize((width, height), Image.BICUBIC)).copy()
+    """The bundled night photo resized to the benchmark size, uint8 HxWx3."""
+    return np.asarray(Image.open(SAMPLE).convert("RGB").resize((width, height), Image.BICUBIC)).copy()
 
 
 def unfused(model, frame: np.ndarray, float_output: bool = False):
@@ -62,15 +66,70 @@ def unfused(model, frame: np.ndarray, float_output: bool = False):
     return np.ascontiguousarray((x[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
-def _memory_child(kind: str, width: int, height: int, weights: str, threads: int) -> None:
-    torch.set_num_threads(threads)
-    SGZPipeline, _ = _import_package()
-    pipe = SGZPipeline.from_pretrained(weights)
-    frame = make_frame(width, height)
-    tiny = make_frame(96, 72)
-    run = (lambda x: pipe(x)) if kind == "shipped" else (lambda x: unfused(pipe.model, x))
-    with torch.no_grad():
-        run(tiny)  # warm-up on a tiny frame (lazy initialisation) so no full-size buffer is cached in the heap
+@contextlib.contextmanager
+def torch_tiles(kernel):
+    """Make the pipeline take its torch implementation (what ran before the kernel)."""
+    supports = kernel.supports
+    kernel.supports = lambda image, out_dtype: False
+    try:
+        yield
+    finally:
+        kernel.supports = supports
+
+
+@contextlib.contextmanager
+def neighbour(active: bool):
+    """A process burning one core for the duration (ComfyUI users always have something else running)."""
+    if not active:
+        yield
+        return
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        burner.kill()
+        burner.wait()
+
+
+def l1_rate() -> float:
+    """Float operations per second of one thread on the recurrence held in L1 (the kernel's arithmetic, no
+    memory traffic): the rate of the compute bound."""
+    import numba
+
+    @numba.njit(fastmath={"contract"})
+    def recurrences(x, f, g, steps):
+        for _ in range(steps):
+            for k in range(x.shape[0]):
+                v, fk, gk = x[k], f[k], g[k]
+                v = v * (gk + fk * v)
+                v = v * (gk + fk * v)
+                v = v * (gk + fk * v)
+                x[k] = v * (gk + fk * v)
+
+    x = np.full(512, 0.5, np.float32)
+    f = np.full(512, 0.3, np.float32)
+    g = 1 - f
+    recurrences(x, f, g, 1)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        recurrences(x, f, g, 20000)
+        best = min(best, time.perf_counter() - start)
+    return 20000 * 512 * 8 / best
+
+
+def _memory_child(kind: str, width: int, height: int) -> None:
+    torch.set_num_threads(1)
+    SGZPipeline, kernel, *_ = _package()
+    pipe = SGZPipeline.from_pretrained()
+    frame, tiny = make_frame(width, height), make_frame(96, 72)
+    if kind == "unfused":
+        run = lambda x: unfused(pipe.model, x)  # noqa: E731
+    else:
+        run = pipe
+    with torch.no_grad(), (torch_tiles(kernel) if kind == "torch tiles" else contextlib.nullcontext()):
+        run(tiny)  # warm-up (compilation, lazy initialisation) on a tiny frame
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")  # reset VmHWM to the current RSS
         status = Path("/proc/self/status").read_text()
@@ -82,66 +141,130 @@ def _memory_child(kind: str, width: int, height: int, weights: str, threads: int
     print(json.dumps({"peak_extra_mb": (peak - before) / 1024}))
 
 
-def peak_extra_mb(kind: str, width: int, height: int, weights: Path, threads: int) -> float:
+def peak_extra_mb(kind: str, width: int, height: int) -> float:
     result = subprocess.run(
-        [sys.executable, __file__, "--memory-child", kind, str(width), str(height), str(weights), str(threads)],
+        [sys.executable, __file__, "--memory-child", kind, str(width), str(height)],
         check=True, capture_output=True, text=True,
     )
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_mb"]
 
 
+def _median_ms(runs: dict, repeats: int) -> dict:
+    """Median wall ms of each run, interleaved, plus ``"<name> cpu"``: median process CPU ms (what the run costs
+    the machine, far less sensitive to other processes than wall time). A short untimed pause before each run
+    lets torch's OpenMP threads of the previous run stop spinning, so they do not slow down the next."""
+    times = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
+    for run in runs.values():
+        run()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            time.sleep(0.02)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            run()
+            times[name].append((time.perf_counter() - start) * 1000)
+            cpu[name].append((time.process_time() - cpu_start) * 1000)
+    medians = {name: float(np.median(t)) for name, t in times.items()}
+    medians.update({f"{name} cpu": float(np.median(t)) for name, t in cpu.items()})
+    return medians
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads(), 1])
-    parser.add_argument("--weights", type=Path, default=None)
-    parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sizes", nargs="+", default=["1200x900", "1920x1080", "3840x2160"])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--conditions", nargs="+", default=["idle", "loaded"], choices=["idle", "loaded"])
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        kind, width, height, weights, threads = args.memory_child
-        _memory_child(kind, int(width), int(height), weights, int(threads))
+        kind, width, height = args.memory_child
+        _memory_child(kind, int(width), int(height))
         return
 
-    SGZPipeline, shipped_path = _import_package()
-    weights = args.weights or default_weights()
-    pipe = SGZPipeline.from_pretrained(weights)
-    load_before = os.getloadavg()
-    print(f"weights: {weights.name}{'' if weights == shipped_path else ' (shipped weights not used)'}; "
-          f"CPU: {os.cpu_count()} cores; torch {torch.__version__}; repeats {args.repeats} (interleaved, median)\n")
-    print("| size | implementation | torch threads | ms/frame (wall) | FPS | speed-up (wall) | CPU ms/frame "
-          "| speed-up (CPU) | peak extra MB | max abs diff (float) |")
+    SGZPipeline, kernel, enhance, estimate_factor_lowres = _package()
+    pipe = SGZPipeline.from_pretrained()
+    sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes]
+    rate = l1_rate()
+    print(f"CPU: {os.cpu_count()} cores; torch {torch.__version__}; shipped weights; {args.repeats} interleaved "
+          f"repetitions, median; load average (1 min) at start {os.getloadavg()[0]:.2f}")
+    print(f"compute bound: {FLOPS_PER_VALUE} float ops per value at {rate / 1e9:.1f} GFLOP/s per thread (the "
+          "recurrence held in L1, measured now)\n")
+
+    end_to_end, full_res = [], []
+    diffs = {}
+    for condition in args.conditions:
+        with neighbour(condition == "loaded"):
+            load = os.getloadavg()[0]
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                for width, height in sizes:
+                    frame = make_frame(width, height)
+                    batch = torch.from_numpy(frame).permute(2, 0, 1)[None]
+                    with torch.no_grad():
+                        factor = estimate_factor_lowres(pipe.model, batch, DOWNSCALE).float()
+                        if (width, height) not in diffs:
+                            image = batch.float() / 255.0
+                            reference = unfused(pipe.model, frame, float_output=True)
+                            diffs[width, height] = (
+                                (pipe(image) - reference).abs().max().item(),
+                                int(np.abs(pipe(frame).astype(int) - unfused(pipe.model, frame).astype(int)).max()),
+                            )
+
+                        def tiles_pipeline():
+                            with torch_tiles(kernel):
+                                pipe(frame)
+
+                        e2e = _median_ms({
+                            "kernel": lambda: pipe(frame),
+                            "torch tiles": tiles_pipeline,
+                            "unfused": lambda: unfused(pipe.model, frame),
+                        }, args.repeats)
+                        passes = _median_ms({
+                            "kernel": lambda: enhance(batch, factor, RECURRENCES, torch.uint8),
+                            "torch tiles": lambda: enhance(batch, factor, RECURRENCES, torch.uint8,
+                                                           use_kernel=False),
+                        }, args.repeats)
+                    bound = width * height * 3 * FLOPS_PER_VALUE / (rate * threads) * 1000
+                    end_to_end.append((condition, load, threads, width, height, e2e))
+                    full_res.append((condition, threads, width, height, passes, bound))
+                    print(f"  {condition} {threads} thread(s) {width}x{height}: pipeline {e2e['kernel']:.1f} ms, "
+                          f"unfused {e2e['unfused']:.1f} ms", flush=True)
+
+    print("\nEnd to end (uint8 frame in and out):\n")
+    print("| condition | threads | size | kernel ms | FPS | kernel CPU ms | torch tiles ms | unfused ms | vs unfused "
+          "| vs torch tiles | 2 threads vs 1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    one_thread = {(c, w, h): e["kernel"] for c, _, t, w, h, e in end_to_end if t == 1}
+    for condition, load, threads, width, height, e in end_to_end:
+        ms = e["kernel"]
+        versus_one = f"{one_thread[condition, width, height] / ms:.2f}x" if threads != 1 and (
+            condition, width, height) in one_thread else "-"
+        print(f"| {condition} (load {load:.1f}) | {threads} | {width}x{height} | {ms:.1f} | {1000 / ms:.0f} "
+              f"| {e['kernel cpu']:.1f} | {e['torch tiles']:.1f} | {e['unfused']:.1f} | {e['unfused'] / ms:.1f}x | "
+              f"{e['torch tiles'] / ms:.1f}x | {versus_one} |")
+
+    print("\nFull-resolution pass alone (enhance, uint8 in and out) vs its compute bound:\n")
+    print("| condition | threads | size | kernel ms | kernel CPU ms | torch tiles ms | kernel vs torch tiles "
+          "| compute bound ms | kernel / bound | kernel CPU / (bound x threads) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        for width, height in SIZES:
-            frame = make_frame(width, height)
-            image = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255.0
-            with torch.no_grad():
-                diff = (pipe(image) - unfused(pipe.model, frame, float_output=True)).abs().max().item()
-                u8_diff = np.abs(pipe(frame).astype(int) - unfused(pipe.model, frame).astype(int)).max()
-                runs = {"shipped (fused)": lambda: pipe(frame), "unfused": lambda: unfused(pipe.model, frame)}
-                times = {name: [] for name in runs}
-                cpu_times = {name: [] for name in runs}
-                for name, run in runs.items():
-                    run()
-                for _ in range(args.repeats):
-                    for name, run in runs.items():
-                        start, cpu_start = time.perf_counter(), time.process_time()
-                        run()
-                        times[name].append((time.perf_counter() - start) * 1000)
-                        cpu_times[name].append((time.process_time() - cpu_start) * 1000)
-            medians = {name: float(np.median(t)) for name, t in times.items()}
-            cpu = {name: float(np.median(t)) for name, t in cpu_times.items()}
-            for name, kind in (("shipped (fused)", "shipped"), ("unfused", "unfused")):
-                ms = medians[name]
-                memory = peak_extra_mb(kind, width, height, weights, threads)
-                diff_text = f"{diff:.1e} (uint8: {u8_diff})" if kind == "shipped" else "reference"
-                print(f"| {width}x{height} | {name} | {threads} | {ms:.1f} | {1000 / ms:.1f} "
-                      f"| {medians['unfused'] / ms:.1f}x | {cpu[name]:.1f} | {cpu['unfused'] / cpu[name]:.1f}x "
-                      f"| {memory:.0f} | {diff_text} |")
-    load_after = os.getloadavg()
-    print(f"\nload average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f} "
-          "(other processes share the CPU; multi-threaded torch ops suffer most under load)")
+    for condition, threads, width, height, p, bound in full_res:
+        print(f"| {condition} | {threads} | {width}x{height} | {p['kernel']:.1f} | {p['kernel cpu']:.1f} "
+              f"| {p['torch tiles']:.1f} | {p['torch tiles'] / p['kernel']:.1f}x | {bound:.1f} "
+              f"| {p['kernel'] / bound:.1f}x | {p['kernel cpu'] / (bound * threads):.1f}x |")
+
+    print("\nAgreement with the unfused equations: " + "; ".join(
+        f"{w}x{h}: float {d[0]:.1e}, uint8 {d[1]} level(s)" for (w, h), d in diffs.items()))
+    if args.no_memory:
+        return
+    print("\nPeak extra memory of one call (1 thread, fresh process; limit: 2 float32 frames):\n")
+    print("| size | kernel MB | torch tiles MB | unfused MB | 2 float32 frames MB |")
+    print("|---|---|---|---|---|")
+    for width, height in sizes:
+        memory = {kind: peak_extra_mb(kind, width, height) for kind in ("kernel", "torch tiles", "unfused")}
+        print(f"| {width}x{height} | {memory['kernel']:.0f} | {memory['torch tiles']:.0f} | {memory['unfused']:.0f} "
+              f"| {2 * width * height * 3 * 4 / 2 ** 20:.0f} |")
 
 
 if __name__ == "__main__":

@@ -224,7 +224,7 @@ class _Enhancer:
     def video(self, job: Job, progress_position: int) -> None:
         from tqdm import tqdm
 
-        from ..pipelines.media.video_io import VideoChunk, VideoReader, VideoWriter
+        from ..pipelines.media.video_io import VideoChunk, VideoReader, VideoWriter, run_overlapped
 
         smoothing = self.args.temporal_smoothing
         with VideoReader(job.source) as reader, VideoWriter(job.destination, reader, crf=self.args.crf) as writer:
@@ -234,11 +234,15 @@ class _Enhancer:
             state = self.pipe.new_video_state() if smoothing > 0 else None
             with tqdm(total=total, desc=job.source.name, unit="frame", position=progress_position, leave=False,
                       disable=not self.show_progress) as bar:
-                for chunk in reader.chunks(self.args.chunk_size, self.args.max_frames):
-                    # uint8 [N, H, W, 3] in and out: the pipeline's fused pass converts tile by tile.
-                    enhanced = self.pipe(chunk.frames, temporal_smoothing=smoothing, video_state=state, **self.settings)
-                    writer.write(VideoChunk(enhanced, chunk.pts))
-                    bar.update(len(chunk.pts))
+                def enhance(chunk: VideoChunk) -> VideoChunk:
+                    # uint8 [N, H, W, 3] in and out: the pipeline's fused pass converts on the fly.
+                    frames = self.pipe(chunk.frames, temporal_smoothing=smoothing, video_state=state, **self.settings)
+                    return VideoChunk(frames, chunk.pts)
+
+                # Decoding and encoding run on their own threads, overlapping the enhancement.
+                for count in run_overlapped(reader.chunks(self.args.chunk_size, self.args.max_frames), enhance,
+                                            writer.write):
+                    bar.update(count)
             writer.close(complete=self.args.max_frames is None)
 
 

@@ -383,7 +383,8 @@ def test_sigterm_mid_video_removes_temporary_files_and_prints_the_summary(tmp_pa
     )
     try:
         deadline = time.monotonic() + 240
-        while not (out.is_dir() and any(".part" in p.name for p in out.rglob("*"))):  # the video is being written
+        # the video is being written (a.png's own temporary file must not count: it is written first)
+        while not (out.is_dir() and any(p.name.startswith(".b.") and ".part" in p.name for p in out.rglob("*"))):
             assert process.poll() is None and time.monotonic() < deadline, "the run ended before the video started"
             time.sleep(0.02)
         process.send_signal(signal.SIGTERM)

@@ -109,8 +109,8 @@ def test_thread_count_does_not_change_the_result():
 
 def test_kernel_follows_torch_thread_setting(monkeypatch):
     used = []
-    original = kernel._run_chunks
-    monkeypatch.setattr(kernel, "_run_chunks", lambda chunks, work, threads: used.append(threads) or original(
+    original = kernel.run_chunks
+    monkeypatch.setattr(kernel, "run_chunks", lambda chunks, work, threads: used.append(threads) or original(
         chunks, work, threads))
     threads = torch.get_num_threads()
     try:
@@ -196,6 +196,33 @@ def test_pipeline_uses_the_kernel_and_matches_the_torch_path(monkeypatch):
 def test_importing_the_pipeline_does_not_import_numba():
     code = "import sys, comfyui_lowlight.pipelines.sgz.pipeline; assert 'numba' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_batch_of_small_frames_shares_frames_among_threads_with_the_same_result():
+    """At 2 threads a video chunk's factor network runs frame by frame on the caller's threads, torch at 1 thread."""
+    pipe = SGZPipeline.from_pretrained()
+    frames = np.random.default_rng(3).integers(0, 90, (5, 48, 64, 3), dtype=np.uint8)
+    threads = torch.get_num_threads()
+    seen = []
+    original = pipe.model.forward
+
+    def forward(x):
+        seen.append((x.shape[0], torch.get_num_threads()))
+        return original(x)
+
+    pipe.model.forward = forward
+    try:
+        torch.set_num_threads(1)
+        one = pipe(frames, temporal_smoothing=0.8)
+        batched = list(seen)
+        seen.clear()
+        torch.set_num_threads(2)
+        two = pipe(frames, temporal_smoothing=0.8)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert batched == [(5, 1)] and seen == [(1, 1)] * 5
+    assert np.abs(one.astype(int) - two.astype(int)).max() <= 1
 
 
 def test_cached_kernel_loads_under_another_import_name(tmp_path):

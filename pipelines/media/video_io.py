@@ -13,10 +13,13 @@ opened (they would come out as 8-bit SDR, untagged, with PQ/HLG code values brig
 from __future__ import annotations
 
 import os
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import av
 import numpy as np
@@ -313,3 +316,108 @@ class VideoWriter:
             self._discard()
         elif not self._closed:
             self.close()
+
+
+def run_overlapped(
+    chunks: Iterator[VideoChunk],
+    enhance: Callable[[VideoChunk], VideoChunk],
+    write: Callable[[VideoChunk], None],
+    *,
+    depth: int = 2,
+    stage_seconds: dict | None = None,
+) -> Iterator[int]:
+    """Decode, enhance and encode at the same time: ``chunks`` is consumed on a decoder thread, ``write`` runs on
+    an encoder thread, ``enhance`` on the calling thread (so Ctrl-C/SIGTERM and state carried across chunks behave
+    as in a plain loop). At most ``depth`` chunks wait between two stages (memory stays bounded); order is kept.
+
+    Yields the number of frames of each chunk once it is enhanced (for progress). Errors of any stage are raised
+    in the calling thread (decoding errors after the chunks decoded before them, as a plain loop would); on any
+    exit both threads are stopped and joined before returning, so the caller may close the reader and writer.
+    PyAV releases the GIL while FFmpeg decodes and encodes, and the SGZ kernel while it computes, so the stages
+    overlap on separate cores. ``stage_seconds``: if given, accumulates busy seconds under ``"decode"``,
+    ``"enhance"``, ``"encode"``.
+    """
+    timing = stage_seconds if stage_seconds is not None else {}
+    for stage in ("decode", "enhance", "encode"):
+        timing.setdefault(stage, 0.0)
+    decoded: queue.Queue = queue.Queue(maxsize=depth)
+    enhanced: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    finished = object()
+
+    def put(target: queue.Queue, item) -> bool:
+        while not stop.is_set():
+            try:
+                target.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def decoder():
+        iterator = iter(chunks)
+        try:
+            while not stop.is_set():
+                start = time.perf_counter()
+                try:
+                    chunk = next(iterator)
+                except StopIteration:
+                    put(decoded, finished)
+                    return
+                except BaseException as error:  # handed over in order, after the chunks before it
+                    put(decoded, error)
+                    return
+                timing["decode"] += time.perf_counter() - start
+                if not put(decoded, chunk):
+                    return
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    def encoder():
+        while not stop.is_set():
+            try:
+                chunk = enhanced.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if chunk is finished:
+                return
+            start = time.perf_counter()
+            try:
+                write(chunk)
+            except BaseException as error:
+                failures.append(error)
+                stop.set()
+                return
+            timing["encode"] += time.perf_counter() - start
+
+    threads = [threading.Thread(target=decoder, name="video-decode", daemon=True),
+               threading.Thread(target=encoder, name="video-encode", daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        while not failures:
+            try:
+                item = decoded.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if item is finished:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            start = time.perf_counter()
+            result = enhance(item)
+            timing["enhance"] += time.perf_counter() - start
+            if not put(enhanced, result):
+                break
+            yield len(item.pts)
+        put(enhanced, finished)
+        threads[1].join()  # the writer is done before the caller closes the file
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    if failures:
+        raise failures[0]

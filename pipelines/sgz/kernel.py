@@ -19,7 +19,6 @@ numba, :func:`available` is False and :mod:`.model` uses its torch implementatio
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import os
 import threading
@@ -176,8 +175,49 @@ def _align_corners_source(out_size: int, in_size: int):
     return left, right, (position - left).astype(np.float32)
 
 
-def _run_chunks(chunks: int, work, threads: int) -> None:
-    """Call ``work(i)`` for ``i`` in ``range(chunks)``, on up to ``threads`` threads taking chunks as they go."""
+class _Chunks:
+    """Chunks ``0..count`` of one call, handed out one at a time; tracks the ones helpers are still running."""
+
+    def __init__(self, count: int, work):
+        self.count, self.work = count, work
+        self.next = 0
+        self.running = 0
+        self.stopped = False  # set when the caller is done or a chunk failed: no more chunks handed out
+        self.error: Optional[BaseException] = None
+        self.idle = threading.Condition()
+
+    def take(self, helper: bool) -> int:
+        with self.idle:
+            index = self.next
+            if index < self.count and not self.stopped:
+                self.next += 1
+                self.running += helper
+                return index
+            return -1
+
+    def run_as_helper(self) -> None:
+        while True:
+            index = self.take(helper=True)
+            if index < 0:
+                return
+            try:
+                self.work(index)
+            except BaseException as error:  # re-raised by the calling thread
+                self.error, self.stopped = error, True
+            finally:
+                with self.idle:
+                    self.running -= 1
+                    self.idle.notify_all()
+
+
+def run_chunks(chunks: int, work, threads: int) -> None:
+    """Call ``work(i)`` for ``i`` in ``range(chunks)`` on the calling thread and up to ``threads - 1`` helpers.
+
+    The calling thread never waits for a helper to start: it takes chunks itself until none is left and then
+    waits only for chunks a helper is running. A helper the scheduler has not run yet (the CPU is busy with other
+    processes) finds no work when it wakes and returns, so under contention the call degrades to one thread
+    instead of stalling at a barrier as OpenMP's join does.
+    """
     global _pool
     threads = max(1, min(threads, chunks))
     if threads == 1:
@@ -189,20 +229,22 @@ def _run_chunks(chunks: int, work, threads: int) -> None:
             _pool = ThreadPoolExecutor(max_workers=max(threads - 1, os.cpu_count() or 1),
                                        thread_name_prefix="sgz-kernel")
         pool = _pool
-    counter = itertools.count()  # next() is atomic under the GIL
-
-    def worker():
-        for i in counter:
-            if i >= chunks:
-                return
-            work(i)
-
-    helpers = [pool.submit(worker) for _ in range(threads - 1)]
+    state = _Chunks(chunks, work)
+    for _ in range(threads - 1):
+        pool.submit(state.run_as_helper)
     try:
-        worker()
+        while True:
+            index = state.take(helper=False)
+            if index < 0:
+                break
+            work(index)
     finally:
-        for helper in helpers:
-            helper.result()
+        with state.idle:
+            state.stopped = True
+            while state.running:
+                state.idle.wait()
+    if state.error is not None:
+        raise state.error
 
 
 def enhance_cpu(
@@ -252,5 +294,5 @@ def enhance_cpu(
         rows_kernel(src, wide, dst, height, row_scale, first, min(total, first + rows_per_chunk), recurrences,
                     in_scale, to_u8, not from_u8, low, high, bad)
 
-    _run_chunks(chunks, work, torch.get_num_threads() if threads is None else threads)
+    run_chunks(chunks, work, torch.get_num_threads() if threads is None else threads)
     return out, int(bad.sum())

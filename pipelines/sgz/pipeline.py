@@ -28,6 +28,7 @@ import torch
 from ..media.image_convert import check_unit_range, to_tensor_batch
 from .denoise import curve_gain, estimate_noise_sigma, gain_guided_denoise
 from .exposure import fit_exposure, highlight_shoulder
+from .kernel import run_chunks
 from .options import (
     AUTO_EXPOSURE,
     DENOISE,
@@ -201,8 +202,8 @@ class SGZPipeline:
         # Float values (finite, 0..1) are checked inside the full-resolution pass, not in a pass of their own.
         batch, restore = to_tensor_batch(images, keep_uint8=True, check_values=False)
         batch = batch.to(self.device)
-        with _serial_if_small(batch, downscale):
-            factor = estimate_factor_lowres(self.model, batch, downscale).float()
+        with _serial_if_small(batch, downscale) as frame_threads:
+            factor = _estimate_factors(self.model, batch, downscale, frame_threads).float()
             small = None
             if auto_exposure > 0.0 or denoise > 0.0:
                 small = downsample_bilinear(batch, tuple(factor.shape[-2:]))  # the image on the factor's grid
@@ -233,24 +234,43 @@ class SGZPipeline:
         return output, restore(full, plain=True)
 
 
-# Below this many low-resolution pixels per batch the factor network (and the deflicker) runs on one CPU thread: its
-# ops are too small to gain from OpenMP, and OpenMP barriers stall for whole scheduler slices when other processes
-# load the CPU.
+# Below this many low-resolution pixels per frame the factor network (and the deflicker) runs with one torch thread:
+# its ops are too small to gain from OpenMP, and OpenMP barriers stall for whole scheduler slices when other
+# processes load the CPU (a batch of 8 video frames at 2 threads: 3x slower than 1 thread, measured under load).
+# The frames of a batch are then shared among the caller's threads instead (see _estimate_factors).
 _SERIAL_EFE_PIXELS = 256 * 256
 
 
 @contextlib.contextmanager
 def _serial_if_small(batch: torch.Tensor, downscale: int):
+    """Set torch to one thread for the block when the frames are small at low resolution; yields the number of
+    threads to share the frames among (the caller's torch setting then, 1 otherwise)."""
     height, width = lowres_size(*batch.shape[-2:], downscale)
     threads = torch.get_num_threads()
-    serial = batch.device.type == "cpu" and threads > 1 and batch.shape[0] * height * width <= _SERIAL_EFE_PIXELS
+    serial = batch.device.type == "cpu" and threads > 1 and height * width <= _SERIAL_EFE_PIXELS
     if serial:
         torch.set_num_threads(1)
     try:
-        yield
+        yield threads if serial else 1
     finally:
         if serial:
             torch.set_num_threads(threads)
+
+
+def _estimate_factors(model, batch: torch.Tensor, downscale: int, threads: int) -> torch.Tensor:
+    """:func:`estimate_factor_lowres` of the batch, frame by frame on up to ``threads`` threads (torch ops release
+    the GIL; frames are handed out one at a time, so a thread the CPU does not run leaves its frames to the others).
+    """
+    if threads <= 1 or batch.shape[0] == 1:
+        return estimate_factor_lowres(model, batch, downscale)
+    frames = [None] * batch.shape[0]
+
+    def estimate(i: int) -> None:
+        with torch.no_grad():  # grad mode is per thread
+            frames[i] = estimate_factor_lowres(model, batch[i : i + 1], downscale)
+
+    run_chunks(batch.shape[0], estimate, threads)
+    return torch.cat(frames)
 
 
 # Deflicker bounds. A frame whose input brightness differs from its running level by more than this factor (either
