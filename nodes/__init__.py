@@ -6,8 +6,6 @@ global across all installed packs). Importing this package needs ComfyUI's ``com
 stand-in, tests/comfy_stubs.py); the rest of the pack never imports it.
 """
 
-import importlib.util
-
 from comfy_api.latest import ComfyExtension, io
 
 from .example_inputs import install_example_inputs
@@ -15,17 +13,12 @@ from .illumination_nodes import IlluminationPrompt
 from .model_folders import register_model_folders
 from .scuf_nodes import SCUFAdapterLoader, SCUFLighten, SCUFLoadSDTurbo
 from .sgz_nodes import SGZEnhance
+from .sgz_video import SGZEnhanceVideo
 
 
 def node_classes() -> list:
-    """Every node of the pack, SGZ first. The native-video node joins when its module is present (it is built
-    separately; a missing module is not an error, a broken one is)."""
-    nodes = [SGZEnhance]
-    if importlib.util.find_spec(f"{__name__}.sgz_video") is not None:
-        from .sgz_video import SGZEnhanceVideo
-
-        nodes.append(SGZEnhanceVideo)
-    return nodes + [IlluminationPrompt, SCUFLoadSDTurbo, SCUFAdapterLoader, SCUFLighten]
+    """Every node of the pack, SGZ first."""
+    return [SGZEnhance, SGZEnhanceVideo, IlluminationPrompt, SCUFLoadSDTurbo, SCUFAdapterLoader, SCUFLighten]
 
 
 class LowLightExtension(ComfyExtension):
