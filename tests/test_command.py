@@ -38,6 +38,8 @@ def test_table_holds_the_paper_defaults_and_chosen_bounds():
         "downscale": (int, 12, 1, 64),
         "strength": (float, 1.0, 0.0, 4.0),
         "temporal_smoothing": (float, 0.0, 0.0, 0.99),
+        "denoise": (float, 1.0, 0.0, 4.0),
+        "auto_exposure": (float, 1.0, 0.0, 1.0),
     }
     assert all(o.min <= o.default <= o.max and o.help for o in SGZ_OPTIONS.values())
     assert 0 < VIDEO_TEMPORAL_SMOOTHING <= SGZ_OPTIONS["temporal_smoothing"].max
