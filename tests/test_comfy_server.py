@@ -254,3 +254,20 @@ def test_ui_workflow_nodes_exist_and_links_match_types(object_info, workflow):
 def test_every_ui_workflow_has_an_api_twin():
     assert UI_WORKFLOWS
     assert [p.name for p in UI_WORKFLOWS] == [p.name for p in API_WORKFLOWS]
+
+
+def test_api_graph_saved_before_newer_sgz_options_still_runs(server):
+    # An API graph from before an option joined the SGZ table (only the first four): the pipeline's default applies.
+    from comfyui_lowlight.pipelines.sgz.options import SGZ_OPTIONS
+
+    graph = enhance_graph()
+    first_release = ("recurrences", "downscale", "strength", "temporal_smoothing")
+    for name in SGZ_OPTIONS:
+        if name not in first_release:
+            del graph["2"]["inputs"][name]
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success", history_error(entry)
+    current = server.run(enhance_graph())
+    assert current["status"]["status_str"] == "success", history_error(current)
+    (old,), (new,) = server.output_files(entry)["3"], server.output_files(current)["3"]
+    np.testing.assert_array_equal(load_rgb(old), load_rgb(new))  # the defaults are the template's values
