@@ -7,6 +7,8 @@
 Each output keeps its input's format (16-bit PNG stays 16-bit, alpha is kept, grey stays grey) and is written
 atomically. Failures are reported per file and the run goes on; the exit code is 1 when any file failed, 2 for
 unusable arguments, weights or device. ``--method scuf`` enhances images only (videos are reported as failures).
+Animated GIF/PNG/WebP files come out as animations of their format: with SGZ their frames go through the video path
+(temporal smoothing, chunks, ``--max-frames``), with SCUF each frame is enhanced on its own.
 Ctrl-C and SIGTERM (``docker stop``, systemd) stop the batch alike: the file in progress leaves no temporary file,
 the summary line is printed, and the exit code is 128 + the signal's number (130, 143).
 
@@ -83,7 +85,8 @@ def add_parser(commands) -> None:
                                 f"(default {VIDEO_TEMPORAL_SMOOTHING:g} for videos)")
     smoothing.add_argument("--no-temporal-smoothing", dest="temporal_smoothing", action="store_const", const=0.0,
                            help="video: enhance every frame independently")
-    sgz.add_argument("--max-frames", type=int, default=None, help="video: only the first N frames (audio cut to match)")
+    sgz.add_argument("--max-frames", type=int, default=None,
+                     help="video or animated GIF/PNG/WebP: only the first N frames (audio cut to match)")
     sgz.add_argument("--chunk-size", type=int, default=8,
                      help="video: frames processed at once (memory vs speed; default 8)")
     sgz.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
@@ -198,6 +201,26 @@ class _Enhancer:
         write_image(job.destination, enhanced, loaded.alpha, grayscale=loaded.grayscale,
                     icc_profile=loaded.icc_profile, quality=self.args.quality, exif=loaded.exif)
 
+    def animation(self, job: Job, progress_position: int) -> None:
+        """An animated GIF/PNG/WebP: its frames go through the pipeline as a video's do (temporal smoothing, chunks,
+        --max-frames) and come back as an animated file of the output's format."""
+        from tqdm import tqdm
+
+        from ..pipelines.media.animated_io import AnimationReader, enhance_animation
+
+        smoothing = self.args.temporal_smoothing
+        with AnimationReader(job.source) as reader:
+            total = reader.frame_count if self.args.max_frames is None else min(reader.frame_count,
+                                                                                 self.args.max_frames)
+            state = self.pipe.new_video_state() if smoothing > 0 else None
+            with tqdm(total=total, desc=job.source.name, unit="frame", position=progress_position, leave=False,
+                      disable=not self.show_progress) as bar:
+                enhance_animation(
+                    reader, job.destination,
+                    lambda frames: self.pipe(frames, temporal_smoothing=smoothing, video_state=state, **self.settings),
+                    chunk_size=self.args.chunk_size, max_frames=self.args.max_frames, quality=self.args.quality,
+                    on_frames=bar.update)
+
     def video(self, job: Job, progress_position: int) -> None:
         from tqdm import tqdm
 
@@ -262,8 +285,12 @@ def run_sgz(args: argparse.Namespace) -> int:
     enhancer = _Enhancer(pipe, args, show_progress=processes.is_main)
 
     def enhance(job: Job) -> None:
+        from ..pipelines.media.animated_io import is_animated_image
+
         if job.is_video:
             enhancer.video(job, progress_position=1)
+        elif is_animated_image(job.source):
+            enhancer.animation(job, progress_position=1)
         else:
             enhancer.image(job)
 
@@ -304,7 +331,8 @@ def run_scuf(args: argparse.Namespace) -> int:
         tqdm.write(f"{tag} failed: {source}: {why}", file=sys.stderr)
 
     counts = run_share(
-        plan, processes, lambda job: enhance_file(pipe, job.source, job.destination, args.prompt), report_failure,
+        plan, processes, lambda job: enhance_file(pipe, job.source, job.destination, args.prompt,
+                                                  show_progress=processes.is_main), report_failure,
         overwrite=args.overwrite,
         refuse=lambda job: "videos are not supported by --method scuf (images only)" if job.is_video else None,
         progress=lambda share: tqdm(share, desc=f"SCUF {tag}", disable=not processes.is_main),

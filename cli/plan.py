@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..pipelines.media.animated_io import ANIMATION_EXTENSIONS
 from ..pipelines.media.image_io import IMAGE_EXTENSIONS
 from ..pipelines.media.video_io import VIDEO_EXTENSIONS
 
@@ -51,7 +52,7 @@ def plan_jobs(inputs: list[Path], output: Path) -> Plan:
     A destination that is one of the inputs or collides with another input's destination is a failure.
     """
     plan = Plan()
-    media = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+    media = IMAGE_EXTENSIONS | ANIMATION_EXTENSIONS | VIDEO_EXTENSIONS
     single_file_output = len(inputs) == 1 and inputs[0].is_file() and output.suffix.lower() in media
     candidates: list[tuple[Path, Path]] = []
     for item in inputs:

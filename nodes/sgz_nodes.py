@@ -35,10 +35,13 @@ def load_cached_pipeline(path: Path, device: torch.device):
 
 
 def option_input(option: Option, **extra):
-    """A ComfyUI INT/FLOAT widget with the table's default, bounds, step and help (the widget enforces the bounds)."""
+    """A ComfyUI INT/FLOAT widget with the table's default, bounds, step and help (the widget enforces the bounds).
+
+    Optional: an API graph saved before an option joined the table still validates and runs, the option then takes
+    the pipeline's default (the UI shows every widget all the same, and fills a missing one with its default)."""
     kind = io.Int if option.type is int else io.Float
     return kind.Input(option.name, default=option.default, min=option.min, max=option.max, step=option.step,
-                      tooltip=option.help, **extra)
+                      tooltip=option.help, optional=True, **extra)
 
 
 def weights_fingerprint(folder_name: str, choice: str):

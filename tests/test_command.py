@@ -38,13 +38,17 @@ def test_table_holds_the_paper_defaults_and_chosen_bounds():
         "downscale": (int, 12, 1, 64),
         "strength": (float, 1.0, 0.0, 4.0),
         "temporal_smoothing": (float, 0.0, 0.0, 0.99),
+        "denoise": (float, 1.0, 0.0, 4.0),
+        "auto_exposure": (float, 1.0, 0.0, 1.0),
     }
     assert all(o.min <= o.default <= o.max and o.help for o in SGZ_OPTIONS.values())
     assert 0 < VIDEO_TEMPORAL_SMOOTHING <= SGZ_OPTIONS["temporal_smoothing"].max
 
 
 def test_node_inputs_are_the_table():
-    inputs = SGZEnhance.INPUT_TYPES()["required"]
+    sections = SGZEnhance.INPUT_TYPES()
+    inputs = {**sections["required"], **sections["optional"]}
+    assert list(sections["optional"]) == NAMES  # optional: an API graph saved before an option existed still runs
     # widget order is part of saved workflows: image, weights, then the table in its order
     assert list(inputs) == ["image", "weights", *NAMES]
     # execute passes the table's values to the pipeline by name: every table entry is an input, none is dropped
@@ -90,7 +94,7 @@ def test_every_face_accepts_the_bounds_and_rejects_beyond_them(name, capsys):
         assert usage_error.value.code == 2
         assert option.flag in capsys.readouterr().err
     # the node's widget bounds are the pipeline's: ComfyUI refuses values outside them before the node runs
-    spec = SGZEnhance.INPUT_TYPES()["required"][name][1]
+    spec = SGZEnhance.INPUT_TYPES()["optional"][name][1]
     assert (spec["min"], spec["max"]) == (option.min, option.max)
 
 

@@ -165,20 +165,22 @@ def test_16bit_png_over_the_byte_budget_is_never_decoded(tmp_path, monkeypatch):
         read_image(source)
 
 
-# -------------------------------------------------------------------------- row 13: animated images refused
+# --------------------------------------- row 13: animated images enhanced as animations (tests/test_animated_images.py)
 
 
 @pytest.mark.parametrize("name", ["clip.gif", "clip.png", "clip.webp"])
-def test_animated_image_is_refused_not_cut_to_its_first_frame(name, tmp_path, capsys):
+def test_animated_image_is_not_cut_to_its_first_frame(name, tmp_path, capsys):
     frames = [Image.fromarray(dark_scene(24, 32, seed=seed)) for seed in range(3)]
     source = tmp_path / name
     frames[0].save(source, save_all=True, append_images=frames[1:], duration=100, loop=0)
-    with pytest.raises(ImageFileError, match=rf"{name}: animated .* with 3 frames; .* convert it to a video"):
+    # the still-image API refuses it, pointing at the command that handles it
+    with pytest.raises(ImageFileError, match=rf"{name}: animated .* with 3 frames; read_image reads still images "
+                                             rf"only: .*lowlight enhance {name} -o OUT"):
         read_image(source)
-    assert enhance(source, "-o", tmp_path / "out") == 1
-    summary, err = _summary(capsys)
-    assert summary == "lowlight: 0 written, 0 skipped, 1 failed" and "animated" in err
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert enhance(source, "-o", tmp_path / "out") == 0
+    assert _summary(capsys)[0] == "lowlight: 1 written, 0 skipped, 0 failed"
+    with Image.open(tmp_path / "out" / name) as result:
+        assert result.is_animated and result.n_frames == 3
 
 
 def test_animated_16bit_png_is_refused(tmp_path):

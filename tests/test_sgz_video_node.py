@@ -97,7 +97,8 @@ def test_inputs_come_from_the_sgz_table_with_deflicker_on_for_video():
 
     schema = sgz_video.SGZEnhanceVideo.define_schema()
     assert schema.node_id == "LowLightSGZEnhanceVideo" and schema.category == "image/lowlight"
-    required = sgz_video.SGZEnhanceVideo.INPUT_TYPES()["required"]
+    sections = sgz_video.SGZEnhanceVideo.INPUT_TYPES()
+    required = {**sections["required"], **sections["optional"]}  # the table's options are optional widgets
     assert list(required) == ["video", "weights", *SGZ_OPTIONS]  # widget order = the table's (saved workflows)
     assert required["video"][0] == "VIDEO" and [out.get_io_type() for out in schema.outputs] == ["VIDEO"]
     assert required["weights"][1]["options"][0] == SHIPPED_CHOICE

@@ -12,7 +12,8 @@
 - the EXIF orientation tag is applied, so the pixels are upright and the tag is not written back; the rest of the
   EXIF (date, camera, exposure, GPS...) is kept in ``LoadedImage.exif`` for ``write_image``, without the thumbnail
   (it shows the unenhanced picture) and without TIFF layout tags;
-- animated GIF/PNG/WebP files are refused (taking their first frame would silently drop the rest);
+- animated GIF/PNG/WebP files are refused (taking their first frame would silently drop the rest):
+  ``animated_io`` reads them frame by frame, and ``lowlight enhance`` sends them there;
 - 16-bit PNGs whose decoded size exceeds Pillow's decompression-bomb limit are refused from the header, before
   any pixel is decoded.
 
@@ -47,7 +48,8 @@ _TIFF_LAYOUT_TAGS = frozenset({
 # Formats whose files may hold several frames of an animation (multi-page TIFF and MPO previews are not animations).
 _ANIMATED_FORMATS = frozenset({"GIF", "PNG", "WEBP"})
 # Formats that can store an alpha channel when Pillow writes them.
-_ALPHA_FORMATS = frozenset({"PNG", "TIFF", "WEBP"})
+_ALPHA_FORMATS = frozenset({"PNG", "TIFF", "WEBP", "GIF"})  # GIF: on or off per pixel
+_GIF_TRANSPARENT_INDEX = 255
 
 
 class ImageFileError(ValueError):
@@ -139,8 +141,9 @@ def _refuse_animation(path: Path, image: Image.Image) -> None:
     """An animated GIF/APNG/WebP is a clip: enhancing its first frame as a still would silently lose the rest."""
     if image.format in _ANIMATED_FORMATS and getattr(image, "is_animated", False):
         raise ImageFileError(
-            f"{path}: animated {image.format} with {image.n_frames} frames; only still images are enhanced as "
-            f"images: convert it to a video first (e.g. ffmpeg -i {path.name} {path.stem}.mp4) and enhance that"
+            f"{path}: animated {image.format} with {image.n_frames} frames; read_image reads still images only: "
+            f"read its frames with pipelines.media.animated_io.AnimationReader, or enhance it with "
+            f"`lowlight enhance {path.name} -o OUT`, which writes an animated {image.format} back"
         )
 
 
@@ -340,7 +343,31 @@ def _to_8bit(array: np.ndarray) -> np.ndarray:
     return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
+def gif_palette_frame(pixels: np.ndarray, alpha: np.ndarray | None = None) -> Image.Image:
+    """``uint8`` RGB ``[H, W, 3]`` (+ alpha) as a GIF frame: its own adaptive palette (median cut, 256 colours, or
+    255 and a transparent index where alpha < 128), Floyd-Steinberg dithered against banding in smooth dark
+    gradients."""
+    if alpha is not None and not (np.asarray(alpha) < 128).any():
+        alpha = None  # opaque: all 256 colours, no transparent index
+    rgb = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+    colours = 256 if alpha is None else 255
+    palette = rgb.quantize(colours, method=Image.Quantize.MEDIANCUT)
+    frame = rgb.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG)
+    if alpha is not None:
+        indices = np.array(frame)
+        indices[np.asarray(alpha) < 128] = _GIF_TRANSPARENT_INDEX
+        entries = frame.getpalette()[: 3 * colours]
+        frame = Image.fromarray(indices, "P")
+        frame.putpalette(entries + [0, 0, 0] * (256 - colours))
+        frame.info["transparency"] = _GIF_TRANSPARENT_INDEX
+    return frame
+
+
 def _write_with_pillow(path, image_format, pixels, alpha, grayscale, icc_profile, quality, exif) -> None:
+    if image_format == "GIF":  # a still GIF: no EXIF or ICC in Pillow's GIF writer
+        frame = gif_palette_frame(pixels, alpha)
+        frame.save(path, format="GIF", **({"transparency": _GIF_TRANSPARENT_INDEX} if alpha is not None else {}))
+        return
     if grayscale:
         image = Image.fromarray(pixels[..., 0], "L")
         if alpha is not None:

@@ -28,8 +28,14 @@ def load_pipeline(args: argparse.Namespace, device):
     return pipe
 
 
-def enhance_file(pipe, source: Path, destination: Path, prompt: str | None) -> None:
-    """Enhance one image file into ``destination`` (atomic), keeping bit depth, alpha, grey, ICC profile and EXIF."""
+def enhance_file(pipe, source: Path, destination: Path, prompt: str | None, show_progress: bool = True) -> None:
+    """Enhance one image file into ``destination`` (atomic), keeping bit depth, alpha, grey, ICC profile and EXIF.
+    An animated GIF/PNG/WebP is enhanced frame by frame (each independently) into an animated file."""
+    from ..media.animated_io import is_animated_image
+
+    if is_animated_image(source):
+        _enhance_animation(pipe, source, destination, prompt, show_progress)
+        return
     loaded = read_image(source)
     # uint8 pixels take the pipeline's exact official resize path; 16-bit goes in as float
     image = loaded.pixels if loaded.bit_depth == 8 else loaded.to_float()
@@ -37,3 +43,20 @@ def enhance_file(pipe, source: Path, destination: Path, prompt: str | None) -> N
     destination.parent.mkdir(parents=True, exist_ok=True)
     write_image(destination, to_integer_pixels(enhanced, loaded.bit_depth), loaded.alpha,
                 grayscale=loaded.grayscale, icc_profile=loaded.icc_profile, exif=loaded.exif)
+
+
+def _enhance_animation(pipe, source: Path, destination: Path, prompt: str | None, show_progress: bool) -> None:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from ..media.animated_io import AnimationReader, enhance_animation
+
+    def enhance_frames(frames: np.ndarray) -> np.ndarray:
+        return np.stack([to_integer_pixels(pipe(frame, prompt=prompt, output_type="np").images[0], 8)
+                         for frame in frames])
+
+    with AnimationReader(source) as reader:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with tqdm(total=reader.frame_count, desc=source.name, unit="frame", leave=False,
+                  disable=not show_progress) as bar:
+            enhance_animation(reader, destination, enhance_frames, chunk_size=1, on_frames=bar.update)
