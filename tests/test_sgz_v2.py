@@ -54,7 +54,8 @@ def test_new_options_are_appended_after_the_old_widgets():
     # Saved ComfyUI workflows list widget values by position: the four old options keep their places.
     assert list(SGZ_OPTIONS) == ["recurrences", "downscale", "strength", "temporal_smoothing", "denoise",
                                  "auto_exposure"]
-    node_inputs = list(SGZEnhance.INPUT_TYPES()["required"])
+    inputs = SGZEnhance.INPUT_TYPES()
+    node_inputs = [*inputs["required"], *inputs.get("optional", {})]
     assert node_inputs[-2:] == ["denoise", "auto_exposure"]
     assert SGZ_OPTIONS["denoise"].default > 0 and SGZ_OPTIONS["auto_exposure"].default == 1.0
 
