@@ -244,22 +244,26 @@ def bench_speed(args) -> None:
         "v2 denoise only": lambda: pipe(frame, auto_exposure=0.0),
         "v2 (defaults)": lambda: pipe(frame),
     }
-    for run in runs.values():  # warm-up (first-call allocations, lazy imports)
-        run()
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):  # interleaved: load from other processes hits every variant alike
-        for name, run in runs.items():
-            start = time.perf_counter()
+    default_threads = torch.get_num_threads()
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for run in runs.values():  # warm-up (first-call allocations, lazy imports, kernel compilation)
             run()
-            times[name].append(time.perf_counter() - start)
-    plain = statistics.median(times["plain"])
-    print(f"1920x1080 uint8 frame ({source.name} resized), {torch.get_num_threads()} threads, median of "
-          f"{args.repeats} interleaved runs\n")
-    print("| variant | ms | x plain |")
-    print("|---|---|---|")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {1000 * median:.1f} | {median / plain:.2f} |")
+        times = {name: [] for name in runs}
+        for _ in range(args.repeats):  # interleaved: load from other processes hits every variant alike
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+        plain = statistics.median(times["plain"])
+        print(f"\n1920x1080 uint8 frame ({source.name} resized), {threads} thread(s), median of "
+              f"{args.repeats} interleaved runs\n")
+        print("| variant | ms | x plain |")
+        print("|---|---|---|")
+        for name, values in times.items():
+            median = statistics.median(values)
+            print(f"| {name} | {1000 * median:.1f} | {median / plain:.2f} |")
+    torch.set_num_threads(default_threads)
 
 
 def main(argv=None) -> int:
@@ -276,6 +280,7 @@ def main(argv=None) -> int:
     classify.set_defaults(run=bench_classify)
     speed = commands.add_parser("speed", help="(d) speed at 1920x1080")
     speed.add_argument("--repeats", type=int, default=9)
+    speed.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (default 1 2)")
     speed.set_defaults(run=bench_speed)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)

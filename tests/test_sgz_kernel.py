@@ -253,4 +253,79 @@ def test_cached_kernel_loads_under_another_import_name(tmp_path):
     for code in (as_installed, as_in_comfyui, as_installed):  # each after the other has written the cache
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-    assert len(list((tmp_path / "numba_cache").rglob("*.nbi"))) == 4  # rows and widen, once per import name
+    # rows, widen and guided_rows (the v2 noise filter, on by default), once per import name
+    assert len(list((tmp_path / "numba_cache").rglob("*.nbi"))) == 6
+
+
+# ------------------------------------------------------------------ SGZ v2's noise filter (full-resolution step)
+def _denoise_case(batch, height, width, seed, dtype, channels_last):
+    from comfyui_lowlight.pipelines.sgz.denoise import curve_gain
+
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.rand(batch, 3, height, width, generator=generator) * 0.6
+    small = (max(1, height // 4), max(1, width // 4))
+    factor = torch.rand(batch, 3, *small, generator=generator) * 0.8
+    gain = curve_gain(torch.nn.functional.interpolate(image, size=small, mode="area"), factor, 8)
+    sigma = torch.full((batch,), 0.03)
+    if dtype == torch.uint8:
+        image = (image * 255).round().to(torch.uint8)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    return image, gain, sigma
+
+
+@pytest.mark.parametrize("batch,height,width", [(1, 1, 1), (1, 1, 6), (2, 7, 5), (1, 33, 61), (3, 64, 48),
+                                                (1, 300, 401)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_denoise_kernel_matches_the_torch_filter(batch, height, width, dtype, channels_last):
+    from comfyui_lowlight.pipelines.sgz.denoise import gain_guided_denoise
+
+    image, gain, sigma = _denoise_case(batch, height, width, 5, dtype, channels_last)
+    reference = gain_guided_denoise(image, gain, sigma, 1.5, use_kernel=False)
+    fused = gain_guided_denoise(image, gain, sigma, 1.5)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert fused.dtype == dtype and fused.is_contiguous(memory_format=layout)
+    tolerance = 1 if dtype == torch.uint8 else 1e-4
+    assert (fused.double() - reference.double()).abs().max() <= tolerance
+    assert not torch.equal(fused, image) or height * width == 1  # the filter did something to compare
+    in_place = image.clone(memory_format=layout)
+    assert gain_guided_denoise(in_place, gain, sigma, 1.5, in_place=True).data_ptr() == in_place.data_ptr()
+    assert torch.equal(in_place, fused)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.uint8, torch.float32, torch.float64])
+def test_denoise_kernel_converts_between_dtypes_like_the_torch_filter(out_dtype):
+    from comfyui_lowlight.pipelines.sgz.denoise import gain_guided_denoise
+
+    for dtype in (torch.uint8, torch.float32, torch.float64):
+        image, gain, sigma = _denoise_case(2, 19, 23, 6, torch.uint8 if dtype == torch.uint8 else torch.float32,
+                                           False)
+        image = image.to(dtype) if dtype != torch.uint8 else image
+        reference = gain_guided_denoise(image, gain, sigma, out_dtype=out_dtype, use_kernel=False)
+        fused = gain_guided_denoise(image, gain, sigma, out_dtype=out_dtype)
+        assert fused.dtype == out_dtype
+        tolerance = 1 if out_dtype == torch.uint8 else 1e-4
+        assert (fused.double() - reference.double()).abs().max() <= tolerance
+
+
+def test_denoise_amount_zero_is_the_identity_in_both_paths():
+    from comfyui_lowlight.pipelines.sgz.denoise import gain_guided_denoise
+
+    image, gain, sigma = _denoise_case(2, 9, 11, 7, torch.uint8, True)
+    for use_kernel in (True, False):
+        assert torch.equal(gain_guided_denoise(image, gain, sigma, 0.0, use_kernel=use_kernel), image)
+        as_float = gain_guided_denoise(image, gain, sigma, 0.0, out_dtype=torch.float32, use_kernel=use_kernel)
+        assert torch.allclose(as_float, image.float() / 255.0)
+
+
+def test_v2_pipeline_with_the_kernels_matches_the_torch_path(monkeypatch):
+    """Defaults (denoise on) end to end: numba kernels vs the torch implementations, uint8 and float frames."""
+    pipe = SGZPipeline.from_pretrained()
+    frames = np.random.default_rng(11).integers(0, 70, (2, 45, 67, 3), dtype=np.uint8)
+    fused_u8, fused_float = pipe(frames), pipe(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0)
+    monkeypatch.setattr(kernel, "_kernels", False)
+    torch_u8, torch_float = pipe(frames), pipe(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0)
+    assert np.abs(fused_u8.astype(int) - torch_u8.astype(int)).max() <= 1
+    assert (fused_float - torch_float).abs().max() <= 1e-4
+    assert np.abs(fused_u8.astype(int) - pipe(frames, denoise=0.0).astype(int)).max() > 3  # the filter acts

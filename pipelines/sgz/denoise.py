@@ -14,10 +14,14 @@ subsampled grid; the last is one multiply-add per pixel and channel (``rgb = a *
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import kernel
 
 # Regulariser multiples of the amplified noise (in standard deviations) for luma and chroma at amount 1, and the
 # window (full-resolution pixels; the subsampled grid uses the nearest odd size, at least 3). Chosen on ../shared/data/unpaired looks and checked on LOL eval15
@@ -84,9 +88,19 @@ def estimate_noise_sigma(image: torch.Tensor) -> torch.Tensor:
 
 
 def _box_mean(tensor: torch.Tensor, size: int) -> torch.Tensor:
-    """Mean over a ``size`` x ``size`` window, borders replicated (works down to 1x1 images)."""
+    """Mean over a ``size`` x ``size`` window, borders replicated (works down to 1x1 images).
+
+    Separable sums of shifted views: a few adds per value, several times faster on the CPU than ``avg_pool2d``."""
     half = size // 2
-    return F.avg_pool2d(F.pad(tensor, (half, half, half, half), mode="replicate"), size, stride=1)
+    height, width = tensor.shape[-2:]
+    padded = F.pad(tensor, (half, half, half, half), mode="replicate")
+    rows = padded[..., :width] + padded[..., 1 : 1 + width]
+    for shift in range(2, size):
+        rows += padded[..., shift : shift + width]
+    total = rows[..., :height, :] + rows[..., 1 : 1 + height, :]
+    for shift in range(2, size):
+        total += rows[..., shift : shift + height, :]
+    return total.div_(size * size)
 
 
 def _subsample_grid(size: int, step: int, device: torch.device) -> torch.Tensor:
@@ -100,24 +114,86 @@ def gain_guided_denoise(
     noise_sigma: torch.Tensor,
     amount: float = 1.0,
     subsample: int = 2,
+    *,
+    out_dtype: Optional[torch.dtype] = None,
+    in_place: bool = False,
+    use_kernel: bool = True,
 ) -> torch.Tensor:
-    """Filter the enhanced ``image`` where the curve amplified noise; returns a new float32 ``[B, 3, H, W]``.
+    """Filter the enhanced ``image`` where the curve amplified noise; returns ``[B, 3, H, W]`` clamped to 0..1.
 
     Args:
-        image: the curve's output, ``[B, 3, H, W]`` float 0..1.
+        image: the curve's output, ``[B, 3, H, W]`` float 0..1 or uint8 0..255 (NCHW or channels-last).
         gain_lowres: :func:`curve_gain` ``[B, 1, h, w]`` on the factor's grid.
         noise_sigma: ``[B]`` noise of the input (:func:`estimate_noise_sigma`).
-        amount: scales the regulariser's noise multiples; 0 returns the image unchanged (as float32).
+        amount: scales the regulariser's noise multiples; 0 returns the image unchanged (in ``out_dtype``).
         subsample: the guided filter's coefficients are computed on every ``subsample``-th pixel (fast guided
             filter) and interpolated back; 1 = exact.
+        out_dtype: the result's dtype (uint8: rounded); the image's by default.
+        in_place: write the result into ``image`` (when ``out_dtype`` is its dtype): no second full-size frame.
+        use_kernel: on the CPU, the full-resolution step runs as one compiled pass (:mod:`.kernel`); ``False``
+            forces the torch implementation (its reference, used on other devices and without numba).
     """
-    image = image.float()
+    out_dtype = out_dtype or image.dtype
     if amount <= 0.0:
+        return _to_unit_dtype(image, out_dtype)
+    height, width = image.shape[-2:]
+    with single_torch_thread(image.device.type == "cpu"):
+        coefficients = _rgb_coefficients(image, gain_lowres, noise_sigma, amount, subsample)
+    if use_kernel and kernel.supports(image, out_dtype) and image.is_contiguous(memory_format=_layout(image)):
+        if in_place and out_dtype == image.dtype:
+            out = image
+        else:
+            out = torch.empty_like(image, dtype=out_dtype, memory_format=_layout(image))
+        return kernel.guided_apply_cpu(image, coefficients, _RGB_TO_YCC[0].tolist(), out)
+    full = _to_unit_dtype(image, torch.float32)
+    if coefficients.shape[-2:] != (height, width):
+        coefficients = F.interpolate(coefficients, size=(height, width), mode="bilinear", align_corners=False)
+    full_luma = torch.einsum("c,bchw->bhw", _RGB_TO_YCC[0].to(image.device), full).unsqueeze(1)
+    result = torch.addcmul(coefficients[:, 3:], coefficients[:, :3], full_luma).clamp_(0.0, 1.0)
+    return _to_unit_dtype(result, out_dtype)
+
+
+@contextlib.contextmanager
+def single_torch_thread(enabled: bool):
+    """torch at one thread for the block (when ``enabled``). The filter's low-resolution ops (gain, noise
+    estimate, the subsampled grid) are a few ms each: OpenMP gains little on them and its barriers stall for whole
+    scheduler slices when other processes load the CPU (1920x1080 frame on 2 busy cores, 2 threads vs 1: the
+    coefficients ~290 vs ~35 ms, the curve's gain ~600 vs ~5 ms, measured)."""
+    threads = torch.get_num_threads()
+    if enabled and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if enabled and threads > 1:
+            torch.set_num_threads(threads)
+
+
+def _layout(image: torch.Tensor) -> torch.memory_format:
+    channels_last = image.stride(1) == 1 and not image.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _to_unit_dtype(image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``image`` (uint8 0..255 or float 0..1) as ``dtype`` in the same convention (uint8: rounded half up)."""
+    if image.dtype == dtype:
         return image
-    batch, _, height, width = image.shape
+    if dtype == torch.uint8:
+        return image.float().mul(255.0).add_(0.5).clamp_(0.0, 255.0).to(torch.uint8)
+    if image.dtype == torch.uint8:
+        return image.to(dtype).div_(255.0)
+    return image.to(dtype)
+
+
+def _rgb_coefficients(
+    image: torch.Tensor, gain_lowres: torch.Tensor, noise_sigma: torch.Tensor, amount: float, subsample: int
+) -> torch.Tensor:
+    """The guided filter's coefficients on the subsampled grid, in RGB: ``[B, 6, h, w]`` (slopes, then offsets,
+    of ``rgb = a * Y + b``). Reads only the grid's pixels of ``image``."""
+    height, width = image.shape[-2:]
     rows = _subsample_grid(height, subsample, image.device)
     cols = _subsample_grid(width, subsample, image.device)
-    small = image.index_select(2, rows).index_select(3, cols)
+    small = _to_unit_dtype(image.index_select(2, rows).index_select(3, cols), torch.float32).contiguous()
     ycc = torch.einsum("dc,bchw->bdhw", _RGB_TO_YCC.to(image.device), small)
     luma = ycc[:, :1]
     # Noise the curve added on the subsampled grid: the input's variance times (slope^2 - 1). Where the curve does
@@ -135,13 +211,6 @@ def gain_guided_denoise(
     slopes = covariance / regulariser.add_(covariance[:, :1])
     offsets = torch.addcmul(mean_target, slopes, mean_luma, value=-1.0)
     coefficients = box(torch.cat([slopes, offsets], dim=1))
-    slopes, offsets = coefficients[:, :3], coefficients[:, 3:]
-    # Back to RGB on the small grid (linear), then one multiply-add per pixel at full size.
+    # Back to RGB on the small grid (linear): the full-resolution step is then one multiply-add per value.
     to_rgb = torch.linalg.inv(_RGB_TO_YCC).to(image.device)
-    rgb_coefficients = torch.cat(
-        [torch.einsum("cd,bdhw->bchw", to_rgb, slopes), torch.einsum("cd,bdhw->bchw", to_rgb, offsets)], dim=1
-    )
-    if rgb_coefficients.shape[-2:] != (height, width):
-        rgb_coefficients = F.interpolate(rgb_coefficients, size=(height, width), mode="bilinear", align_corners=False)
-    full_luma = torch.einsum("c,bchw->bhw", _RGB_TO_YCC[0].to(image.device), image).unsqueeze(1)
-    return torch.addcmul(rgb_coefficients[:, 3:], rgb_coefficients[:, :3], full_luma)
+    return torch.einsum("cd,bdhw->bchw", torch.block_diag(to_rgb, to_rgb), coefficients)

@@ -41,7 +41,7 @@ _SUPPORTED_INPUTS = (torch.uint8, torch.float32, torch.float64)
 _SUPPORTED_OUTPUTS = (torch.uint8, torch.float32, torch.float64)
 
 _lock = threading.Lock()
-_kernels = None  # (rows, widen) once compiled; False when numba is unavailable
+_kernels = None  # (rows, widen, guided_rows) once compiled; False when numba is unavailable
 _pool: Optional[ThreadPoolExecutor] = None
 
 
@@ -134,7 +134,68 @@ def _compile():
                         else:
                             wide[b * 3 + c, j, i] = value
 
-    return jit(rows), jit(widen)
+    def guided_rows(src, dst, coefficients, rows_top, rows_bottom, row_weight, columns_left, columns_right,
+                    column_weight, luma_weights, first, stop, in_scale, to_u8, channels_last):
+        """Rows ``first..stop`` (of ``B * H``) of the guided filter's last step: ``dst = a * Y(src) + b``.
+
+        ``src``/``dst`` ``[B, 3, H, W]`` or (channels-last) ``[B, H, W, 3]`` arrays, possibly the same one;
+        ``coefficients [B, 6, h, w]`` RGB slopes then offsets, resampled bilinearly (align_corners=False source
+        positions given per axis) into two line buffers per row."""
+        batch, _, small_h, small_w = coefficients.shape
+        height = rows_top.shape[0]
+        width = columns_left.shape[0]
+        between = np.empty((6, small_w), np.float32)
+        line = np.empty((6, width), np.float32)
+        wr, wg, wb = luma_weights[0], luma_weights[1], luma_weights[2]
+        for r in range(first, stop):
+            b = r // height
+            y = r - b * height
+            top = rows_top[y]
+            bottom = rows_bottom[y]
+            weight = row_weight[y]
+            for c in range(6):
+                upper = coefficients[b, c, top]
+                lower = coefficients[b, c, bottom]
+                for i in range(small_w):
+                    between[c, i] = upper[i] + weight * (lower[i] - upper[i])
+            for c in range(6):
+                source = between[c]
+                target = line[c]
+                for x in range(width):
+                    a = source[columns_left[x]]
+                    target[x] = a + column_weight[x] * (source[columns_right[x]] - a)
+            if channels_last:
+                pixels = src[b, y]
+                out = dst[b, y]
+                for x in range(width):
+                    red = np.float32(pixels[x, 0]) * in_scale
+                    green = np.float32(pixels[x, 1]) * in_scale
+                    blue = np.float32(pixels[x, 2]) * in_scale
+                    luma = wr * red + wg * green + wb * blue
+                    for c in range(3):
+                        v = min(max(line[c, x] * luma + line[3 + c, x], zero), one)
+                        if to_u8:
+                            out[x, c] = v * u8_max + half  # truncated = rounded
+                        else:
+                            out[x, c] = v
+            else:
+                red_row, green_row, blue_row = src[b, 0, y], src[b, 1, y], src[b, 2, y]
+                luma_row = np.empty(width, np.float32)
+                for x in range(width):
+                    luma_row[x] = (wr * np.float32(red_row[x]) + wg * np.float32(green_row[x])
+                                   + wb * np.float32(blue_row[x])) * in_scale
+                for c in range(3):
+                    slope = line[c]
+                    offset = line[3 + c]
+                    out = dst[b, c, y]
+                    if to_u8:
+                        for x in range(width):
+                            out[x] = min(max(slope[x] * luma_row[x] + offset[x], zero), one) * u8_max + half
+                    else:
+                        for x in range(width):
+                            out[x] = min(max(slope[x] * luma_row[x] + offset[x], zero), one)
+
+    return jit(rows), jit(widen), jit(guided_rows)
 
 
 def available() -> bool:
@@ -258,7 +319,7 @@ def enhance_cpu(
     ``factor_lowres [B, 3, h, w]``. Returns ``(out, outside)``: ``out`` in ``out_dtype`` with the image's memory
     layout, and ``outside`` the number of float input values outside ``0..1`` (+ :data:`RANGE_SLACK`) or not
     finite (0 for uint8 input)."""
-    rows_kernel, widen_kernel = _kernels
+    rows_kernel, widen_kernel, _ = _kernels
     batch, _, height, width = image.shape
     small_h, small_w = factor_lowres.shape[-2:]
     channels_last = image.stride(1) == 1 and not image.is_contiguous()
@@ -296,3 +357,53 @@ def enhance_cpu(
 
     run_chunks(chunks, work, torch.get_num_threads() if threads is None else threads)
     return out, int(bad.sum())
+
+
+def _half_pixel_source(out_size: int, in_size: int):
+    """Source positions of an align_corners=False bilinear resize along one axis (as torch's, float32):
+    (left index, right index, weight)."""
+    scale = np.float32(in_size / out_size)
+    position = np.maximum((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
+    left = np.minimum(position.astype(np.int64), in_size - 1)
+    right = np.minimum(left + 1, in_size - 1)
+    return left, right, (position - left).astype(np.float32)
+
+
+def guided_apply_cpu(
+    image: torch.Tensor,
+    coefficients: torch.Tensor,
+    luma_weights,
+    out: torch.Tensor,
+    threads: Optional[int] = None,
+) -> torch.Tensor:
+    """The guided filter's full-resolution step in one pass: per pixel, bilinearly resample (align_corners=False)
+    the RGB ``coefficients [B, 6, h, w]`` (slopes, offsets) and write ``clamp(a * Y + b, 0, 1)`` with ``Y`` the
+    ``luma_weights`` (3 floats) luma of ``image``. ``image`` ``[B, 3, H, W]`` CPU uint8 0..255 or float 0..1,
+    ``out`` of the same shape and memory layout (uint8 rounded, or float), which may be ``image`` itself."""
+    guided_kernel = _kernels[2]
+    batch, _, height, width = image.shape
+    channels_last = image.stride(1) == 1 and not image.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    if not image.is_contiguous(memory_format=layout) or not out.is_contiguous(memory_format=layout):
+        raise ValueError("guided_apply_cpu: image and out must be contiguous in the same memory layout")
+    if channels_last:
+        src, dst = image.permute(0, 2, 3, 1).numpy(), out.permute(0, 2, 3, 1).numpy()
+    else:
+        src, dst = image.numpy(), out.numpy()
+    small = np.ascontiguousarray(coefficients.detach().to(device="cpu", dtype=torch.float32).numpy())
+    rows = _half_pixel_source(height, small.shape[2])
+    columns = _half_pixel_source(width, small.shape[3])
+    weights = np.asarray(luma_weights, np.float32)
+    in_scale = np.float32(1.0 / 255.0 if image.dtype == torch.uint8 else 1.0)
+    to_u8 = out.dtype == torch.uint8
+    total = batch * height
+    rows_per_chunk = max(1, _CHUNK_VALUES // (3 * width))
+    chunks = math.ceil(total / rows_per_chunk)
+
+    def work(i):
+        first = i * rows_per_chunk
+        guided_kernel(src, dst, small, *rows, *columns, weights, first, min(total, first + rows_per_chunk),
+                      in_scale, to_u8, channels_last)
+
+    run_chunks(chunks, work, torch.get_num_threads() if threads is None else threads)
+    return out

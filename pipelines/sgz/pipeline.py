@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from ..media.image_convert import check_unit_range, to_tensor_batch
-from .denoise import curve_gain, estimate_noise_sigma, gain_guided_denoise
+from .denoise import curve_gain, estimate_noise_sigma, gain_guided_denoise, single_torch_thread
 from .exposure import fit_exposure, highlight_shoulder
 from .kernel import run_chunks
 from .options import (
@@ -217,12 +217,14 @@ class SGZPipeline:
             else:
                 factor = _deflicker(batch, factor, strength, recurrences, temporal_smoothing, video_state)
         if denoise > 0.0 and recurrences > 0 and bool(factor.abs().max() > 0):
+            # The curve's output as float (quantising it to uint8 first would move the filtered result by more
+            # than a level: the filter's slopes amplify the rounding), filtered into the frame's own dtype.
             enhanced = enhance(batch, factor, recurrences, out_dtype=torch.float32, what="images")
-            gain = curve_gain(small, factor, recurrences)
-            enhanced = gain_guided_denoise(enhanced, gain, estimate_noise_sigma(batch), denoise).clamp_(0.0, 1.0)
-            if batch.dtype == torch.uint8:
-                enhanced = enhanced.mul_(255.0).add_(0.5).to(torch.uint8)
-            output = restore(enhanced)
+            with single_torch_thread(batch.device.type == "cpu"):
+                gain = curve_gain(small, factor, recurrences)
+                noise_sigma = estimate_noise_sigma(batch)
+            output = restore(gain_guided_denoise(enhanced, gain, noise_sigma, denoise, out_dtype=batch.dtype,
+                                                 in_place=True))
         else:
             out_dtype = torch.uint8 if batch.dtype == torch.uint8 else None
             output = restore(enhance(batch, factor, recurrences, out_dtype=out_dtype, what="images"))
