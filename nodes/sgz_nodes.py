@@ -44,6 +44,16 @@ def option_input(option: Option, **extra):
                       tooltip=option.help, optional=True, **extra)
 
 
+def sgz_weights_input():
+    """The SGZ weights dropdown: the pack's shipped weights, or a file in ComfyUI's models/sgz folder."""
+    return io.Combo.Input(
+        "weights",
+        options=weight_choices(SGZ_FOLDER, "sgz*.safetensors", SHIPPED_WEIGHTS.name),
+        tooltip="SGZ weights: the pack's shipped weights (lora_weights/), or a file in ComfyUI's models/sgz folder "
+        "(our .safetensors or the official Epoch99.pth).",
+    )
+
+
 def weights_fingerprint(folder_name: str, choice: str):
     """What ComfyUI's cache compares for a weights choice: the file's path and stamp, so that a file replaced on disk
     under the same name runs the node again (a missing file fingerprints as such, and fails when run)."""
@@ -68,12 +78,7 @@ class SGZEnhance(io.ComfyNode):
             ),
             inputs=[
                 io.Image.Input("image", tooltip="Low-light image, or a batch of frames of one video in order."),
-                io.Combo.Input(
-                    "weights",
-                    options=weight_choices(SGZ_FOLDER, "sgz*.safetensors", SHIPPED_WEIGHTS.name),
-                    tooltip="SGZ weights: the pack's shipped weights (lora_weights/), or a file in ComfyUI's "
-                    "models/sgz folder (our .safetensors or the official Epoch99.pth).",
-                ),
+                sgz_weights_input(),
                 # Built from the parameter table, in its order (saved workflows list widget values by position).
                 *(option_input(option) for option in SGZ_OPTIONS.values()),
             ],

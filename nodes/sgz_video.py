@@ -20,10 +20,9 @@ from pathlib import Path
 
 from comfy_api.latest import InputImpl, io
 
-from ..pipelines.sgz.model import SHIPPED_WEIGHTS
 from ..pipelines.sgz.options import SGZ_OPTIONS, TEMPORAL_SMOOTHING, VIDEO_TEMPORAL_SMOOTHING
-from .model_folders import SGZ_FOLDER, resolve_weights, weight_choices
-from .sgz_nodes import CATEGORY, load_cached_pipeline, option_input, weights_fingerprint
+from .model_folders import SGZ_FOLDER, resolve_weights
+from .sgz_nodes import CATEGORY, load_cached_pipeline, option_input, sgz_weights_input, weights_fingerprint
 
 NODE_ID = "LowLightSGZEnhanceVideo"
 # Frames decoded, enhanced and encoded at a time: memory stays about this many frames whatever the video's length.
@@ -70,12 +69,7 @@ class SGZEnhanceVideo(io.ComfyNode):
             ),
             inputs=[
                 io.Video.Input("video", tooltip="The low-light video (from Load Video, Video Slice, ...)."),
-                io.Combo.Input(
-                    "weights",
-                    options=weight_choices(SGZ_FOLDER, "sgz*.safetensors", SHIPPED_WEIGHTS.name),
-                    tooltip="SGZ weights: the pack's shipped weights (lora_weights/), or a file in ComfyUI's "
-                    "models/sgz folder (our .safetensors or the official Epoch99.pth).",
-                ),
+                sgz_weights_input(),
                 # Built from the parameter table, in its order (saved workflows list widget values by position).
                 *(option_input(option) for option in VIDEO_OPTIONS.values()),
             ],
