@@ -108,6 +108,15 @@ def _subsample_grid(size: int, step: int, device: torch.device) -> torch.Tensor:
     return ((torch.arange(count, device=device) + 0.5) * (size / count)).long().clamp_(max=size - 1)
 
 
+def _subsample(image: torch.Tensor, dim: int, step: int) -> torch.Tensor:
+    """The grid's pixels along ``dim``: a strided view where the grid is regular (size a multiple of ``step``:
+    every ``step``-th pixel from ``step // 2``), ``index_select`` otherwise (12x slower along W at 1920x1080)."""
+    size = image.shape[dim]
+    if size % step == 0:
+        return image.narrow(dim, step // 2, size - step // 2)[(slice(None),) * dim + (slice(None, None, step),)]
+    return image.index_select(dim, _subsample_grid(size, step, image.device))
+
+
 def gain_guided_denoise(
     image: torch.Tensor,
     gain_lowres: torch.Tensor,
@@ -186,31 +195,35 @@ def _to_unit_dtype(image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _rgb_coefficients(
-    image: torch.Tensor, gain_lowres: torch.Tensor, noise_sigma: torch.Tensor, amount: float, subsample: int
+    image: torch.Tensor,
+    gain_lowres: torch.Tensor,
+    noise_sigma: torch.Tensor,
+    amount: float,
+    subsample: int,
 ) -> torch.Tensor:
     """The guided filter's coefficients on the subsampled grid, in RGB: ``[B, 6, h, w]`` (slopes, then offsets,
     of ``rgb = a * Y + b``). Reads only the grid's pixels of ``image``."""
     height, width = image.shape[-2:]
-    rows = _subsample_grid(height, subsample, image.device)
-    cols = _subsample_grid(width, subsample, image.device)
-    small = _to_unit_dtype(image.index_select(2, rows).index_select(3, cols), torch.float32).contiguous()
-    ycc = torch.einsum("dc,bchw->bdhw", _RGB_TO_YCC.to(image.device), small)
-    luma = ycc[:, :1]
+    small = _to_unit_dtype(_subsample(_subsample(image, 2, subsample), 3, subsample), torch.float32).contiguous()
     # Noise the curve added on the subsampled grid: the input's variance times (slope^2 - 1). Where the curve does
     # not amplify (slope <= 1: bright regions, strength 0) nothing is filtered.
-    gain = F.interpolate(gain_lowres.float(), size=luma.shape[-2:], mode="bilinear", align_corners=False)
+    gain = F.interpolate(gain_lowres.float(), size=small.shape[-2:], mode="bilinear", align_corners=False)
     noise_variance = gain.square_().sub_(1.0).clamp_(min=0.0).mul_(noise_sigma.view(-1, 1, 1, 1).float().square())
+    multiples = torch.tensor([_LUMA_NOISE_MULTIPLE, _CHROMA_NOISE_MULTIPLE, _CHROMA_NOISE_MULTIPLE], device=image.device)
+    regulariser_scale = (amount * multiples).square()
+    window = max(3, (_WINDOW - 1) // subsample + 1) | 1
+    to_rgb = torch.linalg.inv(_RGB_TO_YCC).to(image.device)
+    ycc = torch.einsum("dc,bchw->bdhw", _RGB_TO_YCC.to(image.device), small)
+    luma = ycc[:, :1]
 
     # All window means in two calls: (Y, Cb, Cr, Y*Y, Y*Cb, Y*Cr), then the coefficients (slopes, offsets).
-    box = functools.partial(_box_mean, size=max(3, (_WINDOW - 1) // subsample + 1) | 1)
+    box = functools.partial(_box_mean, size=window)
     means = box(torch.cat([ycc, luma * ycc], dim=1))
     mean_luma, mean_target, correlation = means[:, :1], means[:, :3], means[:, 3:]
     covariance = torch.addcmul(correlation, mean_luma, mean_target, value=-1.0)  # channel 0: the luma variance
-    multiples = torch.tensor([_LUMA_NOISE_MULTIPLE, _CHROMA_NOISE_MULTIPLE, _CHROMA_NOISE_MULTIPLE], device=image.device)
-    regulariser = noise_variance * (amount * multiples).square().view(1, 3, 1, 1) + _REGULARISER_FLOOR
+    regulariser = noise_variance * regulariser_scale.view(1, 3, 1, 1) + _REGULARISER_FLOOR
     slopes = covariance / regulariser.add_(covariance[:, :1])
     offsets = torch.addcmul(mean_target, slopes, mean_luma, value=-1.0)
     coefficients = box(torch.cat([slopes, offsets], dim=1))
     # Back to RGB on the small grid (linear): the full-resolution step is then one multiply-add per value.
-    to_rgb = torch.linalg.inv(_RGB_TO_YCC).to(image.device)
     return torch.einsum("cd,bdhw->bchw", torch.block_diag(to_rgb, to_rgb), coefficients)
