@@ -142,7 +142,9 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="SIZE:PRECISION pairs not to run")
     parser.add_argument("--breakdown", action="store_true", help="also time prompts/encoder/UNet/decoder")
     parser.add_argument("--tile-size", type=int, default=None, help="enable tiling with this tile size (overlap 64)")
-    parser.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels_last memory format")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="UNet and VAE in channels_last from the start (SCUFPipeline switches them itself on "
+                             "its first CPU call, the warm-up, so timed CPU runs use channels_last either way)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -134,6 +134,18 @@ def test_deterministic_by_default(pipe, low_image):
     assert torch.equal(_pt(pipe, low_image), _pt(pipe, low_image))
 
 
+def test_cpu_run_uses_channels_last_with_the_same_output(scuf, official_pkl, low_image):
+    fresh = _load(scuf, official_pkl)
+    conv_weights = [p for m in (fresh.unet, fresh.vae) for p in m.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+    fresh._use_channels_last = lambda: None  # the same pipeline with its modules left in the default layout
+    default_layout = fresh(low_image, output_type="np").images
+    del fresh._use_channels_last
+    channels_last = fresh(low_image, output_type="np").images
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+    np.testing.assert_allclose(channels_last, default_layout, atol=1e-5)
+
+
 def test_seeded_sampling(pipe, low_image):
     def sampled(seed):
         return _pt(pipe, low_image, sample_latent=True, generator=torch.Generator().manual_seed(seed))
