@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from ..media.image_convert import check_unit_range, to_tensor_batch
-from .denoise import curve_gain, estimate_noise_sigma, gain_guided_denoise, single_torch_thread
+from .denoise import curve_gain, enhance_denoised, estimate_noise_sigma, single_torch_thread
 from .exposure import fit_exposure, highlight_shoulder
 from .kernel import run_chunks
 from .options import (
@@ -217,14 +217,13 @@ class SGZPipeline:
             else:
                 factor = _deflicker(batch, factor, strength, recurrences, temporal_smoothing, video_state)
         if denoise > 0.0 and recurrences > 0 and bool(factor.abs().max() > 0):
-            # The curve's output as float (quantising it to uint8 first would move the filtered result by more
-            # than a level: the filter's slopes amplify the rounding), filtered into the frame's own dtype.
-            enhanced = enhance(batch, factor, recurrences, out_dtype=torch.float32, what="images")
             with single_torch_thread(batch.device.type == "cpu"):
                 gain = curve_gain(small, factor, recurrences)
                 noise_sigma = estimate_noise_sigma(batch)
-            output = restore(gain_guided_denoise(enhanced, gain, noise_sigma, denoise, out_dtype=batch.dtype,
-                                                 in_place=True))
+            # Curve and filter in one go (on the CPU no enhanced float frame is stored; quantising the curve's
+            # output to uint8 before filtering would move the result by more than a level: the filter's slopes
+            # amplify the rounding).
+            output = restore(enhance_denoised(batch, factor, recurrences, gain, noise_sigma, denoise, what="images"))
         else:
             out_dtype = torch.uint8 if batch.dtype == torch.uint8 else None
             output = restore(enhance(batch, factor, recurrences, out_dtype=out_dtype, what="images"))
