@@ -431,3 +431,29 @@ def test_noise_estimate_and_curve_gain_kernels_match_torch(dtype, channels_last)
     for recurrences in (0, 1, 8):
         torch.testing.assert_close(curve_gain(small, factor, recurrences),
                                    curve_gain(small, factor, recurrences, use_kernel=False), rtol=1e-5, atol=1e-6)
+
+
+def test_exposure_candidate_keys_kernel_matches_torch(monkeypatch):
+    from comfyui_lowlight.pipelines.sgz import exposure
+
+    generator = torch.Generator().manual_seed(16)
+    x = torch.rand(2, 3, 37 * 23, generator=generator) * 0.4
+    factor = torch.rand(2, 3, 37 * 23, generator=generator) * 1.6 - 1.0  # some darkening values too
+    scales = torch.linspace(-1.4, 1.4, 9).exp()
+    compiled = exposure._candidate_keys(x, factor, scales, 8)
+    monkeypatch.setattr(kernel, "_kernels", False)
+    reference = exposure._candidate_keys(x, factor, scales, 8)
+    assert compiled.shape == (2, 9)
+    torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_factor_network_reuses_the_low_resolution_image_it_is_given():
+    from comfyui_lowlight.pipelines.sgz.model import downsample_bilinear, estimate_factor_lowres, lowres_size
+
+    pipe = SGZPipeline.from_pretrained()
+    image = torch.rand(2, 3, 61, 83, generator=torch.Generator().manual_seed(17))
+    small = downsample_bilinear(image, lowres_size(61, 83, 12))
+    torch.testing.assert_close(estimate_factor_lowres(pipe.model, image, 12, lowres=small),
+                               estimate_factor_lowres(pipe.model, image, 12), rtol=0, atol=0)
+    assert not torch.equal(estimate_factor_lowres(pipe.model, image, 12, lowres=small * 0.5),
+                           estimate_factor_lowres(pipe.model, image, 12))  # it is the input used

@@ -37,6 +37,10 @@ _BLOCK = 512
 #: small enough for dozens of chunks per frame (load balancing when a core is busy with something else).
 _CHUNK_VALUES = 1 << 17
 
+#: Bands of image rows per thread in SGZ v2's filter pass (see guided_filter_cpu), and their least height.
+_BANDS_PER_THREAD = 8
+_MIN_BAND_ROWS = 16
+
 _SUPPORTED_INPUTS = (torch.uint8, torch.float32, torch.float64)
 _SUPPORTED_OUTPUTS = (torch.uint8, torch.float32, torch.float64)
 
@@ -327,25 +331,18 @@ def _compile():
                         v = np.float32(source[k])
                         outside += not (v >= low and v <= high)  # NaN compares false: counted too
         wr, wg, wb = luma_weights[0], luma_weights[1], luma_weights[2]
-        if channels_last:
-            for i in range(width):
-                luma[i] = wr * enhanced[3 * i] + wg * enhanced[3 * i + 1] + wb * enhanced[3 * i + 2]
-        else:
-            red, green, blue = enhanced[0:width], enhanced[width : 2 * width], enhanced[2 * width : length]
-            for i in range(width):
-                luma[i] = wr * red[i] + wg * green[i] + wb * blue[i]
         scale, rounding = (u8_max, half) if to_u8 else (one, zero)  # uint8: truncated = rounded
         for start in range(0, width, block):
             n = min(block, width - start)
-            guide = luma[start : start + n]
-            if channels_last:  # the three channels of a pixel in one iteration: interleaved stores vectorise
+            if channels_last:  # luma and the three channels of a pixel in one iteration (interleaved access)
                 r0, r1, g0, g1 = top[0, start : start + n], bottom[0, start : start + n], top[1, start : start + n], bottom[1, start : start + n]
                 b0, b1 = top[2, start : start + n], bottom[2, start : start + n]
                 p0, p1, q0, q1 = top[3, start : start + n], bottom[3, start : start + n], top[4, start : start + n], bottom[4, start : start + n]
                 u0, u1 = top[5, start : start + n], bottom[5, start : start + n]
+                pixels = enhanced[3 * start : 3 * (start + n)]
                 target = dst[b * height + y, 3 * start : 3 * (start + n)]
                 for k in range(n):
-                    v = guide[k]
+                    v = wr * pixels[3 * k] + wg * pixels[3 * k + 1] + wb * pixels[3 * k + 2]
                     red = (r0[k] + between * (r1[k] - r0[k])) * v + (p0[k] + between * (p1[k] - p0[k]))
                     green = (g0[k] + between * (g1[k] - g0[k])) * v + (q0[k] + between * (q1[k] - q0[k]))
                     blue = (b0[k] + between * (b1[k] - b0[k])) * v + (u0[k] + between * (u1[k] - u0[k]))
@@ -353,6 +350,12 @@ def _compile():
                     target[3 * k + 1] = min(max(green, zero), one) * scale + rounding
                     target[3 * k + 2] = min(max(blue, zero), one) * scale + rounding
             else:
+                red = enhanced[start : start + n]
+                green = enhanced[width + start : width + start + n]
+                blue = enhanced[2 * width + start : 2 * width + start + n]
+                guide = luma[0:n]
+                for k in range(n):
+                    guide[k] = wr * red[k] + wg * green[k] + wb * blue[k]
                 for c in range(3):
                     s0, s1 = top[c, start : start + n], bottom[c, start : start + n]
                     o0, o1 = top[3 + c, start : start + n], bottom[3 + c, start : start + n]
@@ -502,6 +505,36 @@ def _compile():
                 count += 1
         return total, count
 
+    def curve_keys(image, factor, scales, recurrences, luma_weights, epsilon, out):
+        """``out [B, K]``: per image and scaling ``scales[k]``, the mean over the pixels of
+        ``log(luma(curve(image, clamp(scales[k] * factor, -1, 1))) + epsilon)`` (the math of
+        :func:`.exposure.exposure_scale`'s candidates); ``image``, ``factor``: ``[B, 3, N]`` float32."""
+        batch, channels, size = image.shape
+        x = np.empty(size, np.float32)
+        f = np.empty(size, np.float32)
+        luma = np.empty(size, np.float32)
+        for b in range(batch):
+            for k in range(scales.shape[0]):
+                scale = scales[k]
+                for n in range(size):
+                    luma[n] = zero
+                for c in range(channels):
+                    source, plane = image[b, c], factor[b, c]
+                    for n in range(size):
+                        x[n] = source[n]
+                        f[n] = min(max(plane[n] * scale, -one), one)
+                    for _ in range(recurrences):
+                        for n in range(size):
+                            v = x[n]
+                            x[n] = v + f[n] * (v * v - v)
+                    weight = luma_weights[c]
+                    for n in range(size):
+                        luma[n] += weight * x[n]
+                total = 0.0
+                for n in range(size):
+                    total += np.log(luma[n] + epsilon)
+                out[b, k] = total / size
+
     def curve_gain_planes(image, factor, recurrences, out):
         """:func:`.denoise.curve_gain` on ``[B, 3, h * w]`` float32 planes into ``out [B, h * w]``."""
         batch, channels, size = image.shape
@@ -528,7 +561,8 @@ def _compile():
 
     return {"rows": jit(rows), "widen": jit(widen), "guided_band": jit(guided_band),
             "noise_responses": jit(noise_responses),
-            "truncated_mean": jit(truncated_mean), "curve_gain": jit(curve_gain_planes)}
+            "truncated_mean": jit(truncated_mean), "curve_gain": jit(curve_gain_planes),
+            "curve_keys": jit(curve_keys)}
 
 
 def available() -> bool:
@@ -647,11 +681,13 @@ def enhance_cpu(
     recurrences: int,
     out_dtype: torch.dtype,
     threads: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
 ):
     """The fused pass (see the module docstring). ``image [B, 3, H, W]`` CPU, uint8 0..255 or float 0..1;
     ``factor_lowres [B, 3, h, w]``. Returns ``(out, outside)``: ``out`` in ``out_dtype`` with the image's memory
-    layout, and ``outside`` the number of float input values outside ``0..1`` (+ :data:`RANGE_SLACK`) or not
-    finite (0 for uint8 input)."""
+    layout (written into ``out`` if given: same shape, layout and dtype, e.g. a buffer reused across frames, which
+    saves the page faults of a fresh frame), and ``outside`` the number of float input values outside ``0..1``
+    (+ :data:`RANGE_SLACK`) or not finite (0 for uint8 input)."""
     rows_kernel, widen_kernel = _kernels["rows"], _kernels["widen"]
     batch, _, height, width = image.shape
     small_h, small_w = factor_lowres.shape[-2:]
@@ -660,16 +696,13 @@ def enhance_cpu(
         image = image.contiguous(memory_format=torch.channels_last)
     elif not channels_last and not image.is_contiguous():
         image = image.contiguous()
-    if channels_last:
-        out = torch.empty((batch, height, width, 3), dtype=out_dtype).permute(0, 3, 1, 2)
-        src = image.permute(0, 2, 3, 1).numpy().reshape(batch * height, width * 3)
-        dst = out.permute(0, 2, 3, 1).numpy().reshape(batch * height, width * 3)
-        wide = np.empty((batch, small_h, width * 3), np.float32)
-    else:
-        out = torch.empty((batch, 3, height, width), dtype=out_dtype)
-        src = image.numpy().reshape(batch * 3 * height, width)
-        dst = out.numpy().reshape(batch * 3 * height, width)
-        wide = np.empty((batch * 3, small_h, width), np.float32)
+    if out is None:
+        out = torch.empty((batch, height, width, 3), dtype=out_dtype).permute(0, 3, 1, 2) if channels_last else (
+            torch.empty((batch, 3, height, width), dtype=out_dtype))
+    elif out.shape != image.shape or out.dtype != out_dtype:
+        raise ValueError(f"out: expected {tuple(image.shape)} {out_dtype}, got {tuple(out.shape)} {out.dtype}")
+    src, dst, channels_last = _image_rows(image, out)
+    wide = np.empty((batch, small_h, width * 3) if channels_last else (batch * 3, small_h, width), np.float32)
     factor = np.ascontiguousarray(factor_lowres.detach().to(device="cpu", dtype=torch.float32).numpy())
     widen_kernel(factor, *_align_corners_source(width, small_w), wide, channels_last)
 
@@ -785,9 +818,11 @@ def guided_filter_cpu(
     rows = _half_pixel_source(height, grid_h)
     columns = _half_pixel_source(width, grid_w)
     bad = np.zeros(batch * height, np.int64)
-    # Bands of image rows, ~8 per image: load balancing between threads; each band recomputes the grid rows of
-    # the stages' halos (2 * (window // 2) + 1 grid rows).
-    rows_per_band = max(16, math.ceil(height / 8))
+    # Bands of image rows: each recomputes the grid rows of the stages' halos (2 * (window // 2) + 1 grid rows), so
+    # one band per image at one thread; with more threads several per thread, so that a thread the scheduler
+    # stops (other processes on the cores) holds up only a small part of the frame.
+    wanted = 1 if threads == 1 else max(1, _BANDS_PER_THREAD * threads // batch)
+    rows_per_band = max(_MIN_BAND_ROWS, math.ceil(height / wanted))
     bands = math.ceil(height / rows_per_band)
     arguments = (src, wide, wide_grid, row_scale, recurrences, in_scale, not from_u8, np.float32(-RANGE_SLACK),
                  np.float32(1.0 + RANGE_SLACK), bad, height, channels_last, grid_rows.astype(np.int64),
@@ -831,3 +866,14 @@ def curve_gain_cpu(image_lowres: torch.Tensor, factor: torch.Tensor, recurrences
     out = torch.empty(batch, 1, height, width)
     _kernels["curve_gain"](image, planes, recurrences, out.numpy().reshape(batch, -1))
     return out
+
+
+def curve_keys_cpu(image: torch.Tensor, factor: torch.Tensor, scales: torch.Tensor, recurrences: int, luma_weights,
+                   epsilon: float) -> torch.Tensor:
+    """:func:`.exposure.exposure_scale`'s candidate keys compiled: ``image``, ``factor`` ``[B, 3, N]`` float32,
+    ``scales [K]`` -> ``[B, K]`` float32 (see ``curve_keys``)."""
+    out = np.empty((image.shape[0], scales.shape[0]), np.float32)
+    _kernels["curve_keys"](np.ascontiguousarray(image.numpy()), np.ascontiguousarray(factor.numpy()),
+                           np.ascontiguousarray(scales.to(torch.float32).numpy()), recurrences,
+                           np.asarray(luma_weights, np.float32), np.float32(epsilon), out)
+    return torch.from_numpy(out)
