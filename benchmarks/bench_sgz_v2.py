@@ -5,7 +5,9 @@
                                                  #     clipped share, dark-region noise at equal brightness, colour
     python benchmarks/bench_sgz_v2.py classify   # (c) EfficientNet-Lite0 top-1 agreement with the normal-light image
                                                  #     (519 samples, ~5 min on 2 busy cores)
-    python benchmarks/bench_sgz_v2.py speed      # (d) 1920x1080 uint8 frame, v2 / plain time ratio
+    python benchmarks/bench_sgz_v2.py speed      # (d) 1920x1080 uint8 frame, v2 / plain time ratio (wall and
+                                                 #     CPU time, 1 and 2 threads interleaved; --conditions
+                                                 #     idle loaded adds a CPU-burning neighbour process)
 
 Rows: the input, official ``Epoch99.pth`` and the shipped weights as plain SGZ (``PLAIN_SGZ``: no denoise, no
 automatic exposure), and v2 (the pipeline's defaults). Prints markdown tables. No ground truth is used by any
@@ -345,38 +347,64 @@ def bench_classify(args) -> None:
 
 # ---------------------------------------------------------------------------------------------------- (d) speed
 def bench_speed(args) -> None:
+    """v2 vs plain at 1920x1080 uint8: every variant at every thread count in one interleaved loop (the other
+    processes' load hits them alike), medians of wall and process CPU time; optionally again with a neighbour
+    process burning one core."""
+    import os
+    import subprocess
+
     from comfyui_lowlight.pipelines.sgz.options import PLAIN_SGZ
     from comfyui_lowlight.pipelines.sgz.pipeline import SGZPipeline
 
     pipe = SGZPipeline.from_pretrained()
     source = sorted((UNPAIRED / "VV").glob("*.jpg"))[0]
     frame = np.asarray(Image.open(source).convert("RGB").resize((1920, 1080), Image.BICUBIC))
-    runs = {
+    variants = {
         "plain": lambda: pipe(frame, **PLAIN_SGZ),
         "v2 auto exposure only": lambda: pipe(frame, denoise=0.0),
         "v2 denoise only": lambda: pipe(frame, auto_exposure=0.0),
         "v2 (defaults)": lambda: pipe(frame),
     }
     default_threads = torch.get_num_threads()
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        for run in runs.values():  # warm-up (first-call allocations, lazy imports, kernel compilation)
-            run()
-        times = {name: [] for name in runs}
-        for _ in range(args.repeats):  # interleaved: load from other processes hits every variant alike
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-        plain = statistics.median(times["plain"])
-        print(f"\n1920x1080 uint8 frame ({source.name} resized), {threads} thread(s), median of "
-              f"{args.repeats} interleaved runs\n")
-        print("| variant | ms | x plain |")
-        print("|---|---|---|")
-        for name, values in times.items():
-            median = statistics.median(values)
-            print(f"| {name} | {1000 * median:.1f} | {median / plain:.2f} |")
-    torch.set_num_threads(default_threads)
+    print(f"1920x1080 uint8 frame ({source.name} resized), shipped weights, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}; median of {args.repeats} interleaved runs (variants x thread counts)")
+    for condition in args.conditions:
+        burner = None
+        if condition == "loaded":
+            burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            time.sleep(0.5)
+        try:
+            load_before = os.getloadavg()[0]
+            wall = {(t, name): [] for t in args.threads for name in variants}
+            cpu = {key: [] for key in wall}
+            for threads in args.threads:  # warm-up (first-call allocations, lazy imports, kernel compilation)
+                torch.set_num_threads(threads)
+                for run in variants.values():
+                    run()
+            for _ in range(args.repeats):
+                for threads in args.threads:
+                    torch.set_num_threads(threads)
+                    for name, run in variants.items():
+                        start, cpu_start = time.perf_counter(), time.process_time()
+                        run()
+                        wall[threads, name].append(1000 * (time.perf_counter() - start))
+                        cpu[threads, name].append(1000 * (time.process_time() - cpu_start))
+        finally:
+            if burner is not None:
+                burner.kill()
+                burner.wait()
+            torch.set_num_threads(default_threads)
+        print(f"\n{condition} (load average 1 min: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after)\n")
+        print("| threads | variant | wall ms | x plain (wall) | CPU ms | x plain (CPU) | wall vs 1 thread |")
+        print("|---|---|---|---|---|---|---|")
+        for threads in args.threads:
+            for name in variants:
+                w, c = statistics.median(wall[threads, name]), statistics.median(cpu[threads, name])
+                w_plain = statistics.median(wall[threads, "plain"])
+                c_plain = statistics.median(cpu[threads, "plain"])
+                one = statistics.median(wall[args.threads[0], name])
+                versus = "-" if threads == args.threads[0] else f"{w / one:.2f}"
+                print(f"| {threads} | {name} | {w:.1f} | {w / w_plain:.2f} | {c:.1f} | {c / c_plain:.2f} | {versus} |")
 
 
 def main(argv=None) -> int:
@@ -395,6 +423,8 @@ def main(argv=None) -> int:
     speed = commands.add_parser("speed", help="(d) speed at 1920x1080")
     speed.add_argument("--repeats", type=int, default=9)
     speed.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (default 1 2)")
+    speed.add_argument("--conditions", nargs="+", default=["idle"], choices=["idle", "loaded"],
+                       help="idle: the machine as it is; loaded: plus a process burning one core (default idle)")
     speed.set_defaults(run=bench_speed)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
