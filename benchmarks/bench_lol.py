@@ -3,7 +3,8 @@
 Full-resolution 600x400 outputs (no cropping to a multiple of the downscale), quantised to uint8; PSNR with
 data_range 255 and scikit-image SSIM (``channel_axis=2, data_range=255``, default 7x7 window), each averaged over
 the 15 pairs. Each weights file is scored as plain SGZ (the paper's model and curve) and with the pipeline's SGZ v2
-defaults (automatic exposure and denoise). By default compares the official ``Epoch99.pth`` with the shipped weights
+defaults (automatic exposure and denoise). By default compares the official ``Epoch99.pth`` with both shipped files
+(``sgz_lowlight_v1.safetensors``, trained for plain SGZ; ``sgz_lowlight.safetensors``, the default, trained for v2)
 in one run:
 
     python benchmarks/bench_lol.py [--weights NAME=PATH ...] [--downscale 12]
@@ -68,7 +69,7 @@ def evaluate_v2(weights: Path, pairs, downscale: float) -> tuple[float, float]:
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", nargs="*", default=[], metavar="NAME=PATH",
-                        help="extra weights to measure (default rows: official and shipped)")
+                        help="extra weights to measure (default rows: official and both shipped files)")
     parser.add_argument("--no-defaults", action="store_true", help="measure only --weights")
 
 
@@ -84,14 +85,15 @@ def weights_to_measure(parser: argparse.ArgumentParser, args, defaults: list) ->
 
 
 def main(argv=None) -> int:
-    from comfyui_lowlight.pipelines.sgz.model import SHIPPED_WEIGHTS
+    from comfyui_lowlight.pipelines.sgz.model import SHIPPED_WEIGHTS, V1_WEIGHTS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_weights_arguments(p)
     p.add_argument("--downscale", type=float, default=12)
     args = p.parse_args(argv)
 
-    defaults = [("SGZ official `Epoch99.pth`", OFFICIAL), ("ours, shipped `sgz_lowlight.safetensors`", SHIPPED_WEIGHTS)]
+    defaults = [("SGZ official `Epoch99.pth`", OFFICIAL), ("ours, v1 `sgz_lowlight_v1.safetensors`", V1_WEIGHTS),
+                ("ours, default `sgz_lowlight.safetensors`", SHIPPED_WEIGHTS)]
     runs = weights_to_measure(p, args, defaults)
 
     pairs = lol_pairs()

@@ -9,8 +9,9 @@
                                                  #     CPU time, 1 and 2 threads interleaved; --conditions
                                                  #     idle loaded adds a CPU-burning neighbour process)
 
-Rows: the input, official ``Epoch99.pth`` and the shipped weights as plain SGZ (``PLAIN_SGZ``: no denoise, no
-automatic exposure), and v2 (the pipeline's defaults). Prints markdown tables. No ground truth is used by any
+Rows: the input, official ``Epoch99.pth`` and the first shipped weights (``sgz_lowlight_v1.safetensors``, trained
+for plain SGZ) as plain SGZ (``PLAIN_SGZ``: no denoise, no automatic exposure), v2 (the pipeline's defaults with
+the default weights ``sgz_lowlight.safetensors``, trained for v2) and v2 with the v1 weights. Prints markdown tables. No ground truth is used by any
 method; it is used only to score.
 
 Darkened copies (b, c) follow a simple camera model: sRGB decoded to linear (gamma 2.2), scaled by an exposure,
@@ -51,16 +52,20 @@ def darken(image: np.ndarray, exposure: float, seed: int) -> np.ndarray:
 
 def methods():
     """(label, callable uint8 HxWx3 -> uint8 HxWx3) for each compared method."""
+    from comfyui_lowlight.pipelines.sgz.model import V1_WEIGHTS
     from comfyui_lowlight.pipelines.sgz.options import PLAIN_SGZ
     from comfyui_lowlight.pipelines.sgz.pipeline import SGZPipeline
 
     official = SGZPipeline.from_pretrained(OFFICIAL)
+    first = SGZPipeline.from_pretrained(V1_WEIGHTS)
     shipped = SGZPipeline.from_pretrained()
+    # index 2 is plain SGZ and index 3 v2: the tables compare against them
     return [
         ("input (no enhancement)", lambda image: image),
         ("SGZ official `Epoch99.pth`, plain", lambda image: official(image, **PLAIN_SGZ)),
-        ("shipped weights, plain", lambda image: shipped(image, **PLAIN_SGZ)),
-        ("**v2** (shipped weights, defaults)", lambda image: shipped(image)),
+        ("shipped v1 weights, plain", lambda image: first(image, **PLAIN_SGZ)),
+        ("**v2** (default weights, defaults)", lambda image: shipped(image)),
+        ("v2 with the v1 weights", lambda image: first(image)),
     ]
 
 
@@ -165,7 +170,7 @@ def bench_unpaired(args) -> None:
                 print(f"| {name} | {label} | {brightness:.1f} | {clipped:.2f} | {noise:.2f} | {colour:.1f} |",
                       flush=True)
     print("\n### all sets, both variants (mean of the per-set means)\n")
-    print("| method | dark-region noise | vs plain shipped [95 % interval] | clipped % |")
+    print("| method | dark-region noise | vs plain (v1 weights) [95 % interval] | clipped % |")
     print("|---|---|---|---|")
     plain_label = rows[2][0]
     plain = np.mean(totals[plain_label]["noise"])
@@ -345,7 +350,7 @@ def bench_classify(args) -> None:
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
     labels = [label for label, _ in rows]
     v2, others = labels[3], [labels[0], labels[2]]
-    print("\nPaired, same samples: v2 against the input and plain shipped SGZ. wins / losses: samples only v2 / only "
+    print("\nPaired, same samples: v2 against the input and plain SGZ (v1 weights). wins / losses: samples only v2 / only "
           "the other gets right; difference of agreement in points [95 % interval, bootstrap over photos]\n")
     print("| v2 against | " + " | ".join(groups) + " | all |")
     print("|---|" + "---|" * (len(groups) + 1))

@@ -31,7 +31,11 @@ from ..media.image_convert import RANGE_SLACK, check_unit_range
 from ..weights_files import WeightsFileError, check_weight_tensors, open_safetensors, torch_load_weights
 from . import kernel
 
-SHIPPED_WEIGHTS = Path(__file__).resolve().parents[2] / "lora_weights" / "sgz_lowlight.safetensors"
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "lora_weights"
+# The default: trained for the v2 pipeline (a fine-tune of V1_WEIGHTS; lora_weights/README.md has the recipe).
+SHIPPED_WEIGHTS = SHIPPED_DIR / "sgz_lowlight.safetensors"
+# The first shipped weights (trained for plain SGZ), kept so that plain SGZ can be reproduced as it was.
+V1_WEIGHTS = SHIPPED_DIR / "sgz_lowlight_v1.safetensors"
 
 # Values per tile of the fused pass (see _tile_rows).
 _CPU_TILE_ELEMENTS = 1 << 17
@@ -118,6 +122,22 @@ def _describe_expected(expected: Dict[str, torch.Size]) -> str:
 def _infer_channels(state_dict: Dict[str, torch.Tensor]) -> int:
     weight = state_dict.get("e_conv1.point_conv.weight")
     return int(weight.shape[0]) if weight is not None and weight.ndim == 4 else 32
+
+
+def shipped_or_given(path: PathLike) -> Path:
+    """``path``, or the shipped file it names: a bare file name (``sgz_lowlight_v1.safetensors``) or
+    ``lora_weights/NAME`` that does not exist where the caller runs resolves to ``lora_weights/NAME`` of the pack,
+    so the shipped weights can be picked by name from any working directory. Anything else is returned unchanged
+    (a missing file is then reported by the loader, under the name the caller gave)."""
+    given = Path(path)
+    if given.exists():
+        return given
+    parts = given.parts
+    if len(parts) == 1 or (len(parts) == 2 and parts[0] == SHIPPED_DIR.name):
+        shipped = SHIPPED_DIR / parts[-1]
+        if shipped.is_file():
+            return shipped
+    return given
 
 
 def load_sgz_weights(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> EnhancementFactorEstimator:

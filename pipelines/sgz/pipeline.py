@@ -48,6 +48,7 @@ from .model import (
     load_sgz_weights,
     lowres_size,
     save_sgz_weights,
+    shipped_or_given,
     upsample_factor,
 )
 
@@ -92,7 +93,8 @@ class SGZPipeline:
         dtype: Optional[torch.dtype] = None,
     ) -> "SGZPipeline":
         """Load weights: ``None`` = the shipped ``lora_weights/sgz_lowlight.safetensors``; a file (official ``.pth``
-        or our ``.safetensors``); or a folder containing ``sgz_lowlight.safetensors``.
+        or our ``.safetensors``); a folder containing ``sgz_lowlight.safetensors``; or the name of a shipped file
+        (``"sgz_lowlight_v1.safetensors"``, the first weights, trained for plain SGZ), found from any directory.
 
         Raises ``FileNotFoundError`` naming the path, ``ValueError`` naming the file and expected keys/shapes.
         """
@@ -103,7 +105,7 @@ class SGZPipeline:
                     "official Epoch99.pth"
                 )
             path = SHIPPED_WEIGHTS
-        path = Path(path)
+        path = shipped_or_given(path)
         if path.is_dir():
             path = path / SHIPPED_WEIGHTS.name
         return cls(load_sgz_weights(path)).to(device, dtype)

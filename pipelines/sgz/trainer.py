@@ -308,7 +308,7 @@ def train(config: TrainConfig) -> dict:
 
     from .segmentation import build_segmentation_net
     from .losses import SGZLossWeights
-    from .model import EnhancementFactorEstimator, init_weights_for_training, load_sgz_weights
+    from .model import EnhancementFactorEstimator, init_weights_for_training, load_sgz_weights, shipped_or_given
 
     if config.max_steps is None and config.minutes is None:
         raise ValueError("give a budget: --max-steps and/or --minutes")
@@ -338,7 +338,7 @@ def train(config: TrainConfig) -> dict:
     sampler = CropSampler(images, config.batch_size, config.crop_min, config.crop_max, config.seed,
                           config.darken, config.darken_min)
     if config.init_weights:
-        model = load_sgz_weights(config.init_weights)
+        model = load_sgz_weights(shipped_or_given(config.init_weights))
     else:
         model = EnhancementFactorEstimator(padding_mode=config.padding_mode)
         init_weights_for_training(model, torch.Generator().manual_seed(config.seed))
