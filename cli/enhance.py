@@ -74,7 +74,9 @@ def add_parser(commands) -> None:
 
     sgz = enhance.add_argument_group("SGZ options (--method sgz)")
     sgz.add_argument("--weights", type=Path, default=None,
-                     help="SGZ weights: our .safetensors or the official .pth (default: the shipped weights)")
+                     help="SGZ weights: our .safetensors or the official .pth, or the name of a shipped file "
+                          "(default: the shipped sgz_lowlight.safetensors, trained for v2; "
+                          "sgz_lowlight_v1.safetensors: the first weights, trained for plain SGZ)")
     for option in SGZ_OPTIONS.values():
         if option is not TEMPORAL_SMOOTHING:
             sgz.add_argument(option.flag, type=option.type, default=option.default,

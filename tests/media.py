@@ -17,7 +17,8 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_NIGHT = REPO_ROOT / "assets" / "sample_night.jpg"
-SHIPPED_SGZ_WEIGHTS = REPO_ROOT / "lora_weights" / "sgz_lowlight.safetensors"
+SHIPPED_SGZ_WEIGHTS = REPO_ROOT / "lora_weights" / "sgz_lowlight.safetensors"  # the default (trained for v2)
+V1_SGZ_WEIGHTS = REPO_ROOT / "lora_weights" / "sgz_lowlight_v1.safetensors"  # the first file (trained for plain SGZ)
 
 
 def sample_night() -> np.ndarray:

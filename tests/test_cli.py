@@ -21,7 +21,7 @@ from comfyui_lowlight.cli import main
 from comfyui_lowlight.pipelines.media import video_io
 from comfyui_lowlight.pipelines.media.image_io import read_image
 from comfyui_lowlight.pipelines.sgz.model import load_sgz_weights
-from media import REPO_ROOT, SHIPPED_SGZ_WEIGHTS, dark_clip_frames, decoded_pts_and_frames, write_video
+from media import REPO_ROOT, SHIPPED_SGZ_WEIGHTS, V1_SGZ_WEIGHTS, dark_clip_frames, decoded_pts_and_frames, write_video
 
 
 @pytest.fixture
@@ -174,6 +174,26 @@ def test_foreign_pth_state_dict_is_accepted_as_weights(tmp_path, run):
     code, out, err = run(source, "-o", tmp_path / "out", weights=tmp_path / "foreign.pth")
     assert code == 0 and _summary(out) == "lowlight: 1 written, 0 skipped, 0 failed", err
     assert read_image(tmp_path / "out" / "a.png").pixels.mean() > read_image(source).pixels.mean() + 10
+
+
+def test_shipped_v1_weights_are_picked_by_name_from_any_directory(tmp_path, run, monkeypatch):
+    """``--weights sgz_lowlight_v1.safetensors`` (no folder) finds the pack's file from an unrelated directory, and
+    plain SGZ with it is the pipeline's plain SGZ with that file (not the default weights)."""
+    from comfyui_lowlight.pipelines.sgz.options import PLAIN_SGZ
+    from comfyui_lowlight.pipelines.sgz.pipeline import SGZPipeline
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    source = _dark_image(tmp_path / "a.png", size=(64, 48))
+    code, out, err = run(source, "-o", tmp_path / "out", "--denoise", "0", "--auto-exposure", "0",
+                         weights="sgz_lowlight_v1.safetensors")
+    assert code == 0 and _summary(out) == "lowlight: 1 written, 0 skipped, 0 failed", err
+    written = read_image(tmp_path / "out" / "a.png").pixels
+    expected = SGZPipeline.from_pretrained(V1_SGZ_WEIGHTS)(read_image(source).pixels, **PLAIN_SGZ)
+    default = SGZPipeline.from_pretrained(SHIPPED_SGZ_WEIGHTS)(read_image(source).pixels, **PLAIN_SGZ)
+    assert np.abs(written.astype(int) - expected.astype(int)).max() <= 1
+    assert np.abs(written.astype(int) - default.astype(int)).max() > 1  # the two files differ
 
 
 def test_official_released_weights_are_accepted(shared_dir, tmp_path, run):

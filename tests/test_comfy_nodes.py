@@ -16,7 +16,7 @@ from comfyui_lowlight.nodes.illumination_nodes import IlluminationPrompt
 from comfyui_lowlight.nodes.sgz_nodes import SGZEnhance
 from comfyui_lowlight.pipelines.sgz.model import load_sgz_weights
 from comfy_stubs import StubProgressBar, install_comfy_stubs, node_outputs, schema_inputs
-from media import SHIPPED_SGZ_WEIGHTS, dark_scene, sample_night
+from media import SHIPPED_SGZ_WEIGHTS, V1_SGZ_WEIGHTS, dark_scene, sample_night
 
 SHIPPED_CHOICE = "lora_weights/sgz_lowlight.safetensors"
 
@@ -127,10 +127,10 @@ def test_weight_choices_and_resolution(pth_in_models, comfy_stubs):
         model_folders.resolve_weights("sgz", "missing.pth")
 
 
-def test_weight_choices_outside_comfyui_list_the_shipped_file(monkeypatch):
+def test_weight_choices_outside_comfyui_list_the_shipped_files_default_first(monkeypatch):
     monkeypatch.setitem(sys.modules, "folder_paths", None)  # import fails as outside ComfyUI
     assert model_folders.weight_choices("sgz", "sgz*.safetensors", "sgz_lowlight.safetensors") == [
-        "lora_weights/sgz_lowlight.safetensors"
+        "lora_weights/sgz_lowlight.safetensors", "lora_weights/sgz_lowlight_v1.safetensors"
     ]
     assert not model_folders.register_model_folders()
 
@@ -276,3 +276,20 @@ def test_weights_paths_must_stay_inside_the_model_folders(comfy_stubs, choice):
     model_folders.register_model_folders()
     with pytest.raises(ValueError, match="without '..' or an absolute path"):
         model_folders.resolve_weights("sgz", choice)
+
+
+def test_sgz_enhance_runs_the_v1_weights_chosen_in_the_dropdown(comfy_stubs, night_frames):
+    """The first shipped weights stay selectable in saved workflows: the dropdown lists them, they resolve to the
+    pack's file and the node then equals the pipeline with that file (and differs from the default weights)."""
+    from comfyui_lowlight.pipelines import SGZPipeline
+
+    model_folders.register_model_folders()
+    sgz_nodes._PIPELINE_CACHE.clear()
+    choice = "lora_weights/sgz_lowlight_v1.safetensors"
+    assert choice in schema_inputs(SGZEnhance)["weights"].options
+    assert model_folders.resolve_weights("sgz", choice) == V1_SGZ_WEIGHTS
+    image, _ = enhance(night_frames, choice)
+    expected = SGZPipeline.from_pretrained(V1_SGZ_WEIGHTS, device="cpu")(night_frames.permute(0, 3, 1, 2).contiguous())
+    torch.testing.assert_close(image, expected.clamp(0, 1).permute(0, 2, 3, 1), atol=1e-5, rtol=0)
+    default, _ = enhance(night_frames, SHIPPED_CHOICE)
+    assert (image - default).abs().max() > 1e-3

@@ -4,6 +4,9 @@ Parity tests need the official ``Epoch99.pth`` and its golden outputs from ``../
 everything else runs on the shipped ``lora_weights/sgz_lowlight.safetensors`` and images the tests make.
 """
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 
 from comfyui_lowlight.pipelines.sgz.model import (
     SHIPPED_WEIGHTS,
+    V1_WEIGHTS,
     EnhancementFactorEstimator,
     apply_recurrence,
     apply_recurrence_reference,
@@ -25,6 +29,10 @@ from comfyui_lowlight.pipelines.sgz.model import (
 )
 from media import dark_scene
 
+# The two shipped files, pinned: v1 (trained for plain SGZ, the default until the v2 weights) must stay byte-equal so
+# that plain SGZ with it reproduces the outputs published before; the default is the recipe in lora_weights/README.md.
+V1_SHA256 = "4de6a0489dd7bfb966088846945ccf5a9ec5fdaf13e23452286f0648e464e651"
+DEFAULT_SHA256 = "3668de26eeb195adf4349f06fb967c5b47beefb08ee27ce90fdc5c3da6a4c6fa"
 CASES = ["lol111_s12", "lol1_s12", "lol111_s1", "lol1_s1"]
 OFFICIAL_KEYS = {f"e_conv{i}.{part}.{kind}" for i in range(1, 8) for part in ("depth_conv", "point_conv")
                  for kind in ("weight", "bias")}
@@ -63,11 +71,12 @@ def test_architecture_matches_official_checkpoint(official):
     assert official.padding_mode == "zeros"  # a .pth has no metadata: the official code's zero padding
 
 
-def test_shipped_weights_file_sizes_dtypes_and_metadata():
+@pytest.mark.parametrize("path", [SHIPPED_WEIGHTS, V1_WEIGHTS], ids=["default", "v1"])
+def test_shipped_weights_file_sizes_dtypes_and_metadata(path):
     from safetensors import safe_open
 
     expected_shapes = {k: tuple(v.shape) for k, v in EnhancementFactorEstimator().state_dict().items()}
-    with safe_open(str(SHIPPED_WEIGHTS), "pt") as handle:
+    with safe_open(str(path), "pt") as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         metadata = handle.metadata()
     assert set(tensors) == OFFICIAL_KEYS  # the official key names: interchangeable with Epoch99.pth
@@ -76,6 +85,27 @@ def test_shipped_weights_file_sizes_dtypes_and_metadata():
     assert sum(v.numel() for v in tensors.values()) == 10561
     assert all(torch.isfinite(v).all() for v in tensors.values())
     assert metadata["format"] == "sgz-efe" and metadata["padding_mode"] == "replicate"
+
+
+def test_shipped_files_are_the_pinned_ones():
+    assert hashlib.sha256(V1_WEIGHTS.read_bytes()).hexdigest() == V1_SHA256
+    assert hashlib.sha256(SHIPPED_WEIGHTS.read_bytes()).hexdigest() == DEFAULT_SHA256
+
+
+def test_default_weights_record_their_fine_tune_of_v1():
+    """The default file's metadata is the second step of the model card's recipe: 600 steps from the v1 file."""
+    from safetensors import safe_open
+
+    with safe_open(str(SHIPPED_WEIGHTS), "pt") as handle:
+        metadata = handle.metadata()
+    with safe_open(str(V1_WEIGHTS), "pt") as handle:
+        first = handle.metadata()
+    assert metadata["init_weights"] == "lora_weights/sgz_lowlight_v1.safetensors" and first["init_weights"] == "None"
+    assert metadata["step"] == "600" and first["step"] == "2134"
+    assert metadata["data"] == first["data"] == "../shared/data/unpaired"  # zero-shot: never LOL
+    losses = json.loads(metadata["losses"])
+    assert losses["tv"] == 100.0 and losses["rgb"] == 0.0 and float(metadata["lr"]) == 1e-4
+    assert metadata["auto_exposure"] == "0.0"
 
 
 def test_shipped_weights_enhance_dark_images_at_any_size(shipped):

@@ -7,6 +7,7 @@ outputs needs ``../shared`` (skipped without it).
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,13 @@ from PIL import Image
 from comfyui_lowlight.pipelines import SGZPipeline
 from comfyui_lowlight.pipelines.sgz import pipeline as sgz_pipeline_module
 from comfyui_lowlight.pipelines.media.image_convert import to_tensor_batch
-from comfyui_lowlight.pipelines.sgz.model import SHIPPED_WEIGHTS, EnhancementFactorEstimator, init_weights_for_training
+from comfyui_lowlight.pipelines.sgz.model import (
+    SHIPPED_WEIGHTS,
+    V1_WEIGHTS,
+    EnhancementFactorEstimator,
+    init_weights_for_training,
+    load_sgz_weights,
+)
 from comfyui_lowlight.pipelines.sgz.options import PLAIN_SGZ
 from media import sample_night
 
@@ -248,6 +255,29 @@ def test_weights_errors_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(sgz_pipeline_module, "SHIPPED_WEIGHTS", tmp_path / "gone" / "sgz_lowlight.safetensors")
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "gone" / "sgz_lowlight.safetensors"))):
         SGZPipeline.from_pretrained()
+
+
+def _same_weights(a: EnhancementFactorEstimator, b: EnhancementFactorEstimator) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_shipped_files_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no lora_weights/ here
+    first, default = load_sgz_weights(V1_WEIGHTS), load_sgz_weights(SHIPPED_WEIGHTS)
+    assert not _same_weights(first, default)
+    for name in ("sgz_lowlight_v1.safetensors", "lora_weights/sgz_lowlight_v1.safetensors"):
+        assert _same_weights(SGZPipeline.from_pretrained(name).model, first), name
+    assert _same_weights(SGZPipeline.from_pretrained("sgz_lowlight.safetensors").model, default)
+    # a file of that name where the caller is wins over the shipped one
+    own = EnhancementFactorEstimator()
+    init_weights_for_training(own, torch.Generator().manual_seed(3))
+    SGZPipeline(own).save_pretrained(tmp_path / "sgz_lowlight_v1.safetensors")
+    assert _same_weights(SGZPipeline.from_pretrained("sgz_lowlight_v1.safetensors").model, own)
+    # names the pack does not ship, and shipped names under another folder, stay errors naming what was given
+    with pytest.raises(FileNotFoundError, match="sgz_lowlight_v9.safetensors"):
+        SGZPipeline.from_pretrained("sgz_lowlight_v9.safetensors")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(Path("other") / "sgz_lowlight.safetensors"))):
+        SGZPipeline.from_pretrained(Path("other") / "sgz_lowlight.safetensors")
 
 
 def test_save_pretrained_round_trip(tmp_path):
