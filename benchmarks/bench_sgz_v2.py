@@ -11,8 +11,8 @@
 
 Rows: the input, official ``Epoch99.pth`` and the first shipped weights (``sgz_lowlight_v1.safetensors``, trained
 for plain SGZ) as plain SGZ (``PLAIN_SGZ``: no denoise, no automatic exposure), v2 (the pipeline's defaults with
-the default weights ``sgz_lowlight.safetensors``, trained for v2) and v2 with the v1 weights. Prints markdown tables. No ground truth is used by any
-method; it is used only to score.
+the default weights ``sgz_lowlight.safetensors``, trained for v2) and v2 with the v1 weights. Prints markdown
+tables. No ground truth is used by any method; it is used only to score.
 
 Darkened copies (b, c) follow a simple camera model: sRGB decoded to linear (gamma 2.2), scaled by an exposure,
 Poisson shot noise at a full-well of ``FULL_WELL`` electrons plus Gaussian read noise, re-encoded and quantised to

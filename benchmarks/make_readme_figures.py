@@ -10,7 +10,9 @@
   ground truth, so that the noise (colour speckle) difference shows.
 (The exposure-control figure is made by ``make_exposure_figure.py``.)
 
-Default weights: the shipped ones, or the official Epoch99.pth when none are shipped (the labels say which).
+Default weights: v2 with the shipped default ``sgz_lowlight.safetensors``, plain SGZ with the first shipped weights
+``sgz_lowlight_v1.safetensors`` (what plain SGZ gave before v2); ``--weights PATH`` uses one file for both; the
+official Epoch99.pth when nothing is shipped (the labels say which).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from comfyui_lowlight.pipelines.sgz.options import PLAIN_SGZ, VIDEO_TEMPORAL_SMO
 from comfyui_lowlight.pipelines import SGZPipeline
 from comfyui_lowlight.pipelines.media.atomic_files import atomic_output
 from comfyui_lowlight.pipelines.media.image_io import read_image
-from comfyui_lowlight.pipelines.sgz.model import SHIPPED_WEIGHTS
+from comfyui_lowlight.pipelines.sgz.model import SHIPPED_WEIGHTS, V1_WEIGHTS
 from comfyui_lowlight.pipelines.media.video_io import VideoReader
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,20 +82,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=None)
     args = parser.parse_args()
+    plain_weights, plain_label = None, "plain SGZ"
     if args.weights is not None:
         weights, label = args.weights, f"SGZ ({args.weights.name})"
     elif SHIPPED_WEIGHTS.is_file():
         weights, label = SHIPPED_WEIGHTS, "SGZ v2 (shipped weights)"
+        if V1_WEIGHTS.is_file():
+            plain_weights, plain_label = V1_WEIGHTS, "plain SGZ (v1 weights)"
     else:
         weights, label = SHARED / "reference" / "sgz" / "Epoch99.pth", "SGZ (official weights)"
-    print(f"weights: {weights}")
+    print(f"weights: {weights}; plain SGZ: {plain_weights or weights}")
     pipe = SGZPipeline.from_pretrained(weights, device="cpu")
+    plain_pipe = SGZPipeline.from_pretrained(plain_weights, device="cpu") if plain_weights else pipe
     OUTPUT.mkdir(parents=True, exist_ok=True)
 
     low = read_image(SHARED / "data" / "lol_eval15" / "low" / LOL_IMAGE).pixels
     high = read_image(SHARED / "data" / "lol_eval15" / "high" / LOL_IMAGE).pixels
-    plain, v2 = Image.fromarray(pipe(low, **PLAIN_SGZ)), Image.fromarray(pipe(low))
-    panels = [(Image.fromarray(low), "LOL input"), (plain, "plain SGZ"), (v2, label), (Image.fromarray(high), "ground truth")]
+    plain, v2 = Image.fromarray(plain_pipe(low, **PLAIN_SGZ)), Image.fromarray(pipe(low))
+    panels = [(Image.fromarray(low), "LOL input"), (plain, plain_label), (v2, label), (Image.fromarray(high), "ground truth")]
     save_jpeg(side_by_side(panels, 400), "sgz_lol_pair.jpg")
     crops = [(image.crop(NOISE_CROP), text) for image, text in ((plain, "plain SGZ"), (v2, "SGZ v2"),
                                                                  (Image.fromarray(high), "ground truth"))]
@@ -101,8 +107,8 @@ def main() -> None:
     save_jpeg(side_by_side(zoomed, zoomed[0][0].height), "sgz_noise_crop.jpg")
 
     photo = read_image(SHARED / "data" / "unpaired" / "VV" / VV_IMAGE).pixels
-    panels = [(Image.fromarray(photo), "VV photo (2304x1728)"), (Image.fromarray(pipe(photo, **PLAIN_SGZ)), "plain SGZ"),
-              (Image.fromarray(pipe(photo)), label)]
+    panels = [(Image.fromarray(photo), "VV photo (2304x1728)"),
+              (Image.fromarray(plain_pipe(photo, **PLAIN_SGZ)), plain_label), (Image.fromarray(pipe(photo)), label)]
     save_jpeg(side_by_side(panels, 540), "sgz_vv_photo.jpg")
 
     state = pipe.new_video_state()
