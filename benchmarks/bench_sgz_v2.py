@@ -36,6 +36,8 @@ from bench_lol import OFFICIAL, SHARED, lol_pairs, score  # noqa: E402
 UNPAIRED = SHARED / "data" / "unpaired"
 FULL_WELL = 4000.0  # electrons at full scale
 READ_NOISE = 2.0  # electrons
+# Resamples of the bootstrap intervals (b, c).
+BOOTSTRAP_RESAMPLES = 2000
 
 
 def darken(image: np.ndarray, exposure: float, seed: int) -> np.ndarray:
@@ -143,6 +145,7 @@ def bench_unpaired(args) -> None:
           f"with shot and read noise. noise: dark-region noise at equal brightness (mean 115), 0..255; "
           "clipped: % pixels with a channel at 255; colour: Hasler-Suesstrunk M\n")
     totals = {label: {"noise": [], "clipped": []} for label, _ in rows}
+    per_photo = {label: {} for label, _ in rows}  # (set, variant) -> dark-region noise of each photo
     for variant in ("original", "darkened"):
         print(f"\n### {variant}\n")
         print("| set | method | mean brightness | clipped % | dark-region noise | colourfulness |")
@@ -155,18 +158,40 @@ def bench_unpaired(args) -> None:
                 for _, image in images:
                     out = run(image)
                     stats.append((out.mean(), clipped_share(out), dark_region_noise(out, image), colourfulness(out)))
+                per_photo[label][name, variant] = np.array([photo[2] for photo in stats])
                 brightness, clipped, noise, colour = (float(np.mean(column)) for column in zip(*stats))
                 totals[label]["noise"].append(noise)
                 totals[label]["clipped"].append(clipped)
                 print(f"| {name} | {label} | {brightness:.1f} | {clipped:.2f} | {noise:.2f} | {colour:.1f} |",
                       flush=True)
     print("\n### all sets, both variants (mean of the per-set means)\n")
-    print("| method | dark-region noise | vs plain shipped | clipped % |")
+    print("| method | dark-region noise | vs plain shipped [95 % interval] | clipped % |")
     print("|---|---|---|---|")
-    plain = np.mean(totals[rows[2][0]]["noise"])
+    plain_label = rows[2][0]
+    plain = np.mean(totals[plain_label]["noise"])
+    rng = np.random.default_rng(0)
     for label, _ in rows:
         noise = np.mean(totals[label]["noise"])
-        print(f"| {label} | {noise:.2f} | {100 * (noise / plain - 1):+.0f} % | {np.mean(totals[label]['clipped']):.2f} |")
+        low, high = _noise_change_interval(per_photo[label], per_photo[plain_label], rng)
+        print(f"| {label} | {noise:.2f} | {100 * (noise / plain - 1):+.0f} % [{100 * low:+.0f}, {100 * high:+.0f}] | "
+              f"{np.mean(totals[label]['clipped']):.2f} |")
+    print("\n(in brackets: 95 % interval, bootstrap over the photos of each set, the same photos for both methods)")
+
+
+def _noise_change_interval(noise: dict, plain: dict, rng) -> tuple[float, float]:
+    """95 % interval of (mean of per-set means) / (the same for ``plain``) - 1, resampling photos within each set
+    (a photo's original and darkened copy together)."""
+    changes = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        picks = {}
+        mine, theirs = [], []
+        for (name, variant), values in noise.items():
+            picks.setdefault(name, rng.integers(0, len(values), len(values)))
+            mine.append(values[picks[name]].mean())
+            theirs.append(plain[name, variant][picks[name]].mean())
+        changes.append(np.mean(mine) / np.mean(theirs) - 1.0)
+    low, high = np.percentile(changes, [2.5, 97.5])
+    return float(low), float(high)
 
 
 # ------------------------------------------------------------------------------------------------- (c) classify
@@ -225,7 +250,6 @@ WELL_EXPOSED_MEAN = 70.0
 # Natural photos bundled with scikit-image (all well exposed).
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                   "motorcycle_right.png")
-BOOTSTRAP_RESAMPLES = 2000
 
 
 def _resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
