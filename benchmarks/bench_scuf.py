@@ -8,10 +8,14 @@ full vocabulary; tokenisation cost is negligible). Random weights compute exactl
 Each (precision, size) runs in a fresh subprocess: build the model, one warm-up call, then ``--repeats`` timed
 calls of ``pipe(image, output_type="np")`` (median seconds per image). Peak memory = the kernel's RSS high-water
 mark (``VmHWM``) of that process, reset after loading (``/proc/self/clear_refs``), so it is the resident peak
-during inference including the weights. ``--breakdown`` also times the stages separately.
+during inference including the weights. ``--breakdown`` also times the stages separately (as the pipeline runs them:
+on the CPU with the VAE's inference copy, ``pipelines/scuf/inference_vae.py``; ``--compare-vae`` adds the
+PEFT-wrapped VAE's stage times from the same process). Wall seconds and process CPU seconds (all threads) are
+printed: on a shared machine the CPU time varies less.
 
     nice -n 0 python benchmarks/bench_scuf.py [--sizes 256 512 1024] [--precisions float32 bfloat16]
-        [--repeats 2] [--threads 2] [--skip 1024:float32] [--breakdown] [--tile-size 512] [--channels-last]
+        [--repeats 2] [--threads 2] [--skip 1024:float32] [--breakdown [--compare-vae]] [--tile-size 512]
+        [--channels-last]
 """
 
 from __future__ import annotations
@@ -69,8 +73,11 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _breakdown(pipe, image) -> dict[str, float]:
-    """Seconds per stage for one image, calling the pipeline's pieces in its order."""
+def _breakdown(pipe, image, compare_vae: bool = False) -> dict[str, float]:
+    """Seconds per stage for one image (wall, and process CPU time as "<stage> cpu"), calling the pipeline's pieces
+    in its order with the VAE it runs on this device (on the CPU its inference copy). ``compare_vae``: the VAE
+    stages run a second time with the PEFT-wrapped VAE as loaded (the path before the inference copy), right after
+    the copy's, in the same process (rows "... (PEFT VAE)")."""
     import torch
 
     from comfyui_lowlight.pipelines.media.illumination import inverted_value_channel
@@ -78,29 +85,35 @@ def _breakdown(pipe, image) -> dict[str, float]:
     from comfyui_lowlight.pipelines.scuf.pipeline import DEFAULT_PROMPT
 
     times = {}
-    x = image[None] * 2 - 1
+
+    def timed(name, fn):
+        start, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        times[name] = time.perf_counter() - start
+        times[name + " cpu"] = time.process_time() - cpu
+        return result
+
+    x = (image[None] * 2 - 1).contiguous(memory_format=torch.channels_last)
+    vaes = {"": pipe._vae_for(x.device)}
+    if compare_vae:
+        vaes[" (PEFT VAE)"] = pipe.vae
     vae_dtype = pipe.vae.dtype
     with torch.no_grad():
-        start = time.perf_counter()
-        pipe.encode_prompt(DEFAULT_PROMPT, "cpu")
-        pipe.encode_image_prompt(inverted_value_channel(image[None]))
-        times["prompts"] = time.perf_counter() - start
-        start = time.perf_counter()
-        posterior, skips = encode_with_skips(pipe.vae, x.to(vae_dtype))
-        times["vae encoder"] = time.perf_counter() - start
-        latents = posterior.mean * pipe.vae.config.scaling_factor
-        context = torch.zeros(1, 81, pipe.unet.config.cross_attention_dim, dtype=pipe.unet.dtype)
-        start = time.perf_counter()
-        pipe.unet(latents.to(pipe.unet.dtype), torch.tensor([999]), encoder_hidden_states=context)
-        times["unet"] = time.perf_counter() - start
-        start = time.perf_counter()
-        decode_with_skips(pipe.vae, posterior.mean.to(vae_dtype), skips)
-        times["vae decoder"] = time.perf_counter() - start
+        timed("prompts", lambda: (pipe.encode_prompt(DEFAULT_PROMPT, "cpu"),
+                                  pipe.encode_image_prompt(inverted_value_channel(image[None]))))
+        for suffix, vae in vaes.items():
+            posterior, skips = timed("vae encoder" + suffix, lambda: encode_with_skips(vae, x.to(vae_dtype)))
+            if not suffix:
+                latents = posterior.mean * pipe.vae.config.scaling_factor
+                context = torch.zeros(1, 81, pipe.unet.config.cross_attention_dim, dtype=pipe.unet.dtype)
+                timed("unet", lambda: pipe.unet(latents.to(pipe.unet.dtype), torch.tensor([999]),
+                                                encoder_hidden_states=context))
+            timed("vae decoder" + suffix, lambda: decode_with_skips(vae, posterior.mean.to(vae_dtype), skips))
     return times
 
 
 def run_one(precision: str, size: int, repeats: int, threads: int, breakdown: bool, tile_size: int | None,
-            channels_last: bool) -> dict:
+            channels_last: bool, compare_vae: bool = False) -> dict:
     """Measure one configuration in this process (called in a subprocess by :func:`main`)."""
     import torch
 
@@ -116,19 +129,21 @@ def run_one(precision: str, size: int, repeats: int, threads: int, breakdown: bo
         refs.write("5")  # reset VmHWM to the current RSS
     base_kib = _rss_kib("VmRSS")
     pipe(image, output_type="np")  # warm-up (oneDNN primitive creation)
-    seconds = []
+    seconds, cpu_seconds = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = pipe(image, output_type="np").images
         seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - cpu)
     assert out.shape == (1, size, size, 3)
     result = {
         "precision": precision, "size": size, "seconds": sorted(seconds)[len(seconds) // 2], "all": seconds,
+        "cpu_seconds": sorted(cpu_seconds)[len(cpu_seconds) // 2],
         "peak_mib": _rss_kib("VmHWM") / 1024, "weights_mib": base_kib / 1024, "load_s": load_s,
         "threads": threads,
     }
     if breakdown:
-        result["breakdown"] = _breakdown(pipe, image)
+        result["breakdown"] = _breakdown(pipe, image, compare_vae)
     return result
 
 
@@ -145,12 +160,15 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true",
                         help="UNet and VAE in channels_last from the start (SCUFPipeline switches them itself on "
                              "its first CPU call, the warm-up, so timed CPU runs use channels_last either way)")
+    parser.add_argument("--compare-vae", action="store_true",
+                        help="with --breakdown: also time the VAE stages with the PEFT-wrapped VAE as loaded (the CPU "
+                             "path before the inference copy), right after the copy's, in the same process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         precision, size = args.child.split(":")
         print(json.dumps(run_one(precision, int(size), args.repeats, args.threads, args.breakdown, args.tile_size,
-                                 args.channels_last)))
+                                 args.channels_last, args.compare_vae)))
         return
 
     load_before = _load()
@@ -158,24 +176,27 @@ def main() -> None:
     for size in args.sizes:
         for precision in args.precisions:
             if f"{size}:{precision}" in args.skip:
-                rows.append(f"| {size}x{size} | {precision} | not run | | |")
+                rows.append(f"| {size}x{size} | {precision} | not run | | | |")
                 continue
             command = [sys.executable, __file__, "--child", f"{precision}:{size}", "--repeats", str(args.repeats),
                        "--threads", str(args.threads)] + (["--breakdown"] if args.breakdown else []) \
                 + (["--tile-size", str(args.tile_size)] if args.tile_size else []) \
-                + (["--channels-last"] if args.channels_last else [])
+                + (["--channels-last"] if args.channels_last else []) \
+                + (["--compare-vae"] if args.compare_vae else [])
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
-                rows.append(f"| {size}x{size} | {precision} | failed: {done.stderr.strip().splitlines()[-1]} | | |")
+                rows.append(f"| {size}x{size} | {precision} | failed: {done.stderr.strip().splitlines()[-1]} | | | |")
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
-            stages = ", ".join(f"{k} {v:.1f}" for k, v in r.get("breakdown", {}).items())
-            rows.append(f"| {size}x{size} | {precision} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | "
+            stage_times = r.get("breakdown", {})
+            stages = ", ".join(f"{k} {v:.1f} (cpu {stage_times[k + ' cpu']:.1f})" for k, v in stage_times.items()
+                               if not k.endswith(" cpu"))
+            rows.append(f"| {size}x{size} | {precision} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_mib']:.0f} | "
                         f"{r['weights_mib']:.0f} |" + (f" {stages} |" if stages else ""))
             print(rows[-1], f"(all runs: {', '.join(f'{s:.1f}' for s in r['all'])})", file=sys.stderr, flush=True)
-    header = "| size | precision | s / image (median) | peak RSS MiB | RSS after load MiB |"
+    header = "| size | precision | s / image (median) | process CPU s | peak RSS MiB | RSS after load MiB |"
     if args.breakdown:
-        header += " stages s |"
+        header += " stages s (wall, process CPU time) |"
     print(f"\nSCUF, full-size SD-Turbo + CLIP ViT-B/32 (random weights), torch {_torch_version()}, "
           f"{args.threads} threads, repeats {args.repeats}, tiling {args.tile_size or 'off'}, "
           f"channels_last {args.channels_last}; load average (1/5/15 min) at the start: {load_before}\n")

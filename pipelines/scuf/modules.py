@@ -169,7 +169,7 @@ def scuf_vae_trainable_parameters(vae, include_skip_base: bool = True) -> list[n
     return params
 
 
-def _run_offload_hook(module) -> None:
+def run_offload_hook(module) -> None:
     # Mirrors diffusers' ``apply_forward_hook``: these functions bypass ``vae.encode``/``decode``, so they must
     # trigger an ``enable_model_cpu_offload`` hook themselves.
     hook = getattr(module, "_hf_hook", None)
@@ -187,7 +187,7 @@ def encode_with_skips(vae, image: torch.Tensor) -> tuple[DiagonalGaussianDistrib
         the posterior (unscaled latents ``[B, 4, H/8, W/8]``) and the four skip activations
         ``[conv_in out (C0, H), down0 out (C0, H/2), down1 out (C1, H/4), down2 out (C2, H/8)]``.
     """
-    _run_offload_hook(vae)
+    run_offload_hook(vae)
     enc = vae.encoder
     h = enc.conv_in(image)
     skips = []
@@ -213,7 +213,7 @@ def decode_with_skips(vae, latents: torch.Tensor, skips: list[torch.Tensor] | No
     Returns:
         ``[B, 3, 8h, 8w]`` image, not clamped.
     """
-    _run_offload_hook(vae)
+    run_offload_hook(vae)
     dec = vae.decoder
     if getattr(vae, "post_quant_conv", None) is not None:
         latents = vae.post_quant_conv(latents)

@@ -15,6 +15,7 @@ conformance fixture ``../shared/reference/scuf/README.md`` section 8:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from .modules import (
     add_scuf_vae_modules,
     cycle_attn_processors,
     has_scuf_vae_modules,
+    run_offload_hook,
     scuf_config_from_modules,
     scuf_one_step,
     set_adapter_scale,
@@ -95,6 +97,7 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         # set when SCUF modules are attached (also when built from the components of a SCUF pipeline)
         self.scuf_config: SCUFConfig | None = scuf_config_from_modules(vae, unet, image_proj)
         self._tiling: dict[str, int] | None = None  # set by enable_vae_tiling()
+        self._cpu_vae: tuple | None = None  # (fingerprint of self.vae, its inference copy) for CPU runs
 
     # ---------------------------------------------------------------------------------- loading
 
@@ -349,8 +352,37 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
 
         ``noise``: ``[B, C, H / 8, W / 8]`` standard normal for a sampled latent, or None for the posterior mean.
         """
-        out = scuf_one_step(self.vae, self.unet, self.scheduler, x, context, self.scuf_config.skip_gamma, noise)
+        if x.device.type == "cpu" and x.shape[0] > 1:
+            # one image at a time on the CPU: a batch is no faster there, needs less memory this way, and each image
+            # gets exactly its single-image result (oneDNN blocks convs differently for another batch size)
+            return torch.cat([
+                self._enhance(x[i:i + 1], context[i:i + 1], None if noise is None else noise[i:i + 1])
+                for i in range(x.shape[0])
+            ])
+        vae = self._vae_for(x.device)
+        out = scuf_one_step(vae, self.unet, self.scheduler, x, context, self.scuf_config.skip_gamma, noise)
         return out.image.float() * 0.5 + 0.5
+
+    def _vae_for(self, device: torch.device):
+        """The VAE to run on ``device``: on the CPU its inference copy (:mod:`.inference_vae`: LoRA merged, decoder
+        upsampling on the low-resolution grid; README "Speed and memory"), rebuilt whenever the VAE's tensors or
+        LoRA settings change; on other devices the VAE itself."""
+        from .inference_vae import UnsupportedVAE, inference_vae, vae_fingerprint
+
+        if device.type != "cpu":
+            self._cpu_vae = None
+            return self.vae
+        run_offload_hook(self.vae)  # model offload onto the CPU: the copy has no hook, the VAE's must still fire
+        fingerprint = vae_fingerprint(self.vae)
+        if self._cpu_vae is None or self._cpu_vae[0] != fingerprint:
+            self._cpu_vae = None  # free the old copy before building the new one
+            try:
+                copy = inference_vae(self.vae)
+            except UnsupportedVAE as exc:
+                warnings.warn(f"SCUF: running the VAE as loaded on the CPU ({exc})", RuntimeWarning, stacklevel=3)
+                copy = self.vae
+            self._cpu_vae = (fingerprint, copy)
+        return self._cpu_vae[1]
 
     def _use_channels_last(self) -> None:
         """UNet and VAE in channels_last: oneDNN's CPU convolutions skip their layout reorders (full-size SD-Turbo,
