@@ -126,3 +126,43 @@ def test_bfloat16_copy_stays_within_the_precision_goal(scuf):
     fast_error, peft_error = np.abs(fast - reference).mean(), np.abs(peft - reference).mean()
     assert fast_error <= 2e-2
     assert fast_error <= 1.5 * peft_error + 1e-3, (fast_error, peft_error)
+
+
+def test_text_embedding_kept_between_calls_until_the_encoder_changes(scuf):
+    image = scuf.image("img64x64")
+    pipe = scuf.pipeline()
+    calls = []
+    pipe.text_encoder.register_forward_hook(lambda module, args, output: calls.append(1))
+    first = pipe(image, output_type="np").images
+    np.testing.assert_array_equal(pipe(image, output_type="np").images, first)
+    assert len(calls) == 1
+    pipe(image, prompt="another prompt", output_type="np")
+    assert len(calls) == 2
+    with torch.no_grad():
+        next(p for n, p in pipe.text_encoder.named_parameters() if n.endswith("final_layer_norm.bias")).add_(0.5)
+    changed = pipe(image, output_type="np").images
+    assert len(calls) == 3 and np.abs(changed - first).max() > 1e-4
+
+
+@pytest.mark.parametrize("tokens", [64, 16])
+def test_cycle_attention_runs_distinct_query_rows_once_with_the_same_output(tokens, monkeypatch):
+    """More UNet tokens than image-prompt rows (N > D) repeat query rows: on the CPU eqs. 2-3 run once per distinct
+    row. Compared with the processor running every row (the GPU path), float64."""
+    from diffusers.models.attention_processor import Attention
+
+    from comfyui_lowlight.pipelines.scuf import modules
+
+    torch.manual_seed(0)
+    width, cross = 8, 32
+    attn = Attention(width, cross_attention_dim=cross, heads=2, dim_head=4).double()
+    proc = modules.CycleAttnProcessor(width, cross, num_tokens=4).double()
+    torch.nn.init.normal_(proc.to_q_ca.weight)
+    hidden = torch.randn(2, tokens, width, dtype=torch.float64)
+    context = torch.randn(2, 7 + 4, cross, dtype=torch.float64)
+    rows, repeats = modules.distinct_query_rows(modules.cycle_query_indices(cross, tokens))
+    assert (repeats is not None) == (tokens > cross)
+    with torch.no_grad():
+        out = proc(attn, hidden, context)
+        monkeypatch.setattr(modules, "distinct_query_rows", lambda idx: (idx, None))
+        every_row = proc(attn, hidden, context)
+    torch.testing.assert_close(out, every_row, rtol=0, atol=1e-12)
