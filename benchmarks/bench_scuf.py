@@ -9,12 +9,12 @@ Each (precision, size) runs in a fresh subprocess: build the model, one warm-up 
 calls of ``pipe(image, output_type="np")`` (median seconds per image). Peak memory = the kernel's RSS high-water
 mark (``VmHWM``) of that process, reset after loading (``/proc/self/clear_refs``), so it is the resident peak
 during inference including the weights. ``--breakdown`` also times the stages separately (as the pipeline runs them:
-on the CPU with the VAE's inference copy, ``pipelines/scuf/inference_vae.py``; ``--compare-vae`` adds the
-PEFT-wrapped VAE's stage times from the same process). Wall seconds and process CPU seconds (all threads) are
+on the CPU with the VAE's inference copy, ``pipelines/scuf/inference_vae.py``, see docs/scuf_speed.md; ``--compare``
+adds each stage as it ran before those CPU changes, from the same process). Wall seconds and process CPU seconds (all threads) are
 printed: on a shared machine the CPU time varies less.
 
     nice -n 0 python benchmarks/bench_scuf.py [--sizes 256 512 1024] [--precisions float32 bfloat16]
-        [--repeats 2] [--threads 2] [--skip 1024:float32] [--breakdown [--compare-vae]] [--tile-size 512]
+        [--repeats 2] [--threads 2] [--skip 1024:float32] [--breakdown [--compare]] [--tile-size 512]
         [--channels-last]
 """
 
@@ -73,15 +73,16 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _breakdown(pipe, image, compare_vae: bool = False) -> dict[str, float]:
+def _breakdown(pipe, image, compare: bool = False) -> dict[str, float]:
     """Seconds per stage for one image (wall, and process CPU time as "<stage> cpu"), calling the pipeline's pieces
-    in its order with the VAE it runs on this device (on the CPU its inference copy). ``compare_vae``: the VAE
-    stages run a second time with the PEFT-wrapped VAE as loaded (the path before the inference copy), right after
-    the copy's, in the same process (rows "... (PEFT VAE)")."""
+    in its order as it runs them on this device (on the CPU: cached text embedding, the VAE's inference copy,
+    cycle attention on distinct query rows). ``compare``: each stage runs a second time right after, the way it ran
+    before those CPU changes (text encoded again, the PEFT-wrapped VAE as loaded, every query row), in the same
+    process (rows "<stage> (before)")."""
     import torch
 
     from comfyui_lowlight.pipelines.media.illumination import inverted_value_channel
-    from comfyui_lowlight.pipelines.scuf.modules import decode_with_skips, encode_with_skips
+    from comfyui_lowlight.pipelines.scuf import modules
     from comfyui_lowlight.pipelines.scuf.pipeline import DEFAULT_PROMPT
 
     times = {}
@@ -93,27 +94,37 @@ def _breakdown(pipe, image, compare_vae: bool = False) -> dict[str, float]:
         times[name + " cpu"] = time.process_time() - cpu
         return result
 
+    def every_query_row(idx):
+        return idx, None
+
     x = (image[None] * 2 - 1).contiguous(memory_format=torch.channels_last)
-    vaes = {"": pipe._vae_for(x.device)}
-    if compare_vae:
-        vaes[" (PEFT VAE)"] = pipe.vae
+    illumination = inverted_value_channel(image[None])
+    now = {"text": lambda: pipe._text_embedding(DEFAULT_PROMPT, "cpu"), "vae": pipe._vae_for(x.device),
+           "rows": modules.distinct_query_rows}
+    before = {"text": lambda: pipe.encode_prompt(DEFAULT_PROMPT, "cpu"), "vae": pipe.vae, "rows": every_query_row}
+    runs = {"": now} | ({" (before)": before} if compare else {})
     vae_dtype = pipe.vae.dtype
+    context = torch.zeros(1, 81, pipe.unet.config.cross_attention_dim, dtype=pipe.unet.dtype)
     with torch.no_grad():
-        timed("prompts", lambda: (pipe.encode_prompt(DEFAULT_PROMPT, "cpu"),
-                                  pipe.encode_image_prompt(inverted_value_channel(image[None]))))
-        for suffix, vae in vaes.items():
-            posterior, skips = timed("vae encoder" + suffix, lambda: encode_with_skips(vae, x.to(vae_dtype)))
-            if not suffix:
-                latents = posterior.mean * pipe.vae.config.scaling_factor
-                context = torch.zeros(1, 81, pipe.unet.config.cross_attention_dim, dtype=pipe.unet.dtype)
-                timed("unet", lambda: pipe.unet(latents.to(pipe.unet.dtype), torch.tensor([999]),
-                                                encoder_hidden_states=context))
-            timed("vae decoder" + suffix, lambda: decode_with_skips(vae, posterior.mean.to(vae_dtype), skips))
+        for suffix, run in runs.items():
+            timed("prompts" + suffix, lambda: (run["text"](), pipe.encode_image_prompt(illumination)))
+        for suffix, run in runs.items():
+            posterior, skips = timed("vae encoder" + suffix, lambda: modules.encode_with_skips(run["vae"], x.to(vae_dtype)))
+        latents = posterior.mean * pipe.vae.config.scaling_factor
+        for suffix, run in runs.items():
+            modules.distinct_query_rows = run["rows"]
+            try:
+                timed("unet" + suffix, lambda: pipe.unet(latents.to(pipe.unet.dtype), torch.tensor([999]),
+                                                         encoder_hidden_states=context))
+            finally:
+                modules.distinct_query_rows = now["rows"]
+        for suffix, run in runs.items():
+            timed("vae decoder" + suffix, lambda: modules.decode_with_skips(run["vae"], posterior.mean.to(vae_dtype), skips))
     return times
 
 
 def run_one(precision: str, size: int, repeats: int, threads: int, breakdown: bool, tile_size: int | None,
-            channels_last: bool, compare_vae: bool = False) -> dict:
+            channels_last: bool, compare: bool = False) -> dict:
     """Measure one configuration in this process (called in a subprocess by :func:`main`)."""
     import torch
 
@@ -143,7 +154,7 @@ def run_one(precision: str, size: int, repeats: int, threads: int, breakdown: bo
         "threads": threads,
     }
     if breakdown:
-        result["breakdown"] = _breakdown(pipe, image, compare_vae)
+        result["breakdown"] = _breakdown(pipe, image, compare)
     return result
 
 
@@ -160,15 +171,16 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true",
                         help="UNet and VAE in channels_last from the start (SCUFPipeline switches them itself on "
                              "its first CPU call, the warm-up, so timed CPU runs use channels_last either way)")
-    parser.add_argument("--compare-vae", action="store_true",
-                        help="with --breakdown: also time the VAE stages with the PEFT-wrapped VAE as loaded (the CPU "
-                             "path before the inference copy), right after the copy's, in the same process")
+    parser.add_argument("--compare", action="store_true",
+                        help="with --breakdown: also time each stage the way it ran before the CPU speed-ups (text "
+                             "encoded every call, PEFT-wrapped VAE, every cycle-attention query row), in the same "
+                             "process right after the current one")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         precision, size = args.child.split(":")
         print(json.dumps(run_one(precision, int(size), args.repeats, args.threads, args.breakdown, args.tile_size,
-                                 args.channels_last, args.compare_vae)))
+                                 args.channels_last, args.compare)))
         return
 
     load_before = _load()
@@ -182,7 +194,7 @@ def main() -> None:
                        "--threads", str(args.threads)] + (["--breakdown"] if args.breakdown else []) \
                 + (["--tile-size", str(args.tile_size)] if args.tile_size else []) \
                 + (["--channels-last"] if args.channels_last else []) \
-                + (["--compare-vae"] if args.compare_vae else [])
+                + (["--compare"] if args.compare else [])
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 rows.append(f"| {size}x{size} | {precision} | failed: {done.stderr.strip().splitlines()[-1]} | | | |")

@@ -166,3 +166,18 @@ def test_cycle_attention_runs_distinct_query_rows_once_with_the_same_output(toke
         monkeypatch.setattr(modules, "distinct_query_rows", lambda idx: (idx, None))
         every_row = proc(attn, hidden, context)
     torch.testing.assert_close(out, every_row, rtol=0, atol=1e-12)
+
+
+def test_copy_follows_in_place_changes_inside_inference_mode(scuf):
+    """ComfyUI loads and runs models inside torch.inference_mode: its tensors have no version counter, so in-place
+    copies of SCUF tensors (the nodes swap weights that way) are caught by the SCUF tensors' checksum."""
+    image = scuf.image("img64x64")
+    with torch.inference_mode():
+        pipe = scuf.pipeline("official")
+        assert next(pipe.vae.parameters()).is_inference()
+        first = pipe(image, output_type="np").images
+        pipe.vae.decoder.conv_out.lora_B["vae_skip"].weight.add_(0.05)
+        changed = pipe(image, output_type="np").images
+        peft = _with_peft_vae(pipe)(image, output_type="np").images
+    assert np.abs(changed - first).max() > 1e-3
+    np.testing.assert_allclose(changed, peft, atol=PIPELINE_ATOL)

@@ -14,7 +14,7 @@ once to the VAE's dtype), with two more changes that keep the function:
   which saves allocating a new full-size tensor three times per block.
 
 The original VAE stays untouched (training, saving and swapping SCUF weights use it); the copy is rebuilt when any
-of its tensors or LoRA settings change (:func:`vae_fingerprint`). Its outputs differ from the PEFT VAE's only by
+of its tensors or LoRA settings change (:func:`vae_fingerprint`, and ``SCUFPipeline.load_scuf_weights``). Its outputs differ from the PEFT VAE's only by
 rounding (merged weights, summed taps): the tests compare both.
 """
 
@@ -34,14 +34,26 @@ def _lora_layers(vae) -> dict[str, nn.Module]:
     return {name: m for name, m in vae.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")}
 
 
+def tensor_state(tensor: torch.Tensor) -> tuple:
+    """Identity of a tensor's storage and, outside inference mode, its in-place modification count (inference
+    tensors, e.g. a model loaded inside ComfyUI's ``torch.inference_mode``, have no version counter)."""
+    version = None if tensor.is_inference() else tensor._version
+    return tensor.data_ptr(), version, tensor.dtype, tensor.device
+
+
 def vae_fingerprint(vae) -> tuple:
-    """Changes whenever a tensor of ``vae`` is replaced or modified in place, or a LoRA setting changes."""
-    tensors = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in vae.parameters())
+    """Changes whenever a tensor of ``vae`` is replaced, a LoRA setting changes, or the SCUF tensors (LoRA and skip
+    convs, a few MB) change values, including by in-place copies that leave no version count (inference tensors)."""
+    tensors = tuple(tensor_state(p) for p in vae.parameters())
+    with torch.no_grad():
+        scuf = [p.detach().reshape(-1) for n, p in vae.named_parameters() if ".lora_" in n or "skip_conv_" in n]
+        checksum = tuple(torch.stack([torch.cat(scuf).double().sum(), torch.cat(scuf).double().square().sum()])
+                         .tolist()) if scuf else ()
     settings = tuple(
         (name, layer.merged, layer.disable_adapters, tuple(layer.active_adapters), tuple(sorted(layer.scaling.items())))
         for name, layer in _lora_layers(vae).items()
     )
-    return tensors, settings
+    return tensors, checksum, settings
 
 
 def merged_weight(layer) -> torch.Tensor:

@@ -264,6 +264,7 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         expected = self.scuf_parameters()
         check_compatible(path, expected, tensors, base_shapes, self.vae.state_dict())
         copy_into(expected, tensors)
+        self._cpu_vae = None  # the CPU inference copy holds the previous weights merged
         return config
 
     def _meta_expected(self, config: SCUFConfig) -> tuple[dict, dict]:
@@ -352,8 +353,9 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         offload, whose text-encoder hook has to fire."""
         if getattr(self.text_encoder, "_hf_hook", None) is not None:
             return self.encode_prompt(prompt, device)
-        version = (id(self.tokenizer), str(device),
-                   tuple((p.data_ptr(), p._version, p.dtype) for p in self.text_encoder.parameters()))
+        from .inference_vae import tensor_state
+
+        version = (id(self.tokenizer), str(device), tuple(tensor_state(p) for p in self.text_encoder.parameters()))
         if self._text_cache.get("version") != version:
             self._text_cache = {"version": version}
         if prompt not in self._text_cache:
