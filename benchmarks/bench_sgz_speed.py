@@ -43,9 +43,17 @@ FLOPS_PER_VALUE = 6 + 2 * RECURRENCES
 def _package():
     from comfyui_lowlight.pipelines.sgz import kernel
     from comfyui_lowlight.pipelines.sgz.model import enhance, estimate_factor_lowres
+    from comfyui_lowlight.pipelines.sgz.options import PLAIN_SGZ
     from comfyui_lowlight.pipelines.sgz.pipeline import SGZPipeline
 
-    return SGZPipeline, kernel, enhance, estimate_factor_lowres
+    class PlainSGZ(SGZPipeline):
+        """The pipeline with plain SGZ settings (no v2 noise filter, no automatic exposure): what the unfused
+        equations compute. SGZ v2's own cost is ``bench_sgz_v2.py speed``."""
+
+        def __call__(self, images, **options):
+            return super().__call__(images, **{**PLAIN_SGZ, **options})
+
+    return PlainSGZ, kernel, enhance, estimate_factor_lowres
 
 
 def make_frame(width: int, height: int) -> np.ndarray:
@@ -149,24 +157,34 @@ def peak_extra_mb(kind: str, width: int, height: int) -> float:
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_mb"]
 
 
-def _median_ms(runs: dict, repeats: int) -> dict:
-    """Median wall ms of each run, interleaved, plus ``"<name> cpu"``: median process CPU ms (what the run costs
-    the machine, far less sensitive to other processes than wall time). A short untimed pause before each run
-    lets torch's OpenMP threads of the previous run stop spinning, so they do not slow down the next."""
+def _median_ms(runs: dict, repeats: int, threads: dict) -> dict:
+    """Median wall ms of each run, interleaved (thread counts too: ``threads[name]`` is set before each run), plus
+    ``"<name> cpu"``: median process CPU ms (what the run costs the machine, far less sensitive to other
+    processes than wall time). A short untimed pause before each run lets torch's OpenMP threads of the previous
+    run stop spinning, so they do not slow down the next."""
     times = {name: [] for name in runs}
     cpu = {name: [] for name in runs}
-    for run in runs.values():
+    for name, run in runs.items():
+        torch.set_num_threads(threads[name])
         run()
     for _ in range(repeats):
         for name, run in runs.items():
+            torch.set_num_threads(threads[name])
             time.sleep(0.02)
             start, cpu_start = time.perf_counter(), time.process_time()
             run()
             times[name].append((time.perf_counter() - start) * 1000)
             cpu[name].append((time.process_time() - cpu_start) * 1000)
-    medians = {name: float(np.median(t)) for name, t in times.items()}
-    medians.update({f"{name} cpu": float(np.median(t)) for name, t in cpu.items()})
-    return medians
+    return {name: (float(np.median(times[name])), float(np.median(cpu[name]))) for name in runs}
+
+
+def _of_threads(medians: dict, threads: int) -> dict:
+    """``{name: wall ms, "<name> cpu": CPU ms}`` of the runs keyed ``(threads, name)``."""
+    result = {}
+    for (count, name), (wall, cpu) in medians.items():
+        if count == threads:
+            result[name], result[f"{name} cpu"] = wall, cpu
+    return result
 
 
 def main() -> None:
@@ -185,6 +203,7 @@ def main() -> None:
 
     SGZPipeline, kernel, enhance, estimate_factor_lowres = _package()
     pipe = SGZPipeline.from_pretrained()
+    default_threads = torch.get_num_threads()
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes]
     rate = l1_rate()
     print(f"CPU: {os.cpu_count()} cores; torch {torch.__version__}; shipped weights; {args.repeats} interleaved "
@@ -197,40 +216,53 @@ def main() -> None:
     for condition in args.conditions:
         with neighbour(condition == "loaded"):
             load = os.getloadavg()[0]
-            for threads in args.threads:
-                torch.set_num_threads(threads)
-                for width, height in sizes:
-                    frame = make_frame(width, height)
-                    batch = torch.from_numpy(frame).permute(2, 0, 1)[None]
-                    with torch.no_grad():
-                        factor = estimate_factor_lowres(pipe.model, batch, DOWNSCALE).float()
-                        if (width, height) not in diffs:
-                            image = batch.float() / 255.0
-                            reference = unfused(pipe.model, frame, float_output=True)
-                            diffs[width, height] = (
-                                (pipe(image) - reference).abs().max().item(),
-                                int(np.abs(pipe(frame).astype(int) - unfused(pipe.model, frame).astype(int)).max()),
-                            )
+            for width, height in sizes:
+                frame = make_frame(width, height)
+                batch = torch.from_numpy(frame).permute(2, 0, 1)[None]
+                with torch.no_grad():
+                    torch.set_num_threads(1)
+                    factor = estimate_factor_lowres(pipe.model, batch, DOWNSCALE).float()
+                    if (width, height) not in diffs:
+                        image = batch.float() / 255.0
+                        reference = unfused(pipe.model, frame, float_output=True)
+                        diffs[width, height] = (
+                            (pipe(image) - reference).abs().max().item(),
+                            int(np.abs(pipe(frame).astype(int) - unfused(pipe.model, frame).astype(int)).max()),
+                        )
 
-                        def tiles_pipeline():
-                            with torch_tiles(kernel):
-                                pipe(frame)
+                    def tiles_pipeline():
+                        with torch_tiles(kernel):
+                            pipe(frame)
 
-                        e2e = _median_ms({
-                            "kernel": lambda: pipe(frame),
-                            "torch tiles": tiles_pipeline,
-                            "unfused": lambda: unfused(pipe.model, frame),
-                        }, args.repeats)
-                        passes = _median_ms({
-                            "kernel": lambda: enhance(batch, factor, RECURRENCES, torch.uint8),
-                            "torch tiles": lambda: enhance(batch, factor, RECURRENCES, torch.uint8,
-                                                           use_kernel=False),
-                        }, args.repeats)
+                    # Every variant at every thread count in one interleaved loop: the other processes' load
+                    # hits them alike.
+                    e2e_runs, pass_runs, run_threads = {}, {}, {}
+                    reused = torch.empty_like(batch)
+                    for threads in args.threads:
+                        e2e_runs.update({
+                            (threads, "kernel"): lambda: pipe(frame),
+                            (threads, "torch tiles"): tiles_pipeline,
+                            (threads, "unfused"): lambda: unfused(pipe.model, frame),
+                        })
+                        pass_runs.update({
+                            (threads, "kernel"): lambda: enhance(batch, factor, RECURRENCES, torch.uint8),
+                            (threads, "kernel, reused output"): lambda: kernel.enhance_cpu(
+                                batch, factor, RECURRENCES, torch.uint8, out=reused),
+                            (threads, "torch tiles"): lambda: enhance(batch, factor, RECURRENCES, torch.uint8,
+                                                                      use_kernel=False),
+                        })
+                        run_threads.update({(threads, name): threads for name in (
+                            "kernel", "torch tiles", "unfused", "kernel, reused output")})
+                    e2e_all = _median_ms(e2e_runs, args.repeats, run_threads)
+                    passes_all = _median_ms(pass_runs, args.repeats, run_threads)
+                for threads in args.threads:
+                    e2e, passes = _of_threads(e2e_all, threads), _of_threads(passes_all, threads)
                     bound = width * height * 3 * FLOPS_PER_VALUE / (rate * threads) * 1000
                     end_to_end.append((condition, load, threads, width, height, e2e))
                     full_res.append((condition, threads, width, height, passes, bound))
                     print(f"  {condition} {threads} thread(s) {width}x{height}: pipeline {e2e['kernel']:.1f} ms, "
                           f"unfused {e2e['unfused']:.1f} ms", flush=True)
+    torch.set_num_threads(default_threads)
 
     print("\nEnd to end (uint8 frame in and out):\n")
     print("| condition | threads | size | kernel ms | FPS | kernel CPU ms | torch tiles ms | unfused ms | vs unfused "
@@ -246,13 +278,16 @@ def main() -> None:
               f"{e['torch tiles'] / ms:.1f}x | {versus_one} |")
 
     print("\nFull-resolution pass alone (enhance, uint8 in and out) vs its compute bound:\n")
-    print("| condition | threads | size | kernel ms | kernel CPU ms | torch tiles ms | kernel vs torch tiles "
-          "| compute bound ms | kernel / bound | kernel CPU / (bound x threads) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| condition | threads | size | kernel ms | kernel CPU ms | into a reused output ms (CPU) | torch tiles ms "
+          "| kernel vs torch tiles | compute bound ms | kernel / bound | reused output / bound "
+          "| kernel CPU / (bound x threads) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for condition, threads, width, height, p, bound in full_res:
+        reused = p["kernel, reused output"]
         print(f"| {condition} | {threads} | {width}x{height} | {p['kernel']:.1f} | {p['kernel cpu']:.1f} "
-              f"| {p['torch tiles']:.1f} | {p['torch tiles'] / p['kernel']:.1f}x | {bound:.1f} "
-              f"| {p['kernel'] / bound:.1f}x | {p['kernel cpu'] / (bound * threads):.1f}x |")
+              f"| {reused:.1f} ({p['kernel, reused output cpu']:.1f}) | {p['torch tiles']:.1f} "
+              f"| {p['torch tiles'] / p['kernel']:.1f}x | {bound:.1f} | {p['kernel'] / bound:.1f}x "
+              f"| {reused / bound:.1f}x | {p['kernel cpu'] / (bound * threads):.1f}x |")
 
     print("\nAgreement with the unfused equations: " + "; ".join(
         f"{w}x{h}: float {d[0]:.1e}, uint8 {d[1]} level(s)" for (w, h), d in diffs.items()))

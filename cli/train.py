@@ -106,6 +106,10 @@ def _add_sgz_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--darken", type=float, default=0.0, metavar="P",
                    help="probability of scaling a crop by a random exposure factor in --darken-min..1")
     p.add_argument("--darken-min", type=float, default=0.1)
+    p.add_argument("--auto-exposure", type=float, default=0.0, metavar="A",
+                   help="train through SGZ v2's automatic exposure (the pipeline's auto_exposure amount A, 0..1): "
+                        "the factor is fitted per crop and faded on highlights before the curve, and the losses "
+                        "except L_bri judge that output (default 0: plain SGZ training)")
     p.add_argument("--init-weights", help="start from these EFE weights (fresh optimizer) instead of N(0, 0.02)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")

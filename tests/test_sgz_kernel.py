@@ -11,6 +11,7 @@ import torch
 
 from comfyui_lowlight.pipelines import SGZPipeline
 from comfyui_lowlight.pipelines.sgz import kernel
+from comfyui_lowlight.pipelines.sgz.options import PLAIN_SGZ
 from comfyui_lowlight.pipelines.sgz.model import (
     apply_recurrence_reference,
     enhance,
@@ -185,10 +186,10 @@ def test_pipeline_uses_the_kernel_and_matches_the_torch_path(monkeypatch):
     calls = []
     original = kernel.enhance_cpu
     monkeypatch.setattr(kernel, "enhance_cpu", lambda *a, **k: calls.append(1) or original(*a, **k))
-    fast = pipe(frame, strength=1.7)
+    fast = pipe(frame, strength=1.7, **PLAIN_SGZ)  # plain SGZ: the curve kernel alone (v2: tests further down)
     assert calls
     monkeypatch.setattr(kernel, "supports", lambda image, out_dtype: False)
-    slow = pipe(frame, strength=1.7)
+    slow = pipe(frame, strength=1.7, **PLAIN_SGZ)
     assert fast.dtype == np.uint8 and fast.shape == frame.shape
     assert np.abs(fast.astype(int) - slow.astype(int)).max() <= 1
 
@@ -253,8 +254,13 @@ def test_cached_kernel_loads_under_another_import_name(tmp_path):
     for code in (as_installed, as_in_comfyui, as_installed):  # each after the other has written the cache
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-    # rows, widen and guided_rows (the v2 noise filter, on by default), once per import name
-    assert len(list((tmp_path / "numba_cache").rglob("*.nbi"))) == 6
+    # Every kernel the default (v2) path runs is cached once per import name: names "..._<tag>-<line>.py3x.nbi".
+    cached = {}
+    for index in (tmp_path / "numba_cache").rglob("*.nbi"):
+        function, tag = index.name.split("-")[0].split(".")[-1].rsplit("_", 1)
+        cached.setdefault(function, set()).add(tag)
+    assert {"widen", "guided_band", "noise_responses", "truncated_mean", "curve_gain_planes"} <= set(cached)
+    assert all(len(tags) == 2 for tags in cached.values()), cached
 
 
 # ------------------------------------------------------------------ SGZ v2's noise filter (full-resolution step)
@@ -329,3 +335,125 @@ def test_v2_pipeline_with_the_kernels_matches_the_torch_path(monkeypatch):
     assert np.abs(fused_u8.astype(int) - torch_u8.astype(int)).max() <= 1
     assert (fused_float - torch_float).abs().max() <= 1e-4
     assert np.abs(fused_u8.astype(int) - pipe(frames, denoise=0.0).astype(int)).max() > 3  # the filter acts
+
+
+# --------------------------------------------- SGZ v2: curve and filter in one compiled pass, gain, noise estimate
+@pytest.mark.parametrize("batch,height,width", [(1, 1, 1), (1, 2, 9), (2, 7, 5), (1, 33, 61), (2, 64, 48),
+                                                (1, 301, 402), (1, 150, 160)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_curve_and_filter_in_one_pass_match_enhance_then_the_torch_filter(batch, height, width, dtype,
+                                                                          channels_last):
+    from comfyui_lowlight.pipelines.sgz.denoise import enhance_denoised
+
+    from comfyui_lowlight.pipelines.sgz.denoise import gain_guided_denoise
+
+    image, gain, sigma = _denoise_case(batch, height, width, 9, dtype, channels_last)
+    factor = -torch.rand(batch, 3, *gain.shape[-2:], generator=torch.Generator().manual_seed(3)) * 0.9
+    # The float32 filter is itself that precise only: where the window variance is at the level of float32
+    # rounding (flat patches the curve compressed), the torch filter moves by up to ~1e-3 when its input moves by
+    # the ~7e-6 between the curve's kernel and its torch tiles. Float results are held to twice that, or 1e-4.
+    sensitivity = (gain_guided_denoise(enhance(image, factor, 8, torch.float32), gain, sigma, 1.5, use_kernel=False)
+                   - gain_guided_denoise(enhance_torch(image, factor, 8, torch.float32), gain, sigma, 1.5,
+                                         use_kernel=False)).abs().max().item()
+    assert sensitivity < 5e-3
+    for out_dtype in (None, torch.float32):
+        reference = enhance_denoised(image, factor, 8, gain, sigma, 1.5, out_dtype=out_dtype, use_kernel=False)
+        fused = enhance_denoised(image, factor, 8, gain, sigma, 1.5, out_dtype=out_dtype)
+        assert fused.dtype == reference.dtype and fused.shape == image.shape
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        assert fused.is_contiguous(memory_format=layout)
+        difference = (fused.double() - reference.double()).abs()
+        if fused.dtype == torch.uint8:
+            assert difference.max() <= 1
+        else:
+            assert difference.max() <= max(1e-4, 2 * sensitivity)
+            assert (difference > 1e-4).double().mean() < 1e-3  # a few values in such flat patches only
+    plain = enhance(image, factor, 8)
+    assert height * width == 1 or not torch.equal(fused, plain.float() / (255.0 if dtype == torch.uint8 else 1.0))
+
+
+def test_one_pass_filter_gives_the_same_result_at_any_thread_count():
+    from comfyui_lowlight.pipelines.sgz.denoise import enhance_denoised
+
+    image, gain, sigma = _denoise_case(2, 211, 97, 12, torch.uint8, True)
+    factor = -torch.rand(2, 3, *gain.shape[-2:], generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):  # bands shared among threads, each with its own halo rows
+            torch.set_num_threads(count)
+            results.append(enhance_denoised(image, factor, 8, gain, sigma))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], other) for other in results[1:])
+
+
+@pytest.mark.parametrize("bad, message", [(float("nan"), "NaN"), (1.5, "0..1"), (-0.2, "0..1")])
+def test_one_pass_filter_checks_float_input(bad, message):
+    from comfyui_lowlight.pipelines.sgz.denoise import enhance_denoised
+
+    image, gain, sigma = _denoise_case(1, 40, 30, 13, torch.float32, False)
+    image[0, 1, 37, 3] = bad
+    factor = -torch.rand(1, 3, *gain.shape[-2:])
+    for use_kernel in (True, False):
+        with pytest.raises(ValueError, match="frames") as error:
+            enhance_denoised(image, factor, 8, gain, sigma, what="frames", use_kernel=use_kernel)
+        assert message in str(error.value) or "0..1" in str(error.value)
+
+
+def test_one_pass_filter_refuses_to_write_over_its_input():
+    image, gain, sigma = _denoise_case(1, 20, 20, 14, torch.float32, False)
+    kernel.available()
+    with pytest.raises(ValueError, match="share memory"):
+        kernel.guided_filter_cpu(image, image, None, 0, gain, np.ones(1), np.ones(3), 1e-6, 3, np.eye(3),
+                                 np.eye(3), np.arange(10), np.arange(10))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_noise_estimate_and_curve_gain_kernels_match_torch(dtype, channels_last):
+    from comfyui_lowlight.pipelines.sgz.denoise import curve_gain, estimate_noise_sigma
+
+    generator = torch.Generator().manual_seed(15)
+    image = torch.rand(3, 3, 157, 203, generator=generator) * 0.5
+    image[:, :, 40:80, 50:120] += 0.4  # an edge: the truncated mean must leave it out in both paths
+    image = image + 0.02 * torch.randn(image.shape, generator=generator)
+    image = image.clamp(0, 1)
+    if dtype == torch.uint8:
+        image = (image * 255).round().to(torch.uint8)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    reference = estimate_noise_sigma(image, use_kernel=False)
+    assert torch.allclose(estimate_noise_sigma(image), reference, rtol=1e-4, atol=1e-7)
+    small = torch.rand(2, 3, 9, 16, generator=generator)
+    factor = -torch.rand(2, 3, 9, 16, generator=generator)
+    for recurrences in (0, 1, 8):
+        torch.testing.assert_close(curve_gain(small, factor, recurrences),
+                                   curve_gain(small, factor, recurrences, use_kernel=False), rtol=1e-5, atol=1e-6)
+
+
+def test_exposure_candidate_keys_kernel_matches_torch(monkeypatch):
+    from comfyui_lowlight.pipelines.sgz import exposure
+
+    generator = torch.Generator().manual_seed(16)
+    x = torch.rand(2, 3, 37 * 23, generator=generator) * 0.4
+    factor = torch.rand(2, 3, 37 * 23, generator=generator) * 1.6 - 1.0  # some darkening values too
+    scales = torch.linspace(-1.4, 1.4, 9).exp()
+    compiled = exposure._candidate_keys(x, factor, scales, 8)
+    monkeypatch.setattr(kernel, "_kernels", False)
+    reference = exposure._candidate_keys(x, factor, scales, 8)
+    assert compiled.shape == (2, 9)
+    torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_factor_network_reuses_the_low_resolution_image_it_is_given():
+    from comfyui_lowlight.pipelines.sgz.model import downsample_bilinear, estimate_factor_lowres, lowres_size
+
+    pipe = SGZPipeline.from_pretrained()
+    image = torch.rand(2, 3, 61, 83, generator=torch.Generator().manual_seed(17))
+    small = downsample_bilinear(image, lowres_size(61, 83, 12))
+    torch.testing.assert_close(estimate_factor_lowres(pipe.model, image, 12, lowres=small),
+                               estimate_factor_lowres(pipe.model, image, 12), rtol=0, atol=0)
+    assert not torch.equal(estimate_factor_lowres(pipe.model, image, 12, lowres=small * 0.5),
+                           estimate_factor_lowres(pipe.model, image, 12))  # it is the input used

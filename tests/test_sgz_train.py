@@ -252,3 +252,44 @@ def test_kill_between_weights_and_state_resumes_from_a_consistent_pair(dark_imag
     b = load_sgz_weights(killed / "last.safetensors").state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_exposure_training_judges_what_the_v2_pipeline_shows(dark_images):
+    """--auto-exposure: the losses except L_bri see the exposure-fitted (and shouldered) output that the pipeline
+    shows with denoise off; L_bri stays on the model's own output; gradients reach the EFE."""
+    from comfyui_lowlight.pipelines.sgz.losses import spatial_consistency_loss
+    from comfyui_lowlight.pipelines.sgz.model import SHIPPED_WEIGHTS
+    from comfyui_lowlight.pipelines.sgz.pipeline import SGZPipeline
+
+    images, _ = train_sgz.load_images(train_sgz.find_images([str(dark_images)]), 1024)
+    batch = train_sgz.CropSampler(images, 3, 96, 96, seed=5, darken=1.0).sample()
+    model = load_sgz_weights(SHIPPED_WEIGHTS).train()  # a trained EFE: the fit moves its factor
+    config = train_sgz.TrainConfig(data=[], auto_exposure=1.0)
+    weights = SGZLossWeights(exposure=0.55, brightness_region=512)
+
+    _, fitted, enhanced, scale = train_sgz.exposure_fitted_output(model, batch, config)
+    shown = SGZPipeline(load_sgz_weights(SHIPPED_WEIGHTS))(batch, denoise=0.0, auto_exposure=1.0)
+    assert (enhanced.detach() - shown).abs().max() < 1e-5
+    assert (scale - 1).abs().min() > 0.05  # the fit does act on these crops
+
+    total, values = train_sgz.training_step(model, None, batch, config, weights)
+    _, plain_values = train_sgz.training_step(model, None, batch, train_sgz.TrainConfig(data=[]), weights)
+    assert values["bri"] == pytest.approx(plain_values["bri"], rel=1e-5)
+    assert values["spa"] == pytest.approx(float(spatial_consistency_loss(shown, batch)), rel=1e-4)
+    assert values["spa"] != pytest.approx(plain_values["spa"], rel=1e-2)
+    model.zero_grad()
+    total.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_auto_exposure_flag_reaches_the_config_and_the_checkpoint(dark_images, tmp_path):
+    assert parse_sgz(["--data", "x", "--max-steps", "1"]).auto_exposure == 0.0
+    assert parse_sgz(["--data", "x", "--max-steps", "1", "--auto-exposure", "1"]).auto_exposure == 1.0
+    out = tmp_path / "fit"
+    train_sgz_command(["--data", str(dark_images), "--output", str(out), "--max-steps", "1", "--no-semantic",
+                       "--auto-exposure", "0.5", *SMALL])
+    from safetensors import safe_open
+
+    with safe_open(str(out / "last.safetensors"), "pt") as f:
+        assert f.metadata()["auto_exposure"] == "0.5"

@@ -21,7 +21,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..media.image_convert import check_unit_range
 from . import kernel
+from .model import _check_enhance_arguments, enhance
 
 # Regulariser multiples of the amplified noise (in standard deviations) for luma and chroma at amount 1, and the
 # window (full-resolution pixels; the subsampled grid uses the nearest odd size, at least 3). Chosen on ../shared/data/unpaired looks and checked on LOL eval15
@@ -44,12 +46,19 @@ _TRUNCATED_HALF_NORMAL_MEAN = (2.0 / 3.141592653589793) ** 0.5 * (1.0 - 2.718281
 _NOISE_STRIPS = 48
 
 
-def curve_gain(image_lowres: torch.Tensor, factor: torch.Tensor, recurrences: int) -> torch.Tensor:
+def curve_gain(
+    image_lowres: torch.Tensor, factor: torch.Tensor, recurrences: int, *, use_kernel: bool = True
+) -> torch.Tensor:
     """Slope of the SGZ curve at each low-resolution pixel, averaged over the channels: ``[B, 1, h, w]``.
 
     Each step ``x <- x + f (x^2 - x)`` has slope ``1 + f (2x - 1)``; the curve's slope is their product along the
     path of ``x``. ``image_lowres`` and ``factor``: ``[B, 3, h, w]`` (the image resampled to the factor's grid).
+    float32 on the CPU: a compiled loop (:mod:`.kernel`) unless ``use_kernel=False`` (these torch ops, its
+    reference; both compute in float32).
     """
+    if (use_kernel and image_lowres.dtype == factor.dtype == torch.float32 and factor.device.type == "cpu"
+            and kernel.supports(image_lowres, torch.float32)):
+        return kernel.curve_gain_cpu(image_lowres, factor, recurrences)
     x = image_lowres.float()
     gain = torch.ones_like(x)
     for _ in range(recurrences):
@@ -58,7 +67,7 @@ def curve_gain(image_lowres: torch.Tensor, factor: torch.Tensor, recurrences: in
     return gain.mean(dim=1, keepdim=True).clamp_(min=0.0)
 
 
-def estimate_noise_sigma(image: torch.Tensor) -> torch.Tensor:
+def estimate_noise_sigma(image: torch.Tensor, *, use_kernel: bool = True) -> torch.Tensor:
     """Standard deviation of the noise of the input's luma in 0..1 units, per image: ``[B]`` float32 (for noise
     independent in R, G and B that is 0.67 x the per-channel one).
 
@@ -66,12 +75,17 @@ def estimate_noise_sigma(image: torch.Tensor) -> torch.Tensor:
     luma of ``_NOISE_STRIPS`` strips of 3 rows spread over the frame. Edges and texture give the largest
     responses, so only the smallest ``_NOISE_QUANTILE`` of them are averaged (with the matching factor of a
     truncated half-normal); a mean rather than a median, because 8-bit input makes the responses discrete.
-    ``image``: ``[B, 3, H, W]`` float 0..1 or uint8.
+    ``image``: ``[B, 3, H, W]`` float 0..1 or uint8. On the CPU the responses and their truncated mean are
+    compiled loops (:mod:`.kernel`) unless ``use_kernel=False`` (these torch ops, its reference).
     """
     height = image.shape[2]
     if height < 3 or image.shape[3] < 3:
         return torch.full((image.shape[0],), _MIN_SIGMA, device=image.device)
     starts = torch.linspace(0, height - 3, min(_NOISE_STRIPS, height // 3), device=image.device).long()
+    if use_kernel and kernel.supports(image, torch.float32):
+        sums = kernel.noise_responses_cpu(_contiguous(image), starts.numpy(), _RGB_TO_YCC[0].tolist(), _NOISE_QUANTILE)
+        sigma = torch.from_numpy(sums[:, 0] / sums[:, 1]).float() / (_TRUNCATED_HALF_NORMAL_MEAN * 6.0)
+        return sigma.clamp_(min=_MIN_SIGMA)
     rows = (starts[:, None] + torch.arange(3, device=image.device)).flatten()
     strips = image.index_select(2, rows).float()
     if image.dtype == torch.uint8:
@@ -139,21 +153,100 @@ def gain_guided_denoise(
             filter) and interpolated back; 1 = exact.
         out_dtype: the result's dtype (uint8: rounded); the image's by default.
         in_place: write the result into ``image`` (when ``out_dtype`` is its dtype): no second full-size frame.
-        use_kernel: on the CPU, the full-resolution step runs as one compiled pass (:mod:`.kernel`); ``False``
-            forces the torch implementation (its reference, used on other devices and without numba).
+        use_kernel: on the CPU the filter runs as two compiled passes (:mod:`.kernel`); ``False`` forces the
+            torch implementation (its reference, used on other devices and without numba).
     """
     out_dtype = out_dtype or image.dtype
     if amount <= 0.0:
         return _to_unit_dtype(image, out_dtype)
+    if use_kernel and kernel.supports(image, out_dtype):
+        source = _contiguous(image)
+        out = _new_like(source, out_dtype)
+        kernel.guided_filter_cpu(source, out, None, 0, gain_lowres,
+                                 **_kernel_arguments(source, noise_sigma, amount, subsample))
+        if in_place and out_dtype == image.dtype:
+            return image.copy_(out)  # the compiled pass reads neighbouring rows: it cannot write over its input
+        return out
+    return _guided_filter_torch(image, gain_lowres, noise_sigma, amount, subsample, out_dtype)
+
+
+def enhance_denoised(
+    image: torch.Tensor,
+    factor_lowres: torch.Tensor,
+    recurrences: int,
+    gain_lowres: torch.Tensor,
+    noise_sigma: torch.Tensor,
+    amount: float = 1.0,
+    subsample: int = 2,
+    *,
+    out_dtype: Optional[torch.dtype] = None,
+    what: str = "image",
+    use_kernel: bool = True,
+) -> torch.Tensor:
+    """The curve (:func:`.model.enhance`) and then :func:`gain_guided_denoise`, without storing the curve's
+    output: on the CPU the compiled passes compute the curve where they read a pixel (the grid's pixels, then
+    each pixel once), so uint8 in gives uint8 out with no float frame in between. Elsewhere (``use_kernel=False``,
+    other devices, no numba) the curve's output as float32, then the torch filter: the reference.
+
+    ``image [B, 3, H, W]`` uint8 or float 0..1; ``factor_lowres [B, 3, h, w]``; ``out_dtype``: the image's by
+    default. Raises ValueError naming ``what`` when a float image has NaN/inf or values outside 0..1.
+    """
+    out_dtype = out_dtype or image.dtype
+    if amount <= 0.0 or recurrences == 0:
+        return enhance(image, factor_lowres, recurrences, out_dtype=out_dtype, what=what, use_kernel=use_kernel)
+    _check_enhance_arguments(image, factor_lowres, recurrences)
+    if use_kernel and kernel.supports(image, out_dtype) and factor_lowres.device.type == "cpu":
+        image = _contiguous(image)
+        out = _new_like(image, out_dtype)
+        outside = kernel.guided_filter_cpu(image, out, factor_lowres, recurrences, gain_lowres,
+                                           **_kernel_arguments(image, noise_sigma, amount, subsample))
+        if outside:
+            check_unit_range(image, what)  # the error path: a second pass only to report the range found
+        return out
+    enhanced = enhance(image, factor_lowres, recurrences, out_dtype=torch.float32, what=what, use_kernel=use_kernel)
+    return gain_guided_denoise(enhanced, gain_lowres, noise_sigma, amount, subsample, out_dtype=out_dtype,
+                               in_place=True, use_kernel=use_kernel)
+
+
+def _kernel_arguments(image: torch.Tensor, noise_sigma: torch.Tensor, amount: float, subsample: int) -> dict:
+    """The filter's constants for :func:`.kernel.guided_filter_cpu` (the same values as the torch path's)."""
+    height, width = image.shape[-2:]
+    return dict(
+        noise_variance=noise_sigma.detach().float().cpu().square().numpy(),
+        regulariser_scale=_regulariser_scale(amount).numpy(),
+        regulariser_floor=_REGULARISER_FLOOR,
+        window=_grid_window(subsample),
+        to_ycc=_RGB_TO_YCC.numpy(),
+        to_rgb=torch.linalg.inv(_RGB_TO_YCC).numpy(),
+        grid_rows=_subsample_grid(height, subsample, torch.device("cpu")).numpy(),
+        grid_columns=_subsample_grid(width, subsample, torch.device("cpu")).numpy(),
+    )
+
+
+def _regulariser_scale(amount: float, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Multiples of the amplified noise variance for luma, Cb and Cr at ``amount``: ``[3]``."""
+    multiples = torch.tensor([_LUMA_NOISE_MULTIPLE, _CHROMA_NOISE_MULTIPLE, _CHROMA_NOISE_MULTIPLE], device=device)
+    return (amount * multiples).square()
+
+
+def _grid_window(subsample: int) -> int:
+    """The box window on the subsampled grid: ``_WINDOW`` full-resolution pixels, odd, at least 3."""
+    return max(3, (_WINDOW - 1) // subsample + 1) | 1
+
+
+def _contiguous(image: torch.Tensor) -> torch.Tensor:
+    return image.contiguous(memory_format=_layout(image))
+
+
+def _new_like(image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty_like(image, dtype=dtype, memory_format=_layout(image))
+
+
+def _guided_filter_torch(image, gain_lowres, noise_sigma, amount, subsample, out_dtype) -> torch.Tensor:
+    """:func:`gain_guided_denoise` with torch ops (any device and dtype): the compiled passes' reference."""
     height, width = image.shape[-2:]
     with single_torch_thread(image.device.type == "cpu"):
         coefficients = _rgb_coefficients(image, gain_lowres, noise_sigma, amount, subsample)
-    if use_kernel and kernel.supports(image, out_dtype) and image.is_contiguous(memory_format=_layout(image)):
-        if in_place and out_dtype == image.dtype:
-            out = image
-        else:
-            out = torch.empty_like(image, dtype=out_dtype, memory_format=_layout(image))
-        return kernel.guided_apply_cpu(image, coefficients, _RGB_TO_YCC[0].tolist(), out)
     full = _to_unit_dtype(image, torch.float32)
     if coefficients.shape[-2:] != (height, width):
         coefficients = F.interpolate(coefficients, size=(height, width), mode="bilinear", align_corners=False)
@@ -209,9 +302,8 @@ def _rgb_coefficients(
     # not amplify (slope <= 1: bright regions, strength 0) nothing is filtered.
     gain = F.interpolate(gain_lowres.float(), size=small.shape[-2:], mode="bilinear", align_corners=False)
     noise_variance = gain.square_().sub_(1.0).clamp_(min=0.0).mul_(noise_sigma.view(-1, 1, 1, 1).float().square())
-    multiples = torch.tensor([_LUMA_NOISE_MULTIPLE, _CHROMA_NOISE_MULTIPLE, _CHROMA_NOISE_MULTIPLE], device=image.device)
-    regulariser_scale = (amount * multiples).square()
-    window = max(3, (_WINDOW - 1) // subsample + 1) | 1
+    regulariser_scale = _regulariser_scale(amount, image.device)
+    window = _grid_window(subsample)
     to_rgb = torch.linalg.inv(_RGB_TO_YCC).to(image.device)
     ycc = torch.einsum("dc,bchw->bdhw", _RGB_TO_YCC.to(image.device), small)
     luma = ycc[:, :1]

@@ -50,16 +50,13 @@ def exposure_scale(image_lowres: torch.Tensor, factor: torch.Tensor, recurrences
     ``image_lowres``: the input resampled to the factor's grid, ``[B, 3, h, w]`` 0..1; ``factor``: ``[B, 3, h, w]``
     in -1..1. Where the output key does not rise with the scaling (a darkening or zero factor) the scale is 1.
     """
-    from .model import apply_recurrence_reference
-
     batch = image_lowres.shape[0]
     x = image_lowres.float().flatten(2)  # [B, 3, N]
     target = _TARGET_KEY + _TARGET_SLOPE * _key(x).exp()  # [B]
     target = target.clamp_(max=1.0 - 1e-3).log_()
     low, high = (math.log(bound) for bound in _SCALE_BOUNDS)
     log_scales = torch.linspace(low, high, _CANDIDATES, device=factor.device)
-    scaled = (factor.float().flatten(2).unsqueeze(1) * log_scales.exp().view(1, -1, 1, 1)).clamp_(-1.0, 1.0)
-    keys = _key(apply_recurrence_reference(x.unsqueeze(1), scaled, recurrences))  # [B, K]
+    keys = _candidate_keys(x, factor.float().flatten(2), log_scales.exp(), recurrences)  # [B, K]
     result = torch.ones(batch, device=factor.device)
     for i in range(batch):
         values = keys[i]
@@ -68,6 +65,20 @@ def exposure_scale(image_lowres: torch.Tensor, factor: torch.Tensor, recurrences
             continue
         result[i] = _interpolate(float(target[i]), values.tolist(), log_scales.tolist())
     return result
+
+
+def _candidate_keys(x: torch.Tensor, factor: torch.Tensor, scales: torch.Tensor, recurrences: int) -> torch.Tensor:
+    """The output key for each scaling of the factor: ``x``, ``factor`` ``[B, 3, N]`` float32, ``scales [K]`` ->
+    ``[B, K]``. On the CPU one compiled loop (:func:`.kernel.curve_keys_cpu`, ~5x faster at 1080p); these torch
+    ops elsewhere and without numba (its reference)."""
+    from . import kernel
+
+    if x.device.type == "cpu" and factor.device.type == "cpu" and kernel.available():
+        return kernel.curve_keys_cpu(x, factor, scales, recurrences, _LUMA, _KEY_EPSILON)
+    from .model import apply_recurrence_reference
+
+    scaled = (factor.unsqueeze(1) * scales.view(1, -1, 1, 1)).clamp_(-1.0, 1.0)
+    return _key(apply_recurrence_reference(x.unsqueeze(1), scaled, recurrences))
 
 
 def _interpolate(target: float, values: list, log_scales: list) -> float:

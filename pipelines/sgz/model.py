@@ -217,7 +217,9 @@ def lowres_size(height: int, width: int, downscale: float) -> tuple:
     return max(1, int(round(height / downscale))), max(1, int(round(width / downscale)))
 
 
-def estimate_factor_lowres(model: nn.Module, image: torch.Tensor, downscale: float = 12) -> torch.Tensor:
+def estimate_factor_lowres(
+    model: nn.Module, image: torch.Tensor, downscale: float = 12, *, lowres: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Run the EFE on the downscaled image.
 
     Args:
@@ -225,12 +227,17 @@ def estimate_factor_lowres(model: nn.Module, image: torch.Tensor, downscale: flo
         image: ``[B, 3, H, W]`` in 0..1, any float dtype (uint8 0..255 also accepted).
         downscale: the image is resized (bilinear, align_corners=False, like the official code) to
             :func:`lowres_size`; 1 means full resolution.
+        lowres: that resized image if the caller has it already (:func:`downsample_bilinear` to
+            :func:`lowres_size`, as SGZ v2's exposure and noise steps use it too): not computed again.
     Returns:
         ``[B, 3, h, w]`` factor ``x_r`` in -1..1, in the model's dtype.
     """
     _check_image(image)
     param = next(model.parameters())
-    x = downsample_bilinear(image.to(device=param.device), lowres_size(*image.shape[-2:], downscale))
+    if lowres is None:
+        x = downsample_bilinear(image.to(device=param.device), lowres_size(*image.shape[-2:], downscale))
+    else:
+        x = lowres.to(device=param.device)
     if x.device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's CPU depthwise conv is ~2x faster in NHWC
     return model(x.to(param.dtype))

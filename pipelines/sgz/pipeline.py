@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from ..media.image_convert import check_unit_range, to_tensor_batch
-from .denoise import curve_gain, estimate_noise_sigma, gain_guided_denoise, single_torch_thread
+from .denoise import curve_gain, enhance_denoised, estimate_noise_sigma, single_torch_thread
 from .exposure import fit_exposure, highlight_shoulder
 from .kernel import run_chunks
 from .options import (
@@ -203,10 +203,10 @@ class SGZPipeline:
         batch, restore = to_tensor_batch(images, keep_uint8=True, check_values=False)
         batch = batch.to(self.device)
         with _serial_if_small(batch, downscale) as frame_threads:
-            factor = _estimate_factors(self.model, batch, downscale, frame_threads).float()
-            small = None
+            small = None  # the image on the factor's grid: the factor network's input, used by v2's steps too
             if auto_exposure > 0.0 or denoise > 0.0:
-                small = downsample_bilinear(batch, tuple(factor.shape[-2:]))  # the image on the factor's grid
+                small = downsample_bilinear(batch, lowres_size(*batch.shape[-2:], downscale))
+            factor = _estimate_factors(self.model, batch, downscale, frame_threads, small).float()
             if auto_exposure > 0.0:
                 # Fitted for the model's own curve length: recurrences, like strength, stays the user's override.
                 factor, _ = fit_exposure(small, factor, RECURRENCES.default, auto_exposure)
@@ -216,15 +216,20 @@ class SGZPipeline:
                     factor = factor.mul_(strength).clamp_(-1.0, 1.0)
             else:
                 factor = _deflicker(batch, factor, strength, recurrences, temporal_smoothing, video_state)
-        if denoise > 0.0 and recurrences > 0 and bool(factor.abs().max() > 0):
-            # The curve's output as float (quantising it to uint8 first would move the filtered result by more
-            # than a level: the filter's slopes amplify the rounding), filtered into the frame's own dtype.
-            enhanced = enhance(batch, factor, recurrences, out_dtype=torch.float32, what="images")
+        filtered = denoise > 0.0 and recurrences > 0
+        if filtered:
+            # Low-resolution torch ops at one thread (see single_torch_thread): even the check below (~40K values
+            # at 1080p) is above torch's parallel grain and took ~24 ms at 2 threads on a loaded machine.
             with single_torch_thread(batch.device.type == "cpu"):
-                gain = curve_gain(small, factor, recurrences)
-                noise_sigma = estimate_noise_sigma(batch)
-            output = restore(gain_guided_denoise(enhanced, gain, noise_sigma, denoise, out_dtype=batch.dtype,
-                                                 in_place=True))
+                filtered = bool(factor.abs().max() > 0)
+                if filtered:
+                    gain = curve_gain(small, factor, recurrences)
+                    noise_sigma = estimate_noise_sigma(batch)
+        if filtered:
+            # Curve and filter in one go (on the CPU no enhanced float frame is stored; quantising the curve's
+            # output to uint8 before filtering would move the result by more than a level: the filter's slopes
+            # amplify the rounding).
+            output = restore(enhance_denoised(batch, factor, recurrences, gain, noise_sigma, denoise, what="images"))
         else:
             out_dtype = torch.uint8 if batch.dtype == torch.uint8 else None
             output = restore(enhance(batch, factor, recurrences, out_dtype=out_dtype, what="images"))
@@ -259,17 +264,21 @@ def _serial_if_small(batch: torch.Tensor, downscale: int):
             torch.set_num_threads(threads)
 
 
-def _estimate_factors(model, batch: torch.Tensor, downscale: int, threads: int) -> torch.Tensor:
+def _estimate_factors(
+    model, batch: torch.Tensor, downscale: int, threads: int, lowres: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """:func:`estimate_factor_lowres` of the batch, frame by frame on up to ``threads`` threads (torch ops release
     the GIL; frames are handed out one at a time, so a thread the CPU does not run leaves its frames to the others).
+    ``lowres``: the batch already resized for the factor network, if at hand.
     """
     if threads <= 1 or batch.shape[0] == 1:
-        return estimate_factor_lowres(model, batch, downscale)
+        return estimate_factor_lowres(model, batch, downscale, lowres=lowres)
     frames = [None] * batch.shape[0]
 
     def estimate(i: int) -> None:
         with torch.no_grad():  # grad mode is per thread
-            frames[i] = estimate_factor_lowres(model, batch[i : i + 1], downscale)
+            frames[i] = estimate_factor_lowres(model, batch[i : i + 1], downscale,
+                                               lowres=None if lowres is None else lowres[i : i + 1])
 
     run_chunks(batch.shape[0], estimate, threads)
     return torch.cat(frames)

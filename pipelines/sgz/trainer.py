@@ -14,6 +14,7 @@ over an earlier one in ``OUTPUT`` without ``--resume``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -59,6 +60,7 @@ class TrainConfig:
     padding_mode: str = "zeros"
     darken: float = 0.0
     darken_min: float = 0.1
+    auto_exposure: float = 0.0
     init_weights: str | None = None
     seed: int = 0
     save_every: int = 200
@@ -238,17 +240,54 @@ def load_training_state(output: Path) -> tuple[dict, Path]:
 # Training
 
 
-def training_step(model, seg_net, batch: torch.Tensor, config: TrainConfig, weights) -> tuple[torch.Tensor, dict]:
-    """Forward pass and losses for one batch ``[B, 3, s, s]``: the EFE runs at ``1/train_downscale``, the RIE and
-    all losses on the full-resolution crop (L_tv on the factor as the EFE produced it)."""
-    from .losses import sgz_total_loss
-    from .model import apply_recurrence, estimate_factor_lowres, upsample_factor
+def exposure_fitted_output(model, batch: torch.Tensor, config: TrainConfig):
+    """What SGZ v2's pipeline shows for ``batch`` (before its denoise filter), with gradients to ``model``.
+
+    The EFE's factor is scaled per image by :func:`~.exposure.fit_exposure` (the scale computed without gradient: a
+    per-image constant) and faded by :func:`~.exposure.highlight_shoulder`, both with ``config.auto_exposure``,
+    then the curve runs at full resolution. Returns ``(factor_lowres, fitted_lowres, enhanced, scale [B])``.
+    """
+    from .exposure import fit_exposure, highlight_shoulder
+    from .model import apply_recurrence, downsample_bilinear, estimate_factor_lowres, upsample_factor
 
     factor_lowres = estimate_factor_lowres(model, batch, config.train_downscale)
-    factor = upsample_factor(factor_lowres, batch.shape[-2:])
-    enhanced = apply_recurrence(batch, factor, config.recurrences)
+    small = downsample_bilinear(batch, tuple(factor_lowres.shape[-2:]))
+    with torch.no_grad():
+        _, scale = fit_exposure(small, factor_lowres.detach(), config.recurrences, config.auto_exposure)
+    fitted = (factor_lowres * scale.view(-1, 1, 1, 1)).clamp(-1.0, 1.0)
+    fitted = highlight_shoulder(small, fitted, config.auto_exposure)
+    enhanced = apply_recurrence(batch, upsample_factor(fitted, batch.shape[-2:]), config.recurrences)
+    return factor_lowres, fitted, enhanced, scale
+
+
+def training_step(model, seg_net, batch: torch.Tensor, config: TrainConfig, weights) -> tuple[torch.Tensor, dict]:
+    """Forward pass and losses for one batch ``[B, 3, s, s]``: the EFE runs at ``1/train_downscale``, the RIE and
+    all losses on the full-resolution crop (L_tv on the factor as the EFE produced it).
+
+    With ``config.auto_exposure`` > 0 the EFE is trained through SGZ v2's inference-time exposure
+    (:func:`exposure_fitted_output`): L_spa, L_rgb, L_sem and L_tv (on the fitted factor) judge what the pipeline
+    will show, i.e. the factor's shape at the brightness v2 chooses. L_bri alone stays on the unfitted output: it
+    keeps the model's own level (what plain SGZ shows, and where the fit starts from), which would otherwise drift,
+    since the fit undoes any change of level.
+    """
+    from .losses import brightness_loss, sgz_total_loss
+    from .model import apply_recurrence, estimate_factor_lowres, upsample_factor
+
+    if config.auto_exposure <= 0.0:
+        factor_lowres = estimate_factor_lowres(model, batch, config.train_downscale)
+        factor = upsample_factor(factor_lowres, batch.shape[-2:])
+        enhanced = apply_recurrence(batch, factor, config.recurrences)
+        logits = seg_net(enhanced) if seg_net is not None else None
+        return sgz_total_loss(batch, enhanced, factor_lowres, logits, weights)
+
+    factor_lowres, fitted, enhanced, scale = exposure_fitted_output(model, batch, config)
     logits = seg_net(enhanced) if seg_net is not None else None
-    return sgz_total_loss(batch, enhanced, factor_lowres, logits, weights)
+    total, values = sgz_total_loss(batch, enhanced, fitted, logits, dataclasses.replace(weights, brightness=0.0))
+    plain = apply_recurrence(batch, upsample_factor(factor_lowres, batch.shape[-2:]), config.recurrences)
+    level = brightness_loss(plain, weights.exposure, weights.brightness_region)
+    total = total + weights.brightness * level
+    values.update(bri=float(level.detach()), total=float(total.detach()), scale=float(scale.log().mean().exp()))
+    return total, values
 
 
 def cosine_lr(config: TrainConfig, step: int, elapsed: float) -> float:
@@ -331,6 +370,7 @@ def train(config: TrainConfig) -> dict:
         "lr_schedule": config.lr_schedule if config.lr_schedule == "constant" else f"cosine to {config.lr_min}",
         "seed": str(config.seed),
         "darken": f"{config.darken} (min {config.darken_min})",
+        "auto_exposure": str(config.auto_exposure),
         "init_weights": str(config.init_weights),
         **{k: str(v) for k, v in config.extra_metadata.items()},
     }
