@@ -8,10 +8,14 @@ full vocabulary; tokenisation cost is negligible). Random weights compute exactl
 Each (precision, size) runs in a fresh subprocess: build the model, one warm-up call, then ``--repeats`` timed
 calls of ``pipe(image, output_type="np")`` (median seconds per image). Peak memory = the kernel's RSS high-water
 mark (``VmHWM``) of that process, reset after loading (``/proc/self/clear_refs``), so it is the resident peak
-during inference including the weights. ``--breakdown`` also times the stages separately.
+during inference including the weights. ``--breakdown`` also times the stages separately (as the pipeline runs them:
+on the CPU with the VAE's inference copy, ``pipelines/scuf/inference_vae.py``, see docs/scuf_speed.md; ``--compare``
+adds each stage as it ran before those CPU changes, from the same process). Wall seconds and process CPU seconds (all threads) are
+printed: on a shared machine the CPU time varies less.
 
     nice -n 0 python benchmarks/bench_scuf.py [--sizes 256 512 1024] [--precisions float32 bfloat16]
-        [--repeats 2] [--threads 2] [--skip 1024:float32] [--breakdown] [--tile-size 512] [--channels-last]
+        [--repeats 2] [--threads 2] [--skip 1024:float32] [--breakdown [--compare]] [--tile-size 512]
+        [--channels-last]
 """
 
 from __future__ import annotations
@@ -69,38 +73,58 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _breakdown(pipe, image) -> dict[str, float]:
-    """Seconds per stage for one image, calling the pipeline's pieces in its order."""
+def _breakdown(pipe, image, compare: bool = False) -> dict[str, float]:
+    """Seconds per stage for one image (wall, and process CPU time as "<stage> cpu"), calling the pipeline's pieces
+    in its order as it runs them on this device (on the CPU: cached text embedding, the VAE's inference copy,
+    cycle attention on distinct query rows). ``compare``: each stage runs a second time right after, the way it ran
+    before those CPU changes (text encoded again, the PEFT-wrapped VAE as loaded, every query row), in the same
+    process (rows "<stage> (before)")."""
     import torch
 
     from comfyui_lowlight.pipelines.media.illumination import inverted_value_channel
-    from comfyui_lowlight.pipelines.scuf.modules import decode_with_skips, encode_with_skips
+    from comfyui_lowlight.pipelines.scuf import modules
     from comfyui_lowlight.pipelines.scuf.pipeline import DEFAULT_PROMPT
 
     times = {}
-    x = image[None] * 2 - 1
+
+    def timed(name, fn):
+        start, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        times[name] = time.perf_counter() - start
+        times[name + " cpu"] = time.process_time() - cpu
+        return result
+
+    def every_query_row(idx):
+        return idx, None
+
+    x = (image[None] * 2 - 1).contiguous(memory_format=torch.channels_last)
+    illumination = inverted_value_channel(image[None])
+    now = {"text": lambda: pipe._text_embedding(DEFAULT_PROMPT, "cpu"), "vae": pipe._vae_for(x.device),
+           "rows": modules.distinct_query_rows}
+    before = {"text": lambda: pipe.encode_prompt(DEFAULT_PROMPT, "cpu"), "vae": pipe.vae, "rows": every_query_row}
+    runs = {"": now} | ({" (before)": before} if compare else {})
     vae_dtype = pipe.vae.dtype
+    context = torch.zeros(1, 81, pipe.unet.config.cross_attention_dim, dtype=pipe.unet.dtype)
     with torch.no_grad():
-        start = time.perf_counter()
-        pipe.encode_prompt(DEFAULT_PROMPT, "cpu")
-        pipe.encode_image_prompt(inverted_value_channel(image[None]))
-        times["prompts"] = time.perf_counter() - start
-        start = time.perf_counter()
-        posterior, skips = encode_with_skips(pipe.vae, x.to(vae_dtype))
-        times["vae encoder"] = time.perf_counter() - start
+        for suffix, run in runs.items():
+            timed("prompts" + suffix, lambda: (run["text"](), pipe.encode_image_prompt(illumination)))
+        for suffix, run in runs.items():
+            posterior, skips = timed("vae encoder" + suffix, lambda: modules.encode_with_skips(run["vae"], x.to(vae_dtype)))
         latents = posterior.mean * pipe.vae.config.scaling_factor
-        context = torch.zeros(1, 81, pipe.unet.config.cross_attention_dim, dtype=pipe.unet.dtype)
-        start = time.perf_counter()
-        pipe.unet(latents.to(pipe.unet.dtype), torch.tensor([999]), encoder_hidden_states=context)
-        times["unet"] = time.perf_counter() - start
-        start = time.perf_counter()
-        decode_with_skips(pipe.vae, posterior.mean.to(vae_dtype), skips)
-        times["vae decoder"] = time.perf_counter() - start
+        for suffix, run in runs.items():
+            modules.distinct_query_rows = run["rows"]
+            try:
+                timed("unet" + suffix, lambda: pipe.unet(latents.to(pipe.unet.dtype), torch.tensor([999]),
+                                                         encoder_hidden_states=context))
+            finally:
+                modules.distinct_query_rows = now["rows"]
+        for suffix, run in runs.items():
+            timed("vae decoder" + suffix, lambda: modules.decode_with_skips(run["vae"], posterior.mean.to(vae_dtype), skips))
     return times
 
 
 def run_one(precision: str, size: int, repeats: int, threads: int, breakdown: bool, tile_size: int | None,
-            channels_last: bool) -> dict:
+            channels_last: bool, compare: bool = False) -> dict:
     """Measure one configuration in this process (called in a subprocess by :func:`main`)."""
     import torch
 
@@ -116,19 +140,21 @@ def run_one(precision: str, size: int, repeats: int, threads: int, breakdown: bo
         refs.write("5")  # reset VmHWM to the current RSS
     base_kib = _rss_kib("VmRSS")
     pipe(image, output_type="np")  # warm-up (oneDNN primitive creation)
-    seconds = []
+    seconds, cpu_seconds = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = pipe(image, output_type="np").images
         seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - cpu)
     assert out.shape == (1, size, size, 3)
     result = {
         "precision": precision, "size": size, "seconds": sorted(seconds)[len(seconds) // 2], "all": seconds,
+        "cpu_seconds": sorted(cpu_seconds)[len(cpu_seconds) // 2],
         "peak_mib": _rss_kib("VmHWM") / 1024, "weights_mib": base_kib / 1024, "load_s": load_s,
         "threads": threads,
     }
     if breakdown:
-        result["breakdown"] = _breakdown(pipe, image)
+        result["breakdown"] = _breakdown(pipe, image, compare)
     return result
 
 
@@ -145,12 +171,16 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true",
                         help="UNet and VAE in channels_last from the start (SCUFPipeline switches them itself on "
                              "its first CPU call, the warm-up, so timed CPU runs use channels_last either way)")
+    parser.add_argument("--compare", action="store_true",
+                        help="with --breakdown: also time each stage the way it ran before the CPU speed-ups (text "
+                             "encoded every call, PEFT-wrapped VAE, every cycle-attention query row), in the same "
+                             "process right after the current one")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         precision, size = args.child.split(":")
         print(json.dumps(run_one(precision, int(size), args.repeats, args.threads, args.breakdown, args.tile_size,
-                                 args.channels_last)))
+                                 args.channels_last, args.compare)))
         return
 
     load_before = _load()
@@ -158,24 +188,27 @@ def main() -> None:
     for size in args.sizes:
         for precision in args.precisions:
             if f"{size}:{precision}" in args.skip:
-                rows.append(f"| {size}x{size} | {precision} | not run | | |")
+                rows.append(f"| {size}x{size} | {precision} | not run | | | |")
                 continue
             command = [sys.executable, __file__, "--child", f"{precision}:{size}", "--repeats", str(args.repeats),
                        "--threads", str(args.threads)] + (["--breakdown"] if args.breakdown else []) \
                 + (["--tile-size", str(args.tile_size)] if args.tile_size else []) \
-                + (["--channels-last"] if args.channels_last else [])
+                + (["--channels-last"] if args.channels_last else []) \
+                + (["--compare"] if args.compare else [])
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
-                rows.append(f"| {size}x{size} | {precision} | failed: {done.stderr.strip().splitlines()[-1]} | | |")
+                rows.append(f"| {size}x{size} | {precision} | failed: {done.stderr.strip().splitlines()[-1]} | | | |")
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
-            stages = ", ".join(f"{k} {v:.1f}" for k, v in r.get("breakdown", {}).items())
-            rows.append(f"| {size}x{size} | {precision} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | "
+            stage_times = r.get("breakdown", {})
+            stages = ", ".join(f"{k} {v:.1f} (cpu {stage_times[k + ' cpu']:.1f})" for k, v in stage_times.items()
+                               if not k.endswith(" cpu"))
+            rows.append(f"| {size}x{size} | {precision} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_mib']:.0f} | "
                         f"{r['weights_mib']:.0f} |" + (f" {stages} |" if stages else ""))
             print(rows[-1], f"(all runs: {', '.join(f'{s:.1f}' for s in r['all'])})", file=sys.stderr, flush=True)
-    header = "| size | precision | s / image (median) | peak RSS MiB | RSS after load MiB |"
+    header = "| size | precision | s / image (median) | process CPU s | peak RSS MiB | RSS after load MiB |"
     if args.breakdown:
-        header += " stages s |"
+        header += " stages s (wall, process CPU time) |"
     print(f"\nSCUF, full-size SD-Turbo + CLIP ViT-B/32 (random weights), torch {_torch_version()}, "
           f"{args.threads} threads, repeats {args.repeats}, tiling {args.tile_size or 'off'}, "
           f"channels_last {args.channels_last}; load average (1/5/15 min) at the start: {load_before}\n")

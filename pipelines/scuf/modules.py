@@ -169,7 +169,7 @@ def scuf_vae_trainable_parameters(vae, include_skip_base: bool = True) -> list[n
     return params
 
 
-def _run_offload_hook(module) -> None:
+def run_offload_hook(module) -> None:
     # Mirrors diffusers' ``apply_forward_hook``: these functions bypass ``vae.encode``/``decode``, so they must
     # trigger an ``enable_model_cpu_offload`` hook themselves.
     hook = getattr(module, "_hf_hook", None)
@@ -187,7 +187,7 @@ def encode_with_skips(vae, image: torch.Tensor) -> tuple[DiagonalGaussianDistrib
         the posterior (unscaled latents ``[B, 4, H/8, W/8]``) and the four skip activations
         ``[conv_in out (C0, H), down0 out (C0, H/2), down1 out (C1, H/4), down2 out (C2, H/8)]``.
     """
-    _run_offload_hook(vae)
+    run_offload_hook(vae)
     enc = vae.encoder
     h = enc.conv_in(image)
     skips = []
@@ -213,7 +213,7 @@ def decode_with_skips(vae, latents: torch.Tensor, skips: list[torch.Tensor] | No
     Returns:
         ``[B, 3, 8h, 8w]`` image, not clamped.
     """
-    _run_offload_hook(vae)
+    run_offload_hook(vae)
     dec = vae.decoder
     if getattr(vae, "post_quant_conv", None) is not None:
         latents = vae.post_quant_conv(latents)
@@ -355,6 +355,13 @@ def cycle_query_indices(num_rows: int, num_tokens: int, device=None) -> torch.Te
     return idx
 
 
+def distinct_query_rows(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(rows, repeats)`` with ``rows[repeats] == idx`` for the sorted indices of :func:`cycle_query_indices`:
+    ``rows`` its distinct values; ``(idx, None)`` when there are no duplicates."""
+    rows, repeats = torch.unique_consecutive(idx, return_inverse=True)
+    return (idx, None) if rows.numel() == idx.numel() else (rows, repeats)
+
+
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, c = x.shape
     return x.view(b, n, heads, c // heads).transpose(1, 2)
@@ -433,6 +440,11 @@ class CycleAttnProcessor(nn.Module):
             # eq. 2: image-prompt queries over the UNet features (keys = values = the normalised block input)
             q_img = self.to_q_ca(image_tokens.transpose(1, 2))  # [B, D, Cb]
             idx = cycle_query_indices(q_img.shape[1], residual.shape[1], q_img.device)
+            repeats = None
+            if q_img.device.type == "cpu":
+                # with more UNet tokens than rows (N > D: 4096 vs 1024 at 512 px) the picked query rows repeat, and
+                # so do their attention outputs: eqs. 2 and 3 run once per distinct row, then the rows are repeated
+                idx, repeats = distinct_query_rows(idx)
             q_img = q_img[:, idx, :]
             z_f = F.scaled_dot_product_attention(
                 _heads(q_img, heads), _heads(residual, heads), _heads(residual, heads), dropout_p=0.0, is_causal=False,
@@ -444,6 +456,8 @@ class CycleAttnProcessor(nn.Module):
                 _heads(self.to_v_ca(image_tokens), heads), dropout_p=0.0, is_causal=False,
             )
             z_n = _merge(z_n).to(query.dtype)
+            if repeats is not None:
+                z_n = z_n[:, repeats, :]
             out = out + z_n if self.scale == 1 else out + self.scale * z_n
 
         out = attn.to_out[1](attn.to_out[0](out))

@@ -15,6 +15,7 @@ conformance fixture ``../shared/reference/scuf/README.md`` section 8:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from .modules import (
     add_scuf_vae_modules,
     cycle_attn_processors,
     has_scuf_vae_modules,
+    run_offload_hook,
     scuf_config_from_modules,
     scuf_one_step,
     set_adapter_scale,
@@ -64,6 +66,8 @@ BASE_MODEL_HELP = (
 )
 #: SCUF's VAE and UNet need sides that are multiples of 8: images are resized up to them and back (LANCZOS).
 RESIZE_MULTIPLE = 8
+#: Text embeddings kept between calls (distinct prompts; [1, 77, 1024] each).
+TEXT_CACHE_SIZE = 16
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -95,6 +99,8 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         # set when SCUF modules are attached (also when built from the components of a SCUF pipeline)
         self.scuf_config: SCUFConfig | None = scuf_config_from_modules(vae, unet, image_proj)
         self._tiling: dict[str, int] | None = None  # set by enable_vae_tiling()
+        self._cpu_vae: tuple | None = None  # (fingerprint of self.vae, its inference copy) for CPU runs
+        self._text_cache: dict = {}  # prompt -> text embedding, see _text_embedding
 
     # ---------------------------------------------------------------------------------- loading
 
@@ -258,6 +264,7 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         expected = self.scuf_parameters()
         check_compatible(path, expected, tensors, base_shapes, self.vae.state_dict())
         copy_into(expected, tensors)
+        self._cpu_vae = None  # the CPU inference copy holds the previous weights merged
         return config
 
     def _meta_expected(self, config: SCUFConfig) -> tuple[dict, dict]:
@@ -337,20 +344,62 @@ class SCUFPipeline(DiffusionPipeline, FromSingleFileMixin):
         """``[B, T + num_tokens, D]`` UNet context: text embedding of each prompt, then the image-prompt tokens."""
         unet_dtype = self.unet.dtype
         tokens = self.encode_image_prompt(illum.to(device))
-        cache: dict[str, torch.Tensor] = {}
-        for p in prompts:
-            if p not in cache:
-                cache[p] = self.encode_prompt(p, device)
-        text = torch.cat([cache[p] for p in prompts])
+        text = torch.cat([self._text_embedding(p, device) for p in prompts])
         return torch.cat([text.to(unet_dtype), tokens.to(unet_dtype)], dim=1)
+
+    def _text_embedding(self, prompt: str, device) -> torch.Tensor:
+        """:meth:`encode_prompt`, kept for the next calls (the same prompt is encoded on every run otherwise: 0.1-0.2 s
+        of a 512 px CPU run) while the text encoder's tensors and the tokenizer stay the same. Not kept under model
+        offload, whose text-encoder hook has to fire."""
+        if getattr(self.text_encoder, "_hf_hook", None) is not None:
+            return self.encode_prompt(prompt, device)
+        from .inference_vae import tensor_state
+
+        version = (id(self.tokenizer), str(device), tuple(tensor_state(p) for p in self.text_encoder.parameters()))
+        if self._text_cache.get("version") != version:
+            self._text_cache = {"version": version}
+        if prompt not in self._text_cache:
+            if len(self._text_cache) > TEXT_CACHE_SIZE:
+                del self._text_cache[next(p for p in self._text_cache if p != "version")]
+            self._text_cache[prompt] = self.encode_prompt(prompt, device)
+        return self._text_cache[prompt]
 
     def _enhance(self, x, context, noise=None) -> torch.Tensor:
         """One pass (:func:`~.scuf_modules.scuf_one_step`): ``x`` ``[B, 3, H, W]`` in -1..1 -> float32 in 0..1.
 
         ``noise``: ``[B, C, H / 8, W / 8]`` standard normal for a sampled latent, or None for the posterior mean.
         """
-        out = scuf_one_step(self.vae, self.unet, self.scheduler, x, context, self.scuf_config.skip_gamma, noise)
+        if x.device.type == "cpu" and x.shape[0] > 1:
+            # one image at a time on the CPU: a batch is no faster there, needs less memory this way, and each image
+            # gets exactly its single-image result (oneDNN blocks convs differently for another batch size)
+            return torch.cat([
+                self._enhance(x[i:i + 1], context[i:i + 1], None if noise is None else noise[i:i + 1])
+                for i in range(x.shape[0])
+            ])
+        vae = self._vae_for(x.device)
+        out = scuf_one_step(vae, self.unet, self.scheduler, x, context, self.scuf_config.skip_gamma, noise)
         return out.image.float() * 0.5 + 0.5
+
+    def _vae_for(self, device: torch.device):
+        """The VAE to run on ``device``: on the CPU its inference copy (:mod:`.inference_vae`: LoRA merged, decoder
+        upsampling on the low-resolution grid; README "Speed and memory"), rebuilt whenever the VAE's tensors or
+        LoRA settings change; on other devices the VAE itself."""
+        from .inference_vae import UnsupportedVAE, inference_vae, vae_fingerprint
+
+        if device.type != "cpu":
+            self._cpu_vae = None
+            return self.vae
+        run_offload_hook(self.vae)  # model offload onto the CPU: the copy has no hook, the VAE's must still fire
+        fingerprint = vae_fingerprint(self.vae)
+        if self._cpu_vae is None or self._cpu_vae[0] != fingerprint:
+            self._cpu_vae = None  # free the old copy before building the new one
+            try:
+                copy = inference_vae(self.vae)
+            except UnsupportedVAE as exc:
+                warnings.warn(f"SCUF: running the VAE as loaded on the CPU ({exc})", RuntimeWarning, stacklevel=3)
+                copy = self.vae
+            self._cpu_vae = (fingerprint, copy)
+        return self._cpu_vae[1]
 
     def _use_channels_last(self) -> None:
         """UNet and VAE in channels_last: oneDNN's CPU convolutions skip their layout reorders (full-size SD-Turbo,
