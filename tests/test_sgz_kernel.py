@@ -457,3 +457,15 @@ def test_factor_network_reuses_the_low_resolution_image_it_is_given():
                                estimate_factor_lowres(pipe.model, image, 12), rtol=0, atol=0)
     assert not torch.equal(estimate_factor_lowres(pipe.model, image, 12, lowres=small * 0.5),
                            estimate_factor_lowres(pipe.model, image, 12))  # it is the input used
+
+
+@pytest.mark.parametrize("size, ties", [(1, False), (7, False), (1000, True), (92064, False)])
+def test_truncated_mean_selects_exactly_like_a_partition(size, ties):
+    rng = np.random.default_rng(size)
+    responses = (rng.integers(0, 5, size) / 7 if ties else np.abs(rng.normal(size=size))).astype(np.float32)
+    kept = max(1, int(size * 0.8))
+    threshold = np.partition(responses, kept - 1)[kept - 1]
+    kernel.available()
+    total, count = kernel._kernels["truncated_mean"](responses, kept)
+    assert count == int((responses <= threshold).sum())  # ties at the threshold all included
+    assert total == pytest.approx(float(responses[responses <= threshold].astype(np.float64).sum()), rel=1e-9)

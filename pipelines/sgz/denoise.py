@@ -53,10 +53,11 @@ def curve_gain(
 
     Each step ``x <- x + f (x^2 - x)`` has slope ``1 + f (2x - 1)``; the curve's slope is their product along the
     path of ``x``. ``image_lowres`` and ``factor``: ``[B, 3, h, w]`` (the image resampled to the factor's grid).
-    float32 on the CPU: a compiled loop (:mod:`.kernel`) unless ``use_kernel=False`` (these torch ops, its
-    reference; both compute in float32).
+    float32 on the CPU without autograd: a compiled loop (:mod:`.kernel`) unless ``use_kernel=False`` (these
+    torch ops, its reference, differentiable; both compute in float32).
     """
     if (use_kernel and image_lowres.dtype == factor.dtype == torch.float32 and factor.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (image_lowres.requires_grad or factor.requires_grad))
             and kernel.supports(image_lowres, torch.float32)):
         return kernel.curve_gain_cpu(image_lowres, factor, recurrences)
     x = image_lowres.float()

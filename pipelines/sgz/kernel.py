@@ -12,6 +12,11 @@ threads around a ``nogil`` kernel): when another process holds a core, the threa
 fewer chunks, and nothing spins at a barrier. The thread count is torch's (``torch.get_num_threads()``), so the
 host's settings (ComfyUI, ``OMP_NUM_THREADS``) apply.
 
+SGZ v2's noise filter has its own kernels here: ``guided_band`` runs the curve and the guided filter of
+:mod:`.denoise` in one pass per band of rows (grid statistics streamed down the rows in ring buffers, uint8 in,
+uint8 out, no float frame; :func:`guided_filter_cpu`), with small loops for the noise estimate, the curve's gain
+and the exposure fit's candidate keys. The filter's constants stay in :mod:`.denoise` and come in as arguments.
+
 numba is imported and the kernels compiled on first use (cached on disk where numba can write its cache). Without
 numba, :func:`available` is False and :mod:`.model` uses its torch implementation (noted once).
 """
@@ -142,20 +147,31 @@ def _compile():
                             wide[b * 3 + c, j, i] = value
 
     # ---------------------------------------------------------------- SGZ v2's noise filter (see .denoise)
-    def curve_block(source, top, bottom, weight, n, in_scale, recurrences, x, f):
+    def curve_block(source, top, bottom, weight, n, in_scale, recurrences, x, factors):
         """``x[:n]`` <- the curve of one block of values: ``source`` scaled, the factor between the two rows
-        ``top``/``bottom`` of the widened factor, all recurrences (the arithmetic of ``rows``)."""
+        ``top``/``bottom`` of the widened factor, all recurrences; ``factors [2, >= n]``: room for ``f`` and
+        ``1 - f``. The arithmetic and loop structure of ``rows`` (four steps per pass over the block)."""
         for k in range(n):
             x[k] = np.float32(source[k]) * in_scale
         if recurrences == 0:
             return
+        f, g = factors[0], factors[1]
         for k in range(n):
             a = top[k]
             f[k] = a + weight * (bottom[k] - a)
-        for _ in range(recurrences):
+            g[k] = one - f[k]
+        for _ in range(recurrences >> 2):
             for k in range(n):
+                v = x[k]
                 fk = f[k]
-                x[k] = x[k] * ((one - fk) + fk * x[k])
+                gk = g[k]
+                v = v * (gk + fk * v)
+                v = v * (gk + fk * v)
+                v = v * (gk + fk * v)
+                x[k] = v * (gk + fk * v)
+        for _ in range(recurrences & 3):
+            for k in range(n):
+                x[k] = x[k] * (g[k] + f[k] * x[k])
 
     curve_block = jit(curve_block)
 
@@ -186,24 +202,6 @@ def _compile():
                 target[i] = total
 
     box_sum_row = jit(box_sum_row)
-
-    def box_sum_column(rows, first_row, row, count, window, target):
-        """``target`` <- sum of the rows ``row - half .. row + half`` (clamped to ``0..count-1``) of ``rows``
-        (which holds rows ``first_row..``), top to bottom, divided by ``window^2``."""
-        half = window // 2
-        n = target.shape[0]
-        source = rows[min(max(row - half, 0), count - 1) - first_row]
-        for k in range(n):
-            target[k] = source[k]
-        for d in range(1, window):
-            source = rows[min(max(row - half + d, 0), count - 1) - first_row]
-            for k in range(n):
-                target[k] += source[k]
-        area = np.float32(window * window)
-        for k in range(n):
-            target[k] = target[k] / area
-
-    box_sum_column = jit(box_sum_column)
 
     def grid_rows_in(src, wide_grid, row_scale, recurrences, in_scale, height, channels_last, grid_rows,
                      grid_columns, to_ycc, b, j, window, values, enhanced, f, work, sums, slot):
@@ -267,7 +265,7 @@ def _compile():
             source = ring[min(max(row - half + d, 0), count - 1) % window]
             for k in range(n):
                 target[k] += source[k]
-        area = np.float32(window * window)
+        area = np.float32(window * window)  # divided like torch's box mean (x 1/9 moved float results by 1e-3)
         for k in range(n):
             target[k] = target[k] / area
 
@@ -335,9 +333,12 @@ def _compile():
         for start in range(0, width, block):
             n = min(block, width - start)
             if channels_last:  # luma and the three channels of a pixel in one iteration (interleaved access)
-                r0, r1, g0, g1 = top[0, start : start + n], bottom[0, start : start + n], top[1, start : start + n], bottom[1, start : start + n]
+                # slopes (r, g, b) and offsets (p, q, u) of the two widened grid rows (0: above, 1: below)
+                r0, r1 = top[0, start : start + n], bottom[0, start : start + n]
+                g0, g1 = top[1, start : start + n], bottom[1, start : start + n]
                 b0, b1 = top[2, start : start + n], bottom[2, start : start + n]
-                p0, p1, q0, q1 = top[3, start : start + n], bottom[3, start : start + n], top[4, start : start + n], bottom[4, start : start + n]
+                p0, p1 = top[3, start : start + n], bottom[3, start : start + n]
+                q0, q1 = top[4, start : start + n], bottom[4, start : start + n]
                 u0, u1 = top[5, start : start + n], bottom[5, start : start + n]
                 pixels = enhanced[3 * start : 3 * (start + n)]
                 target = dst[b * height + y, 3 * start : 3 * (start + n)]
@@ -401,7 +402,7 @@ def _compile():
         length = 3 * grid_w
         values = np.empty(length, np.float32)  # the grid row in the image's layout (x * 3 + c, or c * gw + x)
         enhanced_grid = np.empty(length, np.float32)
-        f_grid = np.empty(length, np.float32)
+        f_grid = np.empty((2, length), np.float32)
         noise = np.empty(grid_w, np.float32)
         offsets = np.empty(grid_w, np.float32)
         variance = np.empty(grid_w, np.float32)
@@ -409,7 +410,7 @@ def _compile():
         coefficients_wide = np.empty((2, 6, width), np.float32)  # ring of 2: grid rows resampled to full width
         enhanced = np.empty(3 * width, np.float32)
         luma = np.empty(width, np.float32)
-        f = np.empty(block, np.float32)
+        f = np.empty((2, block), np.float32)
         gain_plane = gain_wide[b]
         variance_scale = noise_variance[b]
         y = first
@@ -495,13 +496,32 @@ def _compile():
                 response[i] = abs(v)
 
     def truncated_mean(responses, kept):
-        """(sum, count) of the responses at most the ``kept``-th smallest (ties included)."""
-        threshold = np.partition(responses, kept - 1)[kept - 1]
+        """(sum, count) of the responses at most the ``kept``-th smallest (ties included). The threshold is found
+        exactly by a radix selection on the float bits (non-negative floats order as their bit patterns): two
+        passes of 16-bit histograms, ~4x faster than ``np.partition`` on the 92K responses of a 1080p frame."""
+        bits = responses.view(np.uint32)
+        counts = np.zeros(1 << 16, np.int64)
+        for value in bits:
+            counts[value >> 16] += 1
+        rank = kept
+        high = 0
+        while counts[high] < rank:
+            rank -= counts[high]
+            high += 1
+        counts[:] = 0
+        for value in bits:
+            if value >> 16 == high:
+                counts[value & 0xFFFF] += 1
+        low = 0
+        while counts[low] < rank:
+            rank -= counts[low]
+            low += 1
+        threshold = np.uint32((high << 16) | low)
         total = 0.0
         count = 0
-        for v in responses:
-            if v <= threshold:
-                total += v
+        for i in range(bits.shape[0]):
+            if bits[i] <= threshold:
+                total += responses[i]
                 count += 1
         return total, count
 
@@ -873,7 +893,7 @@ def curve_keys_cpu(image: torch.Tensor, factor: torch.Tensor, scales: torch.Tens
     """:func:`.exposure.exposure_scale`'s candidate keys compiled: ``image``, ``factor`` ``[B, 3, N]`` float32,
     ``scales [K]`` -> ``[B, K]`` float32 (see ``curve_keys``)."""
     out = np.empty((image.shape[0], scales.shape[0]), np.float32)
-    _kernels["curve_keys"](np.ascontiguousarray(image.numpy()), np.ascontiguousarray(factor.numpy()),
+    _kernels["curve_keys"](np.ascontiguousarray(image.detach().numpy()), np.ascontiguousarray(factor.detach().numpy()),
                            np.ascontiguousarray(scales.to(torch.float32).numpy()), recurrences,
                            np.asarray(luma_weights, np.float32), np.float32(epsilon), out)
     return torch.from_numpy(out)
