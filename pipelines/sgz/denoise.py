@@ -154,8 +154,8 @@ def gain_guided_denoise(
             filter) and interpolated back; 1 = exact.
         out_dtype: the result's dtype (uint8: rounded); the image's by default.
         in_place: write the result into ``image`` (when ``out_dtype`` is its dtype): no second full-size frame.
-        use_kernel: on the CPU the filter runs as two compiled passes (:mod:`.kernel`); ``False`` forces the
-            torch implementation (its reference, used on other devices and without numba).
+        use_kernel: on the CPU the filter runs as one compiled pass per band of rows (:mod:`.kernel`); ``False``
+            forces the torch implementation (its reference, used on other devices and without numba).
     """
     out_dtype = out_dtype or image.dtype
     if amount <= 0.0:
