@@ -64,18 +64,48 @@ _CACHE_TAG = "_" + hashlib.sha1(__name__.encode()).hexdigest()[:12]
 def _compile():
     import numba
 
-    def jit(function):
+    def jit(function, **options):
         # error_model="numpy": float division without Python's zero check, whose branch kept the filter's
         # divisions (window means, slopes) from vectorising (4x slower there).
         function.__qualname__ += _CACHE_TAG
+        options.update(nogil=True, fastmath={"contract"}, error_model="numpy")
         try:
-            return numba.njit(nogil=True, cache=True, fastmath={"contract"}, error_model="numpy")(function)
+            return numba.njit(cache=True, **options)(function)
         except RuntimeError:  # no writable cache location (read-only install): compile in memory each session
-            return numba.njit(nogil=True, fastmath={"contract"}, error_model="numpy")(function)
+            return numba.njit(**options)(function)
 
     one, half, u8_max, zero = np.float32(1.0), np.float32(0.5), np.float32(255.0), np.float32(0.0)
     two = np.float32(2.0)
     block = _BLOCK
+
+    def curve_block(source, top, bottom, weight, n, in_scale, recurrences, x, factors):
+        """``x[:n]`` <- the curve of one block of values: ``source`` scaled, the factor between the two rows
+        ``top``/``bottom`` of the widened factor, all recurrences; ``factors [2, >= n]``: room for ``f`` and
+        ``1 - f``. Four steps per pass over the block: one load and store of ``x`` per four recurrences."""
+        if recurrences == 0:
+            for k in range(n):
+                x[k] = np.float32(source[k]) * in_scale
+            return
+        f, g = factors[0], factors[1]
+        for k in range(n):
+            x[k] = np.float32(source[k]) * in_scale
+            a = top[k]
+            f[k] = a + weight * (bottom[k] - a)
+            g[k] = one - f[k]
+        for _ in range(recurrences >> 2):
+            for k in range(n):
+                v = x[k]
+                fk = f[k]
+                gk = g[k]
+                v = v * (gk + fk * v)
+                v = v * (gk + fk * v)
+                v = v * (gk + fk * v)
+                x[k] = v * (gk + fk * v)
+        for _ in range(recurrences & 3):
+            for k in range(n):
+                x[k] = x[k] * (g[k] + f[k] * x[k])
+
+    curve_block = jit(curve_block, inline="always")  # called per 512-value block: a call cost ~8 % of the plain pass
 
     def rows(src, wide, dst, height, row_scale, first, stop, recurrences, in_scale, to_u8, check, low, high, bad):
         """Rows ``first..stop`` of ``src [P * H, L]`` -> ``dst``; ``wide [P, h, L]`` factor resized along W.
@@ -85,8 +115,7 @@ def _compile():
         length = src.shape[1]
         small_h = wide.shape[1]
         x = np.empty(block, np.float32)
-        f = np.empty(block, np.float32)
-        g = np.empty(block, np.float32)
+        factors = np.empty((2, block), np.float32)
         for r in range(first, stop):
             plane = r // height
             position = (r - plane * height) * row_scale
@@ -100,26 +129,11 @@ def _compile():
                 top = wide[plane, upper, start : start + n]
                 bottom = wide[plane, lower, start : start + n]
                 target = dst[r, start : start + n]
-                for k in range(n):
-                    x[k] = np.float32(source[k]) * in_scale
-                    a = top[k]
-                    f[k] = a + weight * (bottom[k] - a)
-                    g[k] = one - f[k]
                 if check:
                     for k in range(n):
-                        outside += not (x[k] >= low and x[k] <= high)  # NaN compares false: counted too
-                for _ in range(recurrences >> 2):  # four steps per load/store of the block
-                    for k in range(n):
-                        v = x[k]
-                        fk = f[k]
-                        gk = g[k]
-                        v = v * (gk + fk * v)
-                        v = v * (gk + fk * v)
-                        v = v * (gk + fk * v)
-                        x[k] = v * (gk + fk * v)
-                for _ in range(recurrences & 3):
-                    for k in range(n):
-                        x[k] = x[k] * (g[k] + f[k] * x[k])
+                        v = np.float32(source[k]) * in_scale
+                        outside += not (v >= low and v <= high)  # NaN compares false: counted too
+                curve_block(source, top, bottom, weight, n, in_scale, recurrences, x, factors)
                 if to_u8:
                     for k in range(n):
                         target[k] = min(max(x[k] * u8_max + half, zero), u8_max)  # truncated = rounded
@@ -147,34 +161,6 @@ def _compile():
                             wide[b * 3 + c, j, i] = value
 
     # ---------------------------------------------------------------- SGZ v2's noise filter (see .denoise)
-    def curve_block(source, top, bottom, weight, n, in_scale, recurrences, x, factors):
-        """``x[:n]`` <- the curve of one block of values: ``source`` scaled, the factor between the two rows
-        ``top``/``bottom`` of the widened factor, all recurrences; ``factors [2, >= n]``: room for ``f`` and
-        ``1 - f``. The arithmetic and loop structure of ``rows`` (four steps per pass over the block)."""
-        for k in range(n):
-            x[k] = np.float32(source[k]) * in_scale
-        if recurrences == 0:
-            return
-        f, g = factors[0], factors[1]
-        for k in range(n):
-            a = top[k]
-            f[k] = a + weight * (bottom[k] - a)
-            g[k] = one - f[k]
-        for _ in range(recurrences >> 2):
-            for k in range(n):
-                v = x[k]
-                fk = f[k]
-                gk = g[k]
-                v = v * (gk + fk * v)
-                v = v * (gk + fk * v)
-                v = v * (gk + fk * v)
-                x[k] = v * (gk + fk * v)
-        for _ in range(recurrences & 3):
-            for k in range(n):
-                x[k] = x[k] * (g[k] + f[k] * x[k])
-
-    curve_block = jit(curve_block)
-
     def box_sum_row(source, target, window):
         """``target`` <- sums over ``window`` neighbours along the row, ends replicated, added left to right (the
         order of :func:`.denoise._box_mean`)."""
