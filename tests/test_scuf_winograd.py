@@ -49,6 +49,25 @@ def test_winograd_conv_is_the_conv_within_bfloat16_rounding(shape, bias, block_r
     assert (out.double() - reference).abs().max() <= 0.05 * reference.abs().max()
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_winograd_conv_adds_a_residual_in_its_output_pass(layout):
+    """``layer(x, residual)`` == ``layer(x) + residual`` up to the one rounding it saves (float64 reference)."""
+    from comfyui_lowlight.pipelines.scuf.winograd import WinogradConv2d
+
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(12, 10, 3, padding=1).to(torch.bfloat16)
+    x = torch.randn(2, 12, 7, 9).to(torch.bfloat16)
+    residual = (torch.randn(2, 10, 7, 9) * 4).to(torch.bfloat16).contiguous(memory_format=layout)
+    layer = WinogradConv2d(conv)
+    fused = layer(x, residual=residual)
+    separate = layer(x).double() + residual.double()
+    assert (fused.double() - separate).abs().max() <= 2 ** -7 * separate.abs().max()
+    reference = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1) + residual.double()
+    assert _relative_error(fused, reference) <= _relative_error((layer(x) + residual), reference) * 1.05
+    with pytest.raises(ValueError, match="residual"):
+        layer(x, residual=residual[:, :, :6])
+
+
 def test_winograd_conv_takes_channels_last_and_rejects_other_dtypes():
     from comfyui_lowlight.pipelines.scuf.winograd import WinogradConv2d
 

@@ -133,7 +133,8 @@ def _layout(weight: torch.Tensor):
 class InferenceResnetBlock(nn.Module):
     """diffusers' ``ResnetBlock2D`` without time embedding, resampling or dropout, for inference:
     ``shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))`` / ``output_scale_factor``, SiLU in place and the
-    shortcut added into conv2's output (both are fresh tensors nobody else holds)."""
+    shortcut added into conv2's output (both are fresh tensors nobody else holds), or by conv2 itself when it can
+    (:class:`~.winograd.WinogradConv2d`)."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
@@ -145,8 +146,12 @@ class InferenceResnetBlock(nn.Module):
         if temb is not None:
             raise ValueError("InferenceResnetBlock has no time embedding")
         h = self.conv1(F.silu(self.norm1(input_tensor), inplace=True))
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))
-        h += input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+        if getattr(self.conv2, "adds_residual", False):  # Winograd: the add in its output pass, one rounding
+            h = self.conv2(F.silu(self.norm2(h), inplace=True), residual=shortcut)
+        else:
+            h = self.conv2(F.silu(self.norm2(h), inplace=True))
+            h += shortcut
         if self.output_scale_factor != 1:
             h /= self.output_scale_factor
         return h

@@ -114,15 +114,18 @@ def _compile():
                         u = out_bits[k, c]
                         v[k, ti - base, tj, c] = np.uint16((u + half + ((u >> shift) & bit)) >> shift)
 
-    def output_transform(m, bias, y, base, t0, t1):
-        """Tile rows ``t0..t1``: ``m[16, t - base, TW, K]`` (bfloat16 bits) -> ``A^T m A + bias`` into the 2x2 output
-        tiles of ``y`` ``[H, W, K]`` (bfloat16 bits; tiles past an odd edge are cut)."""
+    def output_transform(m, bias, residual, add_residual, y, base, t0, t1):
+        """Tile rows ``t0..t1``: ``m[16, t - base, TW, K]`` (bfloat16 bits) -> ``A^T m A + bias`` (``+ residual``
+        ``[H, W, K]`` if ``add_residual``, summed before the one rounding) into the 2x2 output tiles of ``y``
+        ``[H, W, K]`` (bfloat16 bits; tiles past an odd edge are cut)."""
         height, width, channels = y.shape
         tiles_w = m.shape[2]
         m_bits = np.zeros((16, channels), np.uint32)
         mf = m_bits.view(np.float32)
         out = np.empty((4, channels), np.float32)
         out_bits = out.view(np.uint32)
+        res_bits = np.zeros(channels, np.uint32)
+        res = res_bits.view(np.float32)
         for ti in range(t0, t1):
             for tj in range(tiles_w):
                 for p in range(16):
@@ -146,6 +149,11 @@ def _compile():
                     row = 2 * ti + (q >> 1)
                     col = 2 * tj + (q & 1)
                     if row < height and col < width:
+                        if add_residual:
+                            for c in range(channels):
+                                res_bits[c] = np.uint32(residual[row, col, c]) << shift
+                            for c in range(channels):
+                                out[q, c] += res[c]
                         for c in range(channels):
                             u = out_bits[q, c]
                             y[row, col, c] = np.uint16((u + half + ((u >> shift) & bit)) >> shift)
@@ -200,8 +208,11 @@ class WinogradConv2d(nn.Module):
     """A 3x3 conv (stride 1, padding 1, no groups or dilation) on bfloat16 CPU tensors as Winograd F(2x2, 3x3).
 
     Built from a ``nn.Conv2d``; keeps only the transformed weight (16/9 of the kernel) and the bias. Input of any
-    layout (made channels_last), output channels_last.
+    layout (made channels_last), output channels_last. ``forward(x, residual)`` adds a residual in its output pass
+    (:class:`~.inference_vae.InferenceResnetBlock` passes its shortcut): no separate add over the output.
     """
+
+    adds_residual = True
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -215,10 +226,16 @@ class WinogradConv2d(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), Winograd F(2x2, 3x3)"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``conv(x)``, or ``conv(x) + residual`` with one rounding (``residual``: the output's shape)."""
         if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[1] != self.in_channels:
             raise ValueError(f"WinogradConv2d: expected a bfloat16 CPU tensor with {self.in_channels} channels, "
                              f"got {x.dtype} on {x.device} with shape {tuple(x.shape)}")
+        expected = (x.shape[0], self.out_channels, *x.shape[2:])
+        if residual is not None and (tuple(residual.shape) != expected or residual.dtype != torch.bfloat16
+                                     or residual.device.type != "cpu"):
+            raise ValueError(f"WinogradConv2d: residual must be a bfloat16 CPU tensor of shape {expected}, got "
+                             f"{residual.dtype} on {residual.device} with shape {tuple(residual.shape)}")
         input_transform, output_transform = _get_kernels()
         n, channels, height, width = x.shape
         x = x.contiguous(memory_format=torch.channels_last)
@@ -230,14 +247,18 @@ class WinogradConv2d(nn.Module):
         v_bits, m_bits = _bits(v), _bits(m).reshape(16, rows, tiles_w, k)
         bias = self.bias.numpy()
         y = torch.empty((n, k, height, width), dtype=torch.bfloat16, memory_format=torch.channels_last)
+        if residual is not None:
+            residual = residual.contiguous(memory_format=torch.channels_last)
         for i in range(n):
             x_bits, y_bits = _bits(x[i].permute(1, 2, 0)), _bits(y[i].permute(1, 2, 0))
+            res_bits = y_bits if residual is None else _bits(residual[i].permute(1, 2, 0))
             for start in range(0, tiles_h, rows):
                 stop = min(tiles_h, start + rows)
                 _parallel(input_transform, start, stop, x_bits, v_bits, start)
                 count = (stop - start) * tiles_w
                 torch.bmm(v.view(16, rows * tiles_w, channels)[:, :count], self.weight, out=m[:, :count])
-                _parallel(output_transform, start, stop, m_bits, bias, y_bits, start)
+                _parallel(output_transform, start, stop, m_bits, bias, res_bits, residual is not None, y_bits,
+                          start)
         return y
 
 
