@@ -76,9 +76,10 @@ def _rss_kib(field: str) -> int:
 def _breakdown(pipe, image, compare: bool = False) -> dict[str, float]:
     """Seconds per stage for one image (wall, and process CPU time as "<stage> cpu"), calling the pipeline's pieces
     in its order as it runs them on this device (on the CPU: cached text embedding, the VAE's inference copy,
-    cycle attention on distinct query rows). ``compare``: each stage runs a second time right after, the way it ran
+    cycle attention on distinct query rows). ``compare``: each stage runs again right after, the way it ran
     before those CPU changes (text encoded again, the PEFT-wrapped VAE as loaded, every query row), in the same
-    process (rows "<stage> (before)")."""
+    process (rows "<stage> (before)"), and the VAE stages also with the inference copy's convs all oneDNN's
+    (rows "<stage> (no Winograd)", pipelines/scuf/winograd.py)."""
     import torch
 
     from comfyui_lowlight.pipelines.media.illumination import inverted_value_channel
@@ -102,16 +103,27 @@ def _breakdown(pipe, image, compare: bool = False) -> dict[str, float]:
     now = {"text": lambda: pipe._text_embedding(DEFAULT_PROMPT, "cpu"), "vae": pipe._vae_for(x.device),
            "rows": modules.distinct_query_rows}
     before = {"text": lambda: pipe.encode_prompt(DEFAULT_PROMPT, "cpu"), "vae": pipe.vae, "rows": every_query_row}
-    runs = {"": now} | ({" (before)": before} if compare else {})
+    runs = {"": now}
+    if compare:
+        from comfyui_lowlight.pipelines.scuf.inference_vae import inference_vae
+        from comfyui_lowlight.pipelines.scuf.winograd import WinogradConv2d
+
+        if any(isinstance(m, WinogradConv2d) for m in now["vae"].modules()):
+            # the inference copy with oneDNN's convs everywhere (VAE stages only)
+            runs[" (no Winograd)"] = now | {"vae": inference_vae(pipe.vae, winograd=False), "vae only": True}
+        runs[" (before)"] = before
     vae_dtype = pipe.vae.dtype
     context = torch.zeros(1, 81, pipe.unet.config.cross_attention_dim, dtype=pipe.unet.dtype)
     with torch.no_grad():
         for suffix, run in runs.items():
-            timed("prompts" + suffix, lambda: (run["text"](), pipe.encode_image_prompt(illumination)))
+            if not run.get("vae only"):
+                timed("prompts" + suffix, lambda: (run["text"](), pipe.encode_image_prompt(illumination)))
         for suffix, run in runs.items():
             posterior, skips = timed("vae encoder" + suffix, lambda: modules.encode_with_skips(run["vae"], x.to(vae_dtype)))
         latents = posterior.mean * pipe.vae.config.scaling_factor
         for suffix, run in runs.items():
+            if run.get("vae only"):
+                continue
             modules.distinct_query_rows = run["rows"]
             try:
                 timed("unet" + suffix, lambda: pipe.unet(latents.to(pipe.unet.dtype), torch.tensor([999]),
@@ -174,7 +186,7 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true",
                         help="with --breakdown: also time each stage the way it ran before the CPU speed-ups (text "
                              "encoded every call, PEFT-wrapped VAE, every cycle-attention query row), in the same "
-                             "process right after the current one")
+                             "process right after the current one, and the VAE stages without Winograd convs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

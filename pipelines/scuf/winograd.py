@@ -177,6 +177,8 @@ def _parallel(kernel, start: int, stop: int, *args) -> None:
         kernel(*args, start, stop)
         return
     if _pool is None or _pool[0] < threads:
+        if _pool is not None:
+            _pool[1].shutdown(wait=False)
         _pool = (threads, ThreadPoolExecutor(threads, thread_name_prefix="scuf-winograd"))
     bounds = [start + (stop - start) * i // threads for i in range(threads + 1)]
     for future in [_pool[1].submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(threads)]:
@@ -184,7 +186,7 @@ def _parallel(kernel, start: int, stop: int, *args) -> None:
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
-    return t.view(torch.int16).numpy().view(np.uint16)
+    return t.detach().view(torch.int16).numpy().view(np.uint16)
 
 
 def _buffer(name: str, numel: int) -> torch.Tensor:
