@@ -144,7 +144,7 @@ def gain_guided_denoise(
     out_dtype = out_dtype or image.dtype
     if amount <= 0.0:
         return _to_unit_dtype(image, out_dtype)
-    if use_kernel and kernel.supports(image, out_dtype):
+    if use_kernel and _WINDOW == kernel.GUIDED_WINDOW and kernel.supports(image, out_dtype):
         source = _contiguous(image)
         out = _new_like(source, out_dtype)
         kernel.guided_filter_cpu(source, out, None, 0, gain_lowres,
@@ -178,7 +178,7 @@ def enhance_denoised(
     if amount <= 0.0 or recurrences == 0:
         return enhance(image, factor_lowres, recurrences, out_dtype=out_dtype, what=what, use_kernel=use_kernel)
     _check_enhance_arguments(image, factor_lowres, recurrences)
-    if use_kernel and kernel.supports(image, out_dtype) and factor_lowres.device.type == "cpu":
+    if use_kernel and _WINDOW == kernel.GUIDED_WINDOW and kernel.supports(image, out_dtype) and factor_lowres.device.type == "cpu":
         image = _contiguous(image)
         out = _new_like(image, out_dtype)
         outside = kernel.guided_filter_cpu(image, out, factor_lowres, recurrences, gain_lowres,

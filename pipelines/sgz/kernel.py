@@ -42,6 +42,9 @@ _BLOCK = 512
 #: small enough for dozens of chunks per frame (load balancing when a core is busy with something else).
 _CHUNK_VALUES = 1 << 17
 
+#: The box window of SGZ v2's guided filter the compiled pass is written for (pixels; see .denoise._WINDOW).
+GUIDED_WINDOW = 3
+
 #: Bands of image rows per thread in SGZ v2's filter pass (see guided_filter_cpu), and their least height.
 _BANDS_PER_THREAD = 8
 _MIN_BAND_ROWS = 16
@@ -161,69 +164,73 @@ def _compile():
                             wide[b * 3 + c, j, i] = value
 
     # ---------------------------------------------------------------- SGZ v2's noise filter (see .denoise)
-    def box_sum_row(source, target, window):
-        """``target`` <- sums over ``window`` neighbours along the row, ends replicated, added left to right (the
-        order of :func:`.denoise._box_mean`)."""
-        width = source.shape[0]
-        half = window // 2
-        inner = max(width - 2 * half, 0)
-        if inner > 0 and window == 3:  # the filter's window: one pass over the row
-            middle, left, centre, right = target[1 : 1 + inner], source[0:inner], source[1 : 1 + inner], source[2:]
+    def widen_rows(source, columns_left, columns_right, column_weight, wide):
+        """``source [B, h, w]`` resized along W (given source positions) into ``wide [B, h, W]``."""
+        for b in range(source.shape[0]):
+            for j in range(source.shape[1]):
+                row, target = source[b, j], wide[b, j]
+                for i in range(target.shape[0]):
+                    a = row[columns_left[i]]
+                    target[i] = a + column_weight[i] * (row[columns_right[i]] - a)
+
+    # The guided filter's 3x3 window sums, as torch's (:func:`.denoise._box_mean`: borders replicated, sums along
+    # the row first, then down the column, each added in order). Each loop reads and writes few arrays: with more,
+    # LLVM's run-time overlap checks give up and the loop stays scalar (measured: 8x slower).
+    def sum3_with_products(luma, values, sums, product_sums):
+        """``sums`` <- 3-wide sums of ``values`` along the row, ``product_sums`` <- those of ``luma * values``."""
+        width = luma.shape[0]
+        inner = width - 2
+        if inner > 0:
+            y0, y1, y2 = luma[0:inner], luma[1 : inner + 1], luma[2:width]
+            v0, v1, v2 = values[0:inner], values[1 : inner + 1], values[2:width]
+            middle, product_middle = sums[1 : inner + 1], product_sums[1 : inner + 1]
             for k in range(inner):
-                middle[k] = (left[k] + centre[k]) + right[k]
-        elif inner > 0:  # the inside without index clamping: slices that vectorise
-            middle = target[half : half + inner]
-            leftmost = source[0:inner]
+                middle[k] = (v0[k] + v1[k]) + v2[k]
+                product_middle[k] = (y0[k] * v0[k] + y1[k] * v1[k]) + y2[k] * v2[k]
+        for i in (0, width - 1):  # replicated borders (a 1- or 2-pixel row is all border)
+            left, right = max(i - 1, 0), min(i + 1, width - 1)
+            sums[i] = (values[left] + values[i]) + values[right]
+            product_sums[i] = (luma[left] * values[left] + luma[i] * values[i]) + luma[right] * values[right]
+
+    sum3_with_products = jit(sum3_with_products)
+
+    def sum3_pair(first, second, first_sums, second_sums):
+        """3-wide sums along the row of two rows at once."""
+        width = first.shape[0]
+        inner = width - 2
+        if inner > 0:
+            a0, a1, a2 = first[0:inner], first[1 : inner + 1], first[2:width]
+            b0, b1, b2 = second[0:inner], second[1 : inner + 1], second[2:width]
+            first_middle, second_middle = first_sums[1 : inner + 1], second_sums[1 : inner + 1]
             for k in range(inner):
-                middle[k] = leftmost[k]
-            for d in range(1, window):
-                shifted = source[d : d + inner]
-                for k in range(inner):
-                    middle[k] += shifted[k]
-        ends = min(half, width)
-        for end in range(2):  # the first and the last min(half, width) values, index clamped
-            for e in range(ends):
-                i = e if end == 0 else width - 1 - e
-                if half <= i < half + inner or (end == 1 and i < ends):
-                    continue
-                total = source[min(max(i - half, 0), width - 1)]
-                for d in range(1, window):
-                    total += source[min(max(i - half + d, 0), width - 1)]
-                target[i] = total
+                first_middle[k] = (a0[k] + a1[k]) + a2[k]
+                second_middle[k] = (b0[k] + b1[k]) + b2[k]
+        for i in (0, width - 1):
+            left, right = max(i - 1, 0), min(i + 1, width - 1)
+            first_sums[i] = (first[left] + first[i]) + first[right]
+            second_sums[i] = (second[left] + second[i]) + second[right]
 
-    box_sum_row = jit(box_sum_row)
+    sum3_pair = jit(sum3_pair)
 
-    def box_mean_column(ring, row, count, window, target):
-        """``target`` <- mean of rows ``row - half .. row + half`` (clamped to ``0..count-1``, held in ``ring``
-        at ``index % window``), added top to bottom, divided by ``window^2`` (as :func:`.denoise._box_mean`)."""
-        half = window // 2
-        n = target.shape[0]
-        area = np.float32(window * window)  # divided like torch's box mean (x 1/9 moved float results by 1e-3)
-        if window == 3:  # the filter's window: one pass
-            above = ring[max(row - 1, 0) % 3]
-            centre = ring[min(row, count - 1) % 3]
-            below = ring[min(row + 1, count - 1) % 3]
-            for k in range(n):
-                target[k] = ((above[k] + centre[k]) + below[k]) / area
-            return
-        source = ring[min(max(row - half, 0), count - 1) % window]
-        for k in range(n):
-            target[k] = source[k]
-        for d in range(1, window):
-            source = ring[min(max(row - half + d, 0), count - 1) % window]
-            for k in range(n):
-                target[k] += source[k]
-        for k in range(n):
-            target[k] = target[k] / area
+    def mean3_pair(first_ring, second_ring, row, count, first_means, second_means):
+        """Means of the 3x3 windows of image row ``row`` from rings of 3 rows of sums along the row (row ``i`` at
+        ``i % 3``, rows clamped to ``0..count-1``), for two quantities at once."""
+        above, centre, below = max(row - 1, 0) % 3, min(row, count - 1) % 3, min(row + 1, count - 1) % 3
+        a0, a1, a2 = first_ring[above], first_ring[centre], first_ring[below]
+        b0, b1, b2 = second_ring[above], second_ring[centre], second_ring[below]
+        area = np.float32(9.0)  # divided like torch's box mean (x 1/9 moved float results by 1e-3)
+        for k in range(first_means.shape[0]):
+            first_means[k] = ((a0[k] + a1[k]) + a2[k]) / area
+            second_means[k] = ((b0[k] + b1[k]) + b2[k]) / area
 
-    box_mean_column = jit(box_mean_column)
+    mean3_pair = jit(mean3_pair)
 
     def statistics_row(src, wide, row_scale, recurrences, in_scale, check, low, high, height, channels_last,
-                       to_ycc, b, y, enhanced, f, work, luma, sums, slot, window):
+                       to_ycc, b, y, enhanced, f, luma, chroma, sums, slot):
         """Stage 1 of ``guided_band`` for image row ``y``: its pixels through the curve, the luma into ``luma``
-        (kept for the last stage), and ``(Y, Cb, Cr, Y*Y, Y*Cb, Y*Cr)`` summed along the row into
-        ``sums [6, window, W]`` at ``slot``. Returns the count of float input values outside ``low..high`` or
-        NaN."""
+        (kept for the last stage), Cb and Cr into ``chroma [2, W]``, and the 3-wide sums along the row of
+        ``(Y, Cb, Cr, Y*Y, Y*Cb, Y*Cr)`` into ``sums [6, 3, W]`` at ``slot``. Returns the count of float input
+        values outside ``low..high`` or NaN."""
         length = enhanced.shape[0]
         width = length // 3
         planes = 1 if channels_last else 3
@@ -247,68 +254,79 @@ def _compile():
                     for k in range(n):
                         v = np.float32(source[k])
                         outside += not (v >= low and v <= high)  # NaN compares false: counted too
-        for d in range(3):
-            target = luma if d == 0 else work[d]
-            w0, w1, w2 = to_ycc[d, 0], to_ycc[d, 1], to_ycc[d, 2]
-            if channels_last:
-                for i in range(width):
-                    target[i] = w0 * enhanced[3 * i] + w1 * enhanced[3 * i + 1] + w2 * enhanced[3 * i + 2]
-            else:
-                red, green, blue = enhanced[0:width], enhanced[width : 2 * width], enhanced[2 * width : length]
-                for i in range(width):
-                    target[i] = w0 * red[i] + w1 * green[i] + w2 * blue[i]
-        for d in range(3):
-            source = luma if d == 0 else work[d]
-            target = work[3 + d]
+        blue_cb, red_cr = chroma[0], chroma[1]
+        y0, y1, y2 = to_ycc[0, 0], to_ycc[0, 1], to_ycc[0, 2]
+        b0, b1, b2 = to_ycc[1, 0], to_ycc[1, 1], to_ycc[1, 2]
+        r0, r1, r2 = to_ycc[2, 0], to_ycc[2, 1], to_ycc[2, 2]
+        if channels_last:
             for i in range(width):
-                target[i] = luma[i] * source[i]
-        box_sum_row(luma, sums[0, slot], window)
-        for d in range(1, 6):
-            box_sum_row(work[d], sums[d, slot], window)
+                red, green, blue = enhanced[3 * i], enhanced[3 * i + 1], enhanced[3 * i + 2]
+                luma[i] = y0 * red + y1 * green + y2 * blue
+                blue_cb[i] = b0 * red + b1 * green + b2 * blue
+                red_cr[i] = r0 * red + r1 * green + r2 * blue
+        else:
+            reds, greens, blues = enhanced[0:width], enhanced[width : 2 * width], enhanced[2 * width : length]
+            for i in range(width):
+                red, green, blue = reds[i], greens[i], blues[i]
+                luma[i] = y0 * red + y1 * green + y2 * blue
+                blue_cb[i] = b0 * red + b1 * green + b2 * blue
+                red_cr[i] = r0 * red + r1 * green + r2 * blue
+        sum3_with_products(luma, luma, sums[0, slot], sums[3, slot])
+        sum3_with_products(luma, blue_cb, sums[1, slot], sums[4, slot])
+        sum3_with_products(luma, red_cr, sums[2, slot], sums[5, slot])
         return outside
 
     statistics_row = jit(statistics_row)
 
-    def coefficients_row(sums, y, height, window, gain_upper, gain_lower, gain_weight, variance_scale,
-                         regulariser_scale, floor, column, noise, variance, offsets, coefficient_sums, slot):
-        """Stage 2 of ``guided_band`` for image row ``y``: the window means of its statistics (rows ``y - half ..
-        y + half`` of ``sums``), the regulariser from the curve's gain (between the rows ``gain_upper`` /
+    def coefficients_row(sums, y, height, gain_upper, gain_lower, gain_weight, variance_scale, regulariser_scale,
+                         floor, column, noise, coefficient_sums, slot):
+        """Stage 2 of ``guided_band`` for image row ``y``: the 3x3 window means of its statistics (rows ``y - 1 ..
+        y + 1`` of ``sums``), the regulariser from the curve's gain (between the rows ``gain_upper`` /
         ``gain_lower`` of the gain resized along W), the guided filter's slopes and offsets for Y, Cb, Cr (guided
-        by Y), summed along the row into ``coefficient_sums [6, window, W]`` at ``slot``."""
-        width = noise.shape[0]
-        for d in range(6):
-            box_mean_column(sums[d], y, height, window, column[d])
-        for i in range(width):
+        by Y), summed along the row into ``coefficient_sums [6, 3, W]`` at ``slot``; ``column [6, W]`` and
+        ``noise [W]``: room."""
+        for i in range(noise.shape[0]):
             g = gain_upper[i] + gain_weight * (gain_lower[i] - gain_upper[i])
             noise[i] = max(g * g - one, zero) * variance_scale
-        mean_luma, mean_square = column[0], column[3]
-        for i in range(width):
-            variance[i] = mean_square[i] - mean_luma[i] * mean_luma[i]
-        for d in range(3):
-            mean_target, correlation = column[d], column[3 + d]
+        mean_luma, variance = column[0], column[3]
+        mean3_pair(sums[0], sums[3], y, height, mean_luma, variance)
+        scale = regulariser_scale[0]
+        slopes, offsets = column[1], column[2]
+        for i in range(noise.shape[0]):
+            m = mean_luma[i]
+            v = variance[i] - m * m
+            variance[i] = v
+            slope = v / ((noise[i] * scale + floor) + v)
+            slopes[i] = slope
+            offsets[i] = m - slope * m
+        sum3_pair(slopes, offsets, coefficient_sums[0, slot], coefficient_sums[3, slot])
+        for d in (1, 2):
+            mean_target, correlation = column[4], column[5]
+            mean3_pair(sums[d], sums[3 + d], y, height, mean_target, correlation)
             scale = regulariser_scale[d]
-            for i in range(width):
-                covariance = correlation[i] - mean_luma[i] * mean_target[i]  # channel 0: the variance
-                slope = covariance / ((noise[i] * scale + floor) + variance[i])
-                correlation[i] = slope  # column[3 + d]: the slope from here on
-                offsets[i] = mean_target[i] - slope * mean_luma[i]
-            box_sum_row(offsets, coefficient_sums[3 + d, slot], window)
-        for d in range(3):
-            box_sum_row(column[3 + d], coefficient_sums[d, slot], window)
+            for i in range(noise.shape[0]):
+                m = mean_luma[i]
+                slope = (correlation[i] - m * mean_target[i]) / ((noise[i] * scale + floor) + variance[i])
+                correlation[i] = slope
+                mean_target[i] = mean_target[i] - slope * m
+            sum3_pair(correlation, mean_target, coefficient_sums[d, slot], coefficient_sums[3 + d, slot])
 
     coefficients_row = jit(coefficients_row)
 
-    def filtered_row(coefficient_sums, y, height, window, column, luma, to_rgb, dst, to_u8, channels_last, b):
-        """Stage 3 of ``guided_band`` for image row ``y``: the window means of the coefficients, the filtered
+    def filtered_row(coefficient_sums, y, height, column, luma, to_rgb, dst, to_u8, channels_last, b):
+        """Stage 3 of ``guided_band`` for image row ``y``: the 3x3 window means of the coefficients, the filtered
         ``(Y, Cb, Cr) = a * Y + b`` of the row's own luma, to RGB, clamped to 0..1, stored into ``dst``."""
         width = luma.shape[0]
-        for d in range(6):
-            box_mean_column(coefficient_sums[d], y, height, window, column[d])
+        above, centre, below = max(y - 1, 0) % 3, min(y, height - 1) % 3, min(y + 1, height - 1) % 3
+        area = np.float32(9.0)
         for d in range(3):
-            slope, value = column[d], column[3 + d]
+            a0, a1, a2 = coefficient_sums[d, above], coefficient_sums[d, centre], coefficient_sums[d, below]
+            b0, b1, b2 = (coefficient_sums[3 + d, above], coefficient_sums[3 + d, centre],
+                          coefficient_sums[3 + d, below])
+            target = column[d]
             for i in range(width):
-                value[i] = slope[i] * luma[i] + value[i]
-        filtered_y, filtered_cb, filtered_cr = column[3], column[4], column[5]
+                target[i] = ((a0[i] + a1[i]) + a2[i]) / area * luma[i] + ((b0[i] + b1[i]) + b2[i]) / area
+        filtered_y, filtered_cb, filtered_cr = column[0], column[1], column[2]
         scale, rounding = (u8_max, half) if to_u8 else (one, zero)  # uint8: truncated = rounded
         if channels_last:
             target = dst[b * height + y]
@@ -332,53 +350,49 @@ def _compile():
 
     def guided_band(src, wide, row_scale, recurrences, in_scale, check, low, high, bad, height, channels_last,
                     gain_wide, gain_top, gain_bottom, gain_row_weight, noise_variance, regulariser_scale, floor,
-                    window, to_ycc, to_rgb, dst, to_u8, b, first, stop):
+                    to_ycc, to_rgb, dst, to_u8, b, first, stop):
         """Rows ``first..stop`` of image ``b`` through SGZ v2's noise filter (and the curve before it when
-        ``recurrences > 0``): the math of :func:`.denoise.gain_guided_denoise` (``enhance`` first).
+        ``recurrences > 0``): the math of :func:`.denoise.gain_guided_denoise` (``enhance`` first), 3x3 windows.
 
-        Three stages stream down the image rows, each ``window // 2`` rows behind the previous one, with
-        ``window`` rows of row sums in ring buffers: (1) the row through the curve, luma/chroma and their products
-        summed along the row; (2) their window means down the column, the coefficients in YCbCr (regulariser from
-        the curve's gain, ``gain_wide [B, h, W]`` resized along W, rows interpolated here), summed along the row;
-        (3) their window means down the column, ``a * Y + b`` with the row's luma, to RGB, clamp, store. Each
-        pixel goes through the curve once (plus the bands' halo rows), no frame-size buffer. Only the rows this
-        band needs are computed.
+        Three stages stream down the image rows, each a row behind the previous one, with 3 rows of row sums in
+        ring buffers: (1) the row through the curve, luma/chroma and their products summed along the row; (2)
+        their window means down the column, the coefficients in YCbCr (regulariser from the curve's gain,
+        ``gain_wide [B, h, W]`` resized along W, rows interpolated here), summed along the row; (3) their window
+        means down the column, ``a * Y + b`` with the row's luma, to RGB, clamp, store. Each pixel goes through
+        the curve once (plus the bands' halo rows), no frame-size buffer.
 
         ``src``/``dst``: the image as rows of one plane, ``[B * H, W * 3]`` channels-last or ``[B * 3 * H, W]``.
         Float input values outside ``low..high`` or NaN are counted into ``bad`` per row."""
-        half = window // 2
-        first2, stop2 = max(0, first - half), min(height, stop + half)  # the rows of stage 2 the band needs
-        first1, stop1 = max(0, first2 - half), min(height, stop2 + half)  # ... and of stage 1
+        first2, stop2 = max(0, first - 1), min(height, stop + 1)  # the rows of stage 2 the band needs
+        first1, stop1 = max(0, first2 - 1), min(height, stop2 + 1)  # ... and of stage 1
         length = src.shape[1] * (1 if channels_last else 3)  # values per image row
         width = length // 3
-        sums = np.empty((6, window, width), np.float32)  # ring: Y, Cb, Cr, Y*Y, Y*Cb, Y*Cr summed along rows
-        coefficient_sums = np.empty((6, window, width), np.float32)  # ring: slopes, offsets summed along rows
-        lumas = np.empty((window, width), np.float32)  # ring: the rows' luma, for stage 3
-        work = np.empty((6, width), np.float32)
+        sums = np.empty((6, 3, width), np.float32)  # ring: Y, Cb, Cr, Y*Y, Y*Cb, Y*Cr summed along rows
+        coefficient_sums = np.empty((6, 3, width), np.float32)  # ring: slopes, offsets summed along rows
+        lumas = np.empty((3, width), np.float32)  # ring: the rows' luma, for stage 3
+        chroma = np.empty((2, width), np.float32)
         column = np.empty((6, width), np.float32)
         noise = np.empty(width, np.float32)
-        offsets = np.empty(width, np.float32)
-        variance = np.empty(width, np.float32)
         enhanced = np.empty(length, np.float32)
         f = np.empty((2, block), np.float32)
         gain_plane = gain_wide[b]
         variance_scale = noise_variance[b]
-        for r in range(first1, stop + 2 * half):
+        for r in range(first1, stop + 2):
             if r < stop1:
                 outside = statistics_row(src, wide, row_scale, recurrences, in_scale, check, low, high, height,
-                                         channels_last, to_ycc, b, r, enhanced, f, work, lumas[r % window], sums,
-                                         r % window, window)
+                                         channels_last, to_ycc, b, r, enhanced, f, lumas[r % 3], chroma, sums,
+                                         r % 3)
                 if first <= r < stop:
                     bad[b * height + r] = outside
-            s = r - half
+            s = r - 1
             if first2 <= s < stop2:
-                coefficients_row(sums, s, height, window, gain_plane[gain_top[s]], gain_plane[gain_bottom[s]],
+                coefficients_row(sums, s, height, gain_plane[gain_top[s]], gain_plane[gain_bottom[s]],
                                  gain_row_weight[s], variance_scale, regulariser_scale, floor, column, noise,
-                                 variance, offsets, coefficient_sums, s % window)
-            t = s - half
+                                 coefficient_sums, s % 3)
+            t = s - 1
             if first <= t < stop:
-                filtered_row(coefficient_sums, t, height, window, column, lumas[t % window], to_rgb, dst, to_u8,
-                             channels_last, b)
+                filtered_row(coefficient_sums, t, height, column, lumas[t % 3], to_rgb, dst, to_u8, channels_last,
+                             b)
 
 
     def noise_responses(src, height, channels_last, starts, in_scale, luma_weights, b, out):
@@ -497,11 +511,11 @@ def _compile():
             for k in range(size):
                 total[k] = max(total[k] / np.float32(channels), zero)
 
-    return {"rows": jit(rows), "widen": jit(widen), "guided_band": jit(guided_band),
+    return {"rows": jit(rows), "widen": jit(widen), "widen_rows": jit(widen_rows), "guided_band": jit(guided_band),
             "noise_responses": jit(noise_responses),
             "truncated_mean": jit(truncated_mean), "curve_gain": jit(curve_gain_planes),
             "curve_keys": jit(curve_keys), "_statistics_row": statistics_row, "_coefficients_row": coefficients_row,
-            "_filtered_row": filtered_row, "_box_sum_row": box_sum_row, "_box_mean_column": box_mean_column}
+            "_filtered_row": filtered_row}
 
 
 def available() -> bool:
@@ -726,15 +740,15 @@ def guided_filter_cpu(
     factor); ``out`` the same shape and memory layout, any supported dtype, not sharing memory with ``image``
     (bands read their neighbours' rows);
     ``gain_lowres [B, 1, h, w]``; ``noise_variance [B]``: the input noise's variance; ``regulariser_scale [3]``
-    (luma, Cb, Cr multiples of it), ``regulariser_floor``, ``window`` (odd, full-resolution pixels),
+    (luma, Cb, Cr multiples of it), ``regulariser_floor``, ``window`` (must be :data:`GUIDED_WINDOW`),
     ``to_ycc``/``to_rgb`` 3x3. Returns the number of float input values outside ``0..1`` (+ :data:`RANGE_SLACK`)
     or not finite.
     """
     batch, _, height, width = image.shape
     if out.untyped_storage().data_ptr() == image.untyped_storage().data_ptr():
         raise ValueError("guided_filter_cpu: out must not share memory with image")
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"guided_filter_cpu: window must be odd and positive, got {window}")
+    if window != GUIDED_WINDOW:
+        raise ValueError(f"guided_filter_cpu: the compiled pass has {GUIDED_WINDOW}x{GUIDED_WINDOW} windows, got {window}")
     src, dst, channels_last = _image_rows(image, out)
     if factor_lowres is None or recurrences == 0:
         factor_lowres, recurrences = None, 0
@@ -745,20 +759,20 @@ def guided_filter_cpu(
     threads = torch.get_num_threads() if threads is None else threads
 
     gain = np.ascontiguousarray(gain_lowres.detach().to(device="cpu", dtype=torch.float32).numpy())[:, 0]
-    left, right, weight = _half_pixel_source(width, gain.shape[2])
-    gain_wide = gain[:, :, left] + weight * (gain[:, :, right] - gain[:, :, left])  # [B, h, W]
+    gain_wide = np.empty((batch, gain.shape[1], width), np.float32)
+    _kernels["widen_rows"](gain, *_half_pixel_source(width, gain.shape[2]), gain_wide)
     gain_rows = _half_pixel_source(height, gain.shape[1])
     bad = np.zeros(batch * height, np.int64)
-    # Bands of image rows: each recomputes the rows of the stages' halos (2 * (window // 2) rows on each side), so
+    # Bands of image rows: each recomputes the rows of the stages' halos (2 rows on each side), so
     # one band per image at one thread; with more threads several per thread, so that a thread the scheduler
     # stops (other processes on the cores) holds up only a small part of the frame.
     wanted = 1 if threads == 1 else max(1, _BANDS_PER_THREAD * threads // batch)
     rows_per_band = max(_MIN_BAND_ROWS, math.ceil(height / wanted))
     bands = math.ceil(height / rows_per_band)
     arguments = (src, wide, row_scale, recurrences, in_scale, not from_u8, np.float32(-RANGE_SLACK),
-                 np.float32(1.0 + RANGE_SLACK), bad, height, channels_last, np.ascontiguousarray(gain_wide),
+                 np.float32(1.0 + RANGE_SLACK), bad, height, channels_last, gain_wide,
                  *gain_rows, np.asarray(noise_variance, np.float32), np.asarray(regulariser_scale, np.float32),
-                 np.float32(regulariser_floor), window, np.asarray(to_ycc, np.float32),
+                 np.float32(regulariser_floor), np.asarray(to_ycc, np.float32),
                  np.asarray(to_rgb, np.float32), dst, out.dtype == torch.uint8)
 
     def band(i):
