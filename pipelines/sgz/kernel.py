@@ -212,19 +212,6 @@ def _compile():
 
     sum3_pair = jit(sum3_pair)
 
-    def mean3_pair(first_ring, second_ring, row, count, first_means, second_means):
-        """Means of the 3x3 windows of image row ``row`` from rings of 3 rows of sums along the row (row ``i`` at
-        ``i % 3``, rows clamped to ``0..count-1``), for two quantities at once."""
-        above, centre, below = max(row - 1, 0) % 3, min(row, count - 1) % 3, min(row + 1, count - 1) % 3
-        a0, a1, a2 = first_ring[above], first_ring[centre], first_ring[below]
-        b0, b1, b2 = second_ring[above], second_ring[centre], second_ring[below]
-        area = np.float32(9.0)  # divided like torch's box mean (x 1/9 moved float results by 1e-3)
-        for k in range(first_means.shape[0]):
-            first_means[k] = ((a0[k] + a1[k]) + a2[k]) / area
-            second_means[k] = ((b0[k] + b1[k]) + b2[k]) / area
-
-    mean3_pair = jit(mean3_pair)
-
     def statistics_row(src, wide, row_scale, recurrences, in_scale, check, low, high, height, channels_last,
                        to_ycc, b, y, enhanced, f, luma, chroma, sums, slot):
         """Stage 1 of ``guided_band`` for image row ``y``: its pixels through the curve, the luma into ``luma``
@@ -281,35 +268,41 @@ def _compile():
     def coefficients_row(sums, y, height, gain_upper, gain_lower, gain_weight, variance_scale, regulariser_scale,
                          floor, column, noise, coefficient_sums, slot):
         """Stage 2 of ``guided_band`` for image row ``y``: the 3x3 window means of its statistics (rows ``y - 1 ..
-        y + 1`` of ``sums``), the regulariser from the curve's gain (between the rows ``gain_upper`` /
+        y + 1`` of ``sums``, clamped), the regulariser from the curve's gain (between the rows ``gain_upper`` /
         ``gain_lower`` of the gain resized along W), the guided filter's slopes and offsets for Y, Cb, Cr (guided
         by Y), summed along the row into ``coefficient_sums [6, 3, W]`` at ``slot``; ``column [6, W]`` and
-        ``noise [W]``: room."""
-        for i in range(noise.shape[0]):
+        ``noise [W]``: room. The window means are taken where they are used (fewer loads and stores: these loops
+        are bound by memory access, not by the divisions)."""
+        width = noise.shape[0]
+        for i in range(width):
             g = gain_upper[i] + gain_weight * (gain_lower[i] - gain_upper[i])
             noise[i] = max(g * g - one, zero) * variance_scale
-        mean_luma, variance = column[0], column[3]
-        mean3_pair(sums[0], sums[3], y, height, mean_luma, variance)
+        above, centre, below = max(y - 1, 0) % 3, min(y, height - 1) % 3, min(y + 1, height - 1) % 3
+        area = np.float32(9.0)  # divided like torch's box mean
+        mean_luma, variance, slopes, offsets = column[0], column[1], column[2], column[3]
+        y0, y1, y2 = sums[0, above], sums[0, centre], sums[0, below]
+        q0, q1, q2 = sums[3, above], sums[3, centre], sums[3, below]
         scale = regulariser_scale[0]
-        slopes, offsets = column[1], column[2]
-        for i in range(noise.shape[0]):
-            m = mean_luma[i]
-            v = variance[i] - m * m
+        for i in range(width):
+            m = ((y0[i] + y1[i]) + y2[i]) / area
+            v = ((q0[i] + q1[i]) + q2[i]) / area - m * m
+            mean_luma[i] = m
             variance[i] = v
             slope = v / ((noise[i] * scale + floor) + v)
             slopes[i] = slope
             offsets[i] = m - slope * m
         sum3_pair(slopes, offsets, coefficient_sums[0, slot], coefficient_sums[3, slot])
         for d in (1, 2):
-            mean_target, correlation = column[4], column[5]
-            mean3_pair(sums[d], sums[3 + d], y, height, mean_target, correlation)
+            c0, c1, c2 = sums[d, above], sums[d, centre], sums[d, below]
+            p0, p1, p2 = sums[3 + d, above], sums[3 + d, centre], sums[3 + d, below]
             scale = regulariser_scale[d]
-            for i in range(noise.shape[0]):
+            for i in range(width):
                 m = mean_luma[i]
-                slope = (correlation[i] - m * mean_target[i]) / ((noise[i] * scale + floor) + variance[i])
-                correlation[i] = slope
-                mean_target[i] = mean_target[i] - slope * m
-            sum3_pair(correlation, mean_target, coefficient_sums[d, slot], coefficient_sums[3 + d, slot])
+                t = ((c0[i] + c1[i]) + c2[i]) / area
+                slope = (((p0[i] + p1[i]) + p2[i]) / area - m * t) / ((noise[i] * scale + floor) + variance[i])
+                slopes[i] = slope
+                offsets[i] = t - slope * m
+            sum3_pair(slopes, offsets, coefficient_sums[d, slot], coefficient_sums[3 + d, slot])
 
     coefficients_row = jit(coefficients_row)
 
