@@ -194,6 +194,24 @@ def _compile():
 
     sum3_with_products = jit(sum3_with_products)
 
+    def sum3_with_squares(luma, sums, square_sums):
+        """``sum3_with_products(luma, luma, ...)`` with half the loads."""
+        width = luma.shape[0]
+        inner = width - 2
+        if inner > 0:
+            y0, y1, y2 = luma[0:inner], luma[1 : inner + 1], luma[2:width]
+            middle, square_middle = sums[1 : inner + 1], square_sums[1 : inner + 1]
+            for k in range(inner):
+                a, b, c = y0[k], y1[k], y2[k]
+                middle[k] = (a + b) + c
+                square_middle[k] = (a * a + b * b) + c * c
+        for i in (0, width - 1):
+            left, right = max(i - 1, 0), min(i + 1, width - 1)
+            sums[i] = (luma[left] + luma[i]) + luma[right]
+            square_sums[i] = (luma[left] * luma[left] + luma[i] * luma[i]) + luma[right] * luma[right]
+
+    sum3_with_squares = jit(sum3_with_squares)
+
     def sum3_pair(first, second, first_sums, second_sums):
         """3-wide sums along the row of two rows at once."""
         width = first.shape[0]
@@ -258,7 +276,7 @@ def _compile():
                 luma[i] = y0 * red + y1 * green + y2 * blue
                 blue_cb[i] = b0 * red + b1 * green + b2 * blue
                 red_cr[i] = r0 * red + r1 * green + r2 * blue
-        sum3_with_products(luma, luma, sums[0, slot], sums[3, slot])
+        sum3_with_squares(luma, sums[0, slot], sums[3, slot])
         sum3_with_products(luma, blue_cb, sums[1, slot], sums[4, slot])
         sum3_with_products(luma, red_cr, sums[2, slot], sums[5, slot])
         return outside
