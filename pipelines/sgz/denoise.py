@@ -138,8 +138,9 @@ def gain_guided_denoise(
         amount: scales the regulariser's noise multiples; 0 returns the image unchanged (in ``out_dtype``).
         out_dtype: the result's dtype (uint8: rounded); the image's by default.
         in_place: write the result into ``image`` (when ``out_dtype`` is its dtype): no second full-size frame.
-        use_kernel: on the CPU the filter runs as one compiled pass per band of rows (:mod:`.kernel`); ``False``
-            forces the torch implementation (its reference, used on other devices and without numba).
+        use_kernel: on the CPU the filter runs as one compiled pass per band of rows (:mod:`.kernel`, 3x3
+            windows); ``False`` forces the torch implementation (its reference, used on other devices, without
+            numba and for other windows).
     """
     out_dtype = out_dtype or image.dtype
     if amount <= 0.0:
@@ -168,8 +169,10 @@ def enhance_denoised(
     use_kernel: bool = True,
 ) -> torch.Tensor:
     """The curve (:func:`.model.enhance`) and then :func:`gain_guided_denoise`, without storing the curve's
-    output: on the CPU the compiled pass computes the curve where it reads a pixel (each pixel once), so uint8 in gives uint8 out with no float frame in between. Elsewhere (``use_kernel=False``,
-    other devices, no numba) the curve's output as float32, then the torch filter: the reference.
+    output: on the CPU the compiled pass computes the curve where it reads a pixel (each pixel once), so uint8 in
+    gives uint8 out with no float frame in between. Elsewhere (``use_kernel=False``, other devices, no numba, or a
+    ``_WINDOW`` the pass is not written for) the curve's output as float32, then the torch filter: the
+    reference.
 
     ``image [B, 3, H, W]`` uint8 or float 0..1; ``factor_lowres [B, 3, h, w]``; ``out_dtype``: the image's by
     default. Raises ValueError naming ``what`` when a float image has NaN/inf or values outside 0..1.
@@ -178,7 +181,8 @@ def enhance_denoised(
     if amount <= 0.0 or recurrences == 0:
         return enhance(image, factor_lowres, recurrences, out_dtype=out_dtype, what=what, use_kernel=use_kernel)
     _check_enhance_arguments(image, factor_lowres, recurrences)
-    if use_kernel and _WINDOW == kernel.GUIDED_WINDOW and kernel.supports(image, out_dtype) and factor_lowres.device.type == "cpu":
+    if (use_kernel and _WINDOW == kernel.GUIDED_WINDOW and kernel.supports(image, out_dtype)
+            and factor_lowres.device.type == "cpu"):
         image = _contiguous(image)
         out = _new_like(image, out_dtype)
         outside = kernel.guided_filter_cpu(image, out, factor_lowres, recurrences, gain_lowres,

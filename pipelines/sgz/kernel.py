@@ -13,8 +13,8 @@ fewer chunks, and nothing spins at a barrier. The thread count is torch's (``tor
 host's settings (ComfyUI, ``OMP_NUM_THREADS``) apply.
 
 SGZ v2's noise filter has its own kernels here: ``guided_band`` runs the curve and the guided filter of
-:mod:`.denoise` in one pass per band of rows (grid statistics streamed down the rows in ring buffers, uint8 in,
-uint8 out, no float frame; :func:`guided_filter_cpu`), with small loops for the noise estimate, the curve's gain
+:mod:`.denoise` in one pass per band of rows (3x3 window statistics streamed down the rows in ring buffers of
+3 rows, uint8 in, uint8 out, no float frame; :func:`guided_filter_cpu`), with small loops for the noise estimate, the curve's gain
 and the exposure fit's candidate keys. The filter's constants stay in :mod:`.denoise` and come in as arguments.
 
 numba is imported and the kernels compiled on first use (cached on disk where numba can write its cache). Without
@@ -525,8 +525,7 @@ def _compile():
     return {"rows": jit(rows), "widen": jit(widen), "widen_rows": jit(widen_rows), "guided_band": jit(guided_band),
             "noise_responses": jit(noise_responses),
             "truncated_mean": jit(truncated_mean), "curve_gain": jit(curve_gain_planes),
-            "curve_keys": jit(curve_keys), "_statistics_row": statistics_row, "_coefficients_row": coefficients_row,
-            "_filtered_row": filtered_row}
+            "curve_keys": jit(curve_keys)}
 
 
 def available() -> bool:
@@ -759,7 +758,8 @@ def guided_filter_cpu(
     if out.untyped_storage().data_ptr() == image.untyped_storage().data_ptr():
         raise ValueError("guided_filter_cpu: out must not share memory with image")
     if window != GUIDED_WINDOW:
-        raise ValueError(f"guided_filter_cpu: the compiled pass has {GUIDED_WINDOW}x{GUIDED_WINDOW} windows, got {window}")
+        raise ValueError(f"guided_filter_cpu: the compiled pass has {GUIDED_WINDOW}x{GUIDED_WINDOW} windows, "
+                         f"got {window}")
     src, dst, channels_last = _image_rows(image, out)
     if factor_lowres is None or recurrences == 0:
         factor_lowres, recurrences = None, 0
