@@ -41,6 +41,11 @@ _BLOCK = 512
 #: Values per chunk of rows handed to a thread: large enough that Python's per-chunk cost (~20 us) is noise,
 #: small enough for dozens of chunks per frame (load balancing when a core is busy with something else).
 _CHUNK_VALUES = 1 << 17
+#: A helper thread joins a pass only for at least this many chunks per thread (8 chunks: ~1 ms of work): below
+#: that the time a second thread saves is less than what the caller loses when it waits for a helper the scheduler
+#: has stopped mid-chunk (a scheduler slice, several ms, when other processes load the cores). 320x240 uint8 at 2
+#: threads on the loaded machine: 0.3 ms at 1 thread, 5.2 ms at 2.
+_MIN_CHUNKS_PER_THREAD = 8
 
 #: Bands of image rows per thread in SGZ v2's filter pass (see guided_filter_cpu), and their least height.
 _BANDS_PER_THREAD = 8
@@ -727,7 +732,8 @@ def enhance_cpu(
         rows_kernel(src, wide, dst, height, row_scale, first, min(total, first + rows_per_chunk), recurrences,
                     in_scale, to_u8, not from_u8, low, high, bad)
 
-    run_chunks(chunks, work, torch.get_num_threads() if threads is None else threads)
+    threads = torch.get_num_threads() if threads is None else threads
+    run_chunks(chunks, work, min(threads, max(1, chunks // _MIN_CHUNKS_PER_THREAD)))
     return out, int(bad.sum())
 
 

@@ -253,10 +253,15 @@ class SGZPipeline:
 # _estimate_factors), handed out one piece at a time by kernel.run_chunks.
 _SERIAL_EFE_PIXELS = 256 * 256
 # Bands of rows per thread for one frame's factor network. Each band recomputes the network's receptive radius
-# (7 rows at 1/12 of the frame) on both sides, so more bands cost more work: 1920x1080 (90 low-resolution rows)
-# in 2 bands does 16 % more, in 4 bands 47 % more. One band per thread was the fastest at 2 threads, both on
-# its own and with a core-burning neighbour (benchmarks/bench_sgz_speed.py --threads-detail).
+# (7 low-resolution rows) on both sides, so more bands cost more work: 1920x1080 (90 low-resolution rows) in 2
+# bands does 16 % more, in 4 bands 47 % more. One band per thread was the fastest at 2 threads, both on its own and
+# with a core-burning neighbour (1080p, 2 threads / 1 thread: 0.76 vs 0.94 with 2 bands per thread).
 _EFE_BANDS_PER_THREAD = 1
+# A band has at least this many receptive radii of rows (28 at the shipped network: frames from about 640x480 at
+# downscale 12 stay whole). A smaller network call gains less from a second thread than the caller loses when it
+# has to wait for a helper the scheduler has stopped (a scheduler slice, several ms, when other processes load
+# the cores).
+_EFE_MIN_BAND_RADII = 4
 
 
 @contextlib.contextmanager
@@ -304,7 +309,7 @@ def _estimate_factors(model, batch: torch.Tensor, downscale: int, threads: int, 
     if batch.shape[0] > 1 or radius is None:
         pieces = [(i, 0, size[0]) for i in range(batch.shape[0])]
     else:
-        bands = max(1, min(_EFE_BANDS_PER_THREAD * threads, size[0] // max(1, radius)))
+        bands = max(1, min(_EFE_BANDS_PER_THREAD * threads, size[0] // max(1, _EFE_MIN_BAND_RADII * radius)))
         edges = [round(i * size[0] / bands) for i in range(bands + 1)]
         pieces = [(0, first, stop) for first, stop in zip(edges, edges[1:])]
     factors, lowres, noise = [None] * len(pieces), [None] * len(pieces), []
@@ -324,9 +329,12 @@ def _estimate_factors(model, batch: torch.Tensor, downscale: int, threads: int, 
         if want_lowres:
             lowres[i] = small[:, :, first - top : stop - top]
 
+    if len(pieces) == 1:  # one frame too small to cut: nothing to share
+        lowres = downsample_bilinear(batch, size) if want_lowres else None
+        return estimate_factor_lowres(model, batch, downscale, lowres=lowres), lowres, None
     # The caller's thread takes pieces too, and it may be in inference mode: the results are joined here, on it.
     run_chunks(len(pieces) + want_noise, estimate, threads)
-    join = 0 if batch.shape[0] > 1 or len(pieces) == 1 else 2
+    join = 0 if batch.shape[0] > 1 else 2
     factor = torch.cat(factors, dim=join)
     return factor, torch.cat(lowres, dim=join) if want_lowres else None, noise[0] if noise else None
 
