@@ -113,6 +113,7 @@ def _box_mean(tensor: torch.Tensor, size: int) -> torch.Tensor:
     rows = padded[..., :width] + padded[..., 1 : 1 + width]
     for shift in range(2, size):
         rows += padded[..., shift : shift + width]
+    del padded
     total = rows[..., :height, :] + rows[..., 1 : 1 + height, :]
     for shift in range(2, size):
         total += rows[..., shift : shift + height, :]
@@ -222,25 +223,37 @@ def _new_like(image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _guided_filter_torch(image, gain_lowres, noise_sigma, amount, out_dtype) -> torch.Tensor:
-    """:func:`gain_guided_denoise` with torch ops (any device and dtype): the compiled pass's reference."""
-    full = _to_unit_dtype(image, torch.float32)
-    ycc = torch.einsum("dc,bchw->bdhw", _RGB_TO_YCC.to(image.device), full)
-    luma = ycc[:, :1]
-    # Noise the curve added: the input's variance times (slope^2 - 1). Where the curve does not amplify (slope <= 1:
-    # bright regions, strength 0) nothing is filtered.
-    gain = F.interpolate(gain_lowres.float(), size=full.shape[-2:], mode="bilinear", align_corners=False)
-    noise_variance = gain.square_().sub_(1.0).clamp_(min=0.0).mul_(noise_sigma.view(-1, 1, 1, 1).float().square())
+    """:func:`gain_guided_denoise` with torch ops (any device and dtype): the compiled pass's reference.
 
+    One image at a time, intermediates released as soon as they are used: the filter needs about a dozen float
+    planes of the image's size at once (a batch of 4K frames at once took 1.5 GB per frame)."""
+    if image.shape[0] > 1:
+        return torch.cat([_guided_filter_torch(image[i : i + 1], gain_lowres[i : i + 1], noise_sigma[i : i + 1],
+                                               amount, out_dtype) for i in range(image.shape[0])])
+    ycc = torch.einsum("dc,bchw->bdhw", _RGB_TO_YCC.to(image.device), _to_unit_dtype(image, torch.float32))
+    luma = ycc[:, :1]
     # All window means in two calls: (Y, Cb, Cr, Y*Y, Y*Cb, Y*Cr), then the coefficients (slopes, offsets).
     box = functools.partial(_box_mean, size=_WINDOW)
-    means = box(torch.cat([ycc, luma * ycc], dim=1))
-    mean_luma, mean_target, correlation = means[:, :1], means[:, :3], means[:, 3:]
-    covariance = torch.addcmul(correlation, mean_luma, mean_target, value=-1.0)  # channel 0: the luma variance
+    statistics = torch.cat([ycc, luma * ycc], dim=1)
+    luma = luma.clone()
+    del ycc
+    means = box(statistics)
+    del statistics
+    mean_luma, mean_target, covariance = means[:, :1], means[:, :3], means[:, 3:]
+    covariance.addcmul_(mean_luma, mean_target, value=-1.0)  # from the correlations; channel 0: the luma variance
+    # Noise the curve added: the input's variance times (slope^2 - 1). Where the curve does not amplify (slope <= 1:
+    # bright regions, strength 0) nothing is filtered.
+    gain = F.interpolate(gain_lowres.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
+    noise_variance = gain.square_().sub_(1.0).clamp_(min=0.0).mul_(noise_sigma.view(-1, 1, 1, 1).float().square())
     regulariser = noise_variance * _regulariser_scale(amount, image.device).view(1, 3, 1, 1) + _REGULARISER_FLOOR
-    slopes = covariance / regulariser.add_(covariance[:, :1])
-    offsets = torch.addcmul(mean_target, slopes, mean_luma, value=-1.0)
-    coefficients = box(torch.cat([slopes, offsets], dim=1))
+    del gain, noise_variance
+    slopes = covariance.div_(regulariser.add_(covariance[:, :1]))
+    del regulariser
+    coefficients = torch.cat([slopes, torch.addcmul(mean_target, slopes, mean_luma, value=-1.0)], dim=1)
+    del means, mean_luma, mean_target, covariance, slopes
+    coefficients = box(coefficients)
     filtered = torch.addcmul(coefficients[:, 3:], coefficients[:, :3], luma)
+    del coefficients
     result = torch.einsum("cd,bdhw->bchw", torch.linalg.inv(_RGB_TO_YCC).to(image.device), filtered)
     return _to_unit_dtype(result.clamp_(0.0, 1.0), out_dtype)
 
