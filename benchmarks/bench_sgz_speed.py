@@ -268,8 +268,9 @@ def thread_table(pipe, sizes, conditions, repeats: int) -> None:
     print("|---|---|---|---|---|---|" + "---|" * len(STAGES))
     for condition, load, width, height, name, runs, ratio in rows:
         med = {t: {k: float(np.median(v)) for k, v in runs[t].items()} for t in (1, 2)}
-        print(f"| {condition} (load {load:.1f}) | {width}x{height} | {name} | {med[1]['wall']:.1f} ({med[1]['cpu']:.1f}) "
-              f"| {med[2]['wall']:.1f} ({med[2]['cpu']:.1f}) | **{ratio:.2f}** | "
+        print(f"| {condition} (load {load:.1f}) | {width}x{height} | {name} "
+              f"| {med[1]['wall']:.1f} ({med[1]['cpu']:.1f}) | {med[2]['wall']:.1f} ({med[2]['cpu']:.1f}) "
+              f"| **{ratio:.2f}** | "
               + " | ".join(f"{med[1][stage]:.1f} / {med[2][stage]:.1f}" if med[1][stage] else "-" for stage in STAGES)
               + " |")
 

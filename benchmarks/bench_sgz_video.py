@@ -170,10 +170,10 @@ def main() -> None:
         bound = cores / sum(median[stage][1] for stage in ("decode", "enhance", "encode"))
         e2e = 1 / median["end to end"][0]
         stage_busy = {k: statistics.median(b[k] for b in busy[threads]) for k in ("decode", "enhance", "encode")}
+        busy_ms = " / ".join(f"{1000 * stage_busy[k] / args.frames:.0f}" for k in ("decode", "enhance", "encode"))
+        flush = statistics.median(b["flush"] for b in busy[threads])
         summary.append(f"| {threads} | {e2e:.1f} | {1 / encode_wall:.1f} | {e2e * encode_wall:.2f} | {bound:.1f} "
-                       f"| {e2e / bound:.2f} | {median['enhance'][1] / encode_cpu:.2f} | "
-                       + " / ".join(f"{1000 * stage_busy[k] / args.frames:.0f}" for k in ("decode", "enhance", "encode"))
-                       + f" | {statistics.median(b['flush'] for b in busy[threads]):.1f} |")
+                       f"| {e2e / bound:.2f} | {median['enhance'][1] / encode_cpu:.2f} | {busy_ms} | {flush:.1f} |")
     print("\nEnd to end vs the encoder (bound: the encoder's cores when alone, shared with the other stages' CPU):\n")
     print("| torch threads | end to end fps | encode-only fps | end to end / encode only | encoder bound fps "
           "| end to end / bound | enhance CPU / encode CPU | busy ms / frame in end to end (decode / enhance / encode) "

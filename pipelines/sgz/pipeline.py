@@ -293,8 +293,9 @@ def _estimate_factors(model, batch: torch.Tensor, downscale: int, threads: int, 
                       want_noise: bool = False):
     """:func:`estimate_factor_lowres` of the batch, shared among up to ``threads`` threads: a batch frame by frame,
     one frame in bands of rows (each with the network's receptive radius of context on both sides, so the result
-    is the whole frame's, within float rounding: oneDNN may sum in another order for another shape). torch ops release the GIL; pieces are handed out one at a time
-    (:func:`.kernel.run_chunks`), so a thread the CPU does not run leaves its pieces to the others.
+    is the whole frame's, within float rounding: oneDNN may sum in another order for another shape). torch ops
+    release the GIL; pieces are handed out one at a time (:func:`.kernel.run_chunks`), so a thread the CPU does not
+    run leaves its pieces to the others.
 
     Returns ``(factor, lowres, noise_sigma)``: ``lowres``, the batch resized for the network, when
     ``want_lowres`` (else None); ``noise_sigma`` (:func:`.denoise.estimate_noise_sigma`) computed as one more
@@ -302,16 +303,18 @@ def _estimate_factors(model, batch: torch.Tensor, downscale: int, threads: int, 
     when needed).
     """
     size = lowres_size(*batch.shape[-2:], downscale)
-    if threads <= 1:
-        lowres = downsample_bilinear(batch, size) if want_lowres else None
-        return estimate_factor_lowres(model, batch, downscale, lowres=lowres), lowres, None
     radius = getattr(model, "receptive_radius", None)
-    if batch.shape[0] > 1 or radius is None:
+    if threads <= 1:
+        pieces = []
+    elif batch.shape[0] > 1 or radius is None:
         pieces = [(i, 0, size[0]) for i in range(batch.shape[0])]
     else:
         bands = max(1, min(_EFE_BANDS_PER_THREAD * threads, size[0] // max(1, _EFE_MIN_BAND_RADII * radius)))
         edges = [round(i * size[0] / bands) for i in range(bands + 1)]
         pieces = [(0, first, stop) for first, stop in zip(edges, edges[1:])]
+    if len(pieces) <= 1:  # one thread, or one frame too small to cut: nothing to share
+        lowres = downsample_bilinear(batch, size) if want_lowres else None
+        return estimate_factor_lowres(model, batch, downscale, lowres=lowres), lowres, None
     factors, lowres, noise = [None] * len(pieces), [None] * len(pieces), []
 
     def estimate(i: int) -> None:
@@ -329,9 +332,6 @@ def _estimate_factors(model, batch: torch.Tensor, downscale: int, threads: int, 
         if want_lowres:
             lowres[i] = small[:, :, first - top : stop - top]
 
-    if len(pieces) == 1:  # one frame too small to cut: nothing to share
-        lowres = downsample_bilinear(batch, size) if want_lowres else None
-        return estimate_factor_lowres(model, batch, downscale, lowres=lowres), lowres, None
     # The caller's thread takes pieces too, and it may be in inference mode: the results are joined here, on it.
     run_chunks(len(pieces) + want_noise, estimate, threads)
     join = 0 if batch.shape[0] > 1 else 2
