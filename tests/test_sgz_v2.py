@@ -100,6 +100,23 @@ def test_denoise_removes_amplified_noise_and_keeps_edges(pipe):
     assert _noise(stronger, slice(8, 56)) <= _noise(v2, slice(8, 56))
 
 
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_denoise_is_sized_for_at_most_the_capped_noise(use_kernel):
+    # Heavier noise than the cap is filtered as if it were at the cap (smoothing all of it away would flatten
+    # texture of the same contrast); below the cap the filter follows the estimate.
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.random((1, 3, 48, 64), dtype=np.float32) * 0.3 + 0.2)
+    gain = torch.full((1, 1, 6, 8), 6.0)
+    cap = sgz_denoise._MAX_FILTERED_SIGMA
+
+    def filtered(sigma):
+        return sgz_denoise.gain_guided_denoise(image, gain, torch.tensor([sigma]), use_kernel=use_kernel)
+
+    assert torch.equal(filtered(3.0 * cap), filtered(cap))
+    assert not torch.equal(filtered(0.5 * cap), filtered(cap))
+    assert not torch.equal(filtered(cap), image)
+
+
 def test_denoise_leaves_unamplified_images_alone(pipe, night):
     # strength 0 (the curve is the identity) and 0 recurrences return the input exactly, filter or not
     image = torch.from_numpy(night).permute(2, 0, 1)[None].float() / 255
