@@ -406,8 +406,25 @@ def test_one_pass_filter_refuses_to_write_over_its_input():
     image, gain, sigma = _denoise_case(1, 20, 20, 14, torch.float32, False)
     kernel.available()
     with pytest.raises(ValueError, match="share memory"):
-        kernel.guided_filter_cpu(image, image, None, 0, gain, np.ones(1), np.ones(3), 1e-6, 3, np.eye(3),
-                                 np.eye(3), np.arange(10), np.arange(10))
+        kernel.guided_filter_cpu(image, image, None, 0, gain, np.ones(1), np.ones(3), 1e-6, 3, np.eye(3), np.eye(3))
+
+
+def test_other_filter_windows_run_the_torch_filter(monkeypatch):
+    """The compiled pass is written for 3x3 windows: another ``_WINDOW`` (e.g. while tuning) takes the torch path
+    instead of a wrong result, and the kernel itself refuses it."""
+    from comfyui_lowlight.pipelines.sgz import denoise as sgz_denoise
+
+    image, gain, sigma = _denoise_case(1, 30, 40, 15, torch.uint8, True)
+    factor = -torch.rand(1, 3, *gain.shape[-2:], generator=torch.Generator().manual_seed(5))
+    three = sgz_denoise.enhance_denoised(image, factor, 8, gain, sigma)
+    monkeypatch.setattr(sgz_denoise, "_WINDOW", 5)
+    five = sgz_denoise.enhance_denoised(image, factor, 8, gain, sigma)
+    reference = sgz_denoise.enhance_denoised(image, factor, 8, gain, sigma, use_kernel=False)
+    assert (five.int() - reference.int()).abs().max() <= 1  # the curve's kernel and torch tiles differ by rounding
+    assert (five.int() - three.int()).abs().max() > 1
+    with pytest.raises(ValueError, match="3x3"):
+        kernel.guided_filter_cpu(image, torch.empty_like(image), factor, 8, gain, np.ones(1), np.ones(3), 1e-6, 5,
+                                 np.eye(3), np.eye(3))
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])

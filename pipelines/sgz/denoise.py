@@ -5,11 +5,12 @@ with 8x the noise, a bright one with about none. That slope (the *local gain*) i
 factor, so the filter needs no guess about where the noise is, only about how much the input had (estimated from
 the input itself, :func:`estimate_noise_sigma`).
 
-The filter is the guided filter (He et al.) with the output's luma as guide, run as a *fast* guided filter
-(box means on a subsampled grid): its regulariser per pixel is ``(amount * sigma * gain)^2`` for luma
-and a larger multiple for chroma (colour speckle is what eyes see first), so flat regions whose variation is
-within the amplified noise are smoothed and edges well above it are kept. Every step but the last runs on the
-subsampled grid; the last is one multiply-add per pixel and channel (``rgb = a * Y + b``).
+The filter is the guided filter (He et al.) at full resolution with the output's luma as guide, 3x3 windows: its
+regulariser per pixel is ``(amount * sigma * gain)^2`` for luma and a larger multiple for chroma (colour speckle is
+what eyes see first), so flat regions whose variation is within the amplified noise are smoothed and edges well
+above it are kept. The windows are small on purpose: the same filter on a subsample-2 grid (the "fast" guided
+filter, about 11 pixels of support) flattened the fine luma detail an image classifier relies on (agreement
+with the normal-light prediction 37 % vs 46 %, benchmarks/bench_sgz_v2.py classify) at equal LOL scores and noise.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from . import kernel
 from .model import _check_enhance_arguments, enhance
 
 # Regulariser multiples of the amplified noise (in standard deviations) for luma and chroma at amount 1, and the
-# window (full-resolution pixels; the subsampled grid uses the nearest odd size, at least 3). Chosen on ../shared/data/unpaired looks and checked on LOL eval15
+# box window (pixels, odd). Chosen on ../shared/data/unpaired looks and the classify set, checked on LOL eval15
 # (benchmarks/bench_sgz_v2.py).
 _LUMA_NOISE_MULTIPLE = 2.0
 _CHROMA_NOISE_MULTIPLE = 4.0
-_WINDOW = 5
+_WINDOW = 3
 # Rows of Rec.601 luma and the chroma differences (Kornia's YCbCr without the 0.5 offset), and their inverse.
 _RGB_TO_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 # Added to every regulariser (about a quarter of an 8-bit level, squared): where the curve adds no noise the filter
@@ -40,10 +41,10 @@ _REGULARISER_FLOOR = 1e-6
 _MIN_SIGMA = 0.3 / 255.0
 # The filter is sized for at most this much input noise (luma standard deviation, 0..1): noisier inputs are filtered
 # as if they had this much. Smoothing all of a heavy noise away also flattens texture of the same contrast, which
-# costs more than the grain left (an image classifier's agreement with its normal-light prediction: 37.2 -> 42.6 %
-# with the subsample-2 filter, 47.2 -> 49.3 % at full resolution; 519 samples, benchmarks/bench_sgz_v2.py classify,
-# where cap values 1.0 / 1.15 / 1.3 / 1.6 / 2.0 levels gave 48.6 / 48.6 / 49.3 / 48.2 / 47.4 %). ``denoise``
-# above 1 still smooths harder. About LOL eval15's noisiest input (1.28 levels): typical camera noise is not capped.
+# costs more than the grain left: an image classifier's agreement with its normal-light prediction rises from 47.2
+# to 49.3 % (519 samples, benchmarks/bench_sgz_v2.py classify; caps of 1.0 / 1.15 / 1.3 / 1.6 / 2.0 levels gave
+# 48.6 / 48.6 / 49.3 / 48.2 / 47.4 %). LOL eval15's low images estimate at 0.6-1.28 levels, so ordinary camera
+# noise stays below the cap; the darkened copies of the benchmarks at 1.7-3.6. ``denoise`` > 1 still smooths harder.
 _MAX_FILTERED_SIGMA = 1.3 / 255.0
 # The noise estimate averages the smallest 80 % of the Laplacian responses; for Gaussian noise of standard deviation
 # s that mean is s * sqrt(2 / pi) * (1 - exp(-q^2 / 2)) / 0.8 with q = 1.2816, the half-normal's 80 % quantile.
@@ -119,24 +120,11 @@ def _box_mean(tensor: torch.Tensor, size: int) -> torch.Tensor:
     rows = padded[..., :width] + padded[..., 1 : 1 + width]
     for shift in range(2, size):
         rows += padded[..., shift : shift + width]
+    del padded
     total = rows[..., :height, :] + rows[..., 1 : 1 + height, :]
     for shift in range(2, size):
         total += rows[..., shift : shift + height, :]
     return total.div_(size * size)
-
-
-def _subsample_grid(size: int, step: int, device: torch.device) -> torch.Tensor:
-    count = max(1, size // step)
-    return ((torch.arange(count, device=device) + 0.5) * (size / count)).long().clamp_(max=size - 1)
-
-
-def _subsample(image: torch.Tensor, dim: int, step: int) -> torch.Tensor:
-    """The grid's pixels along ``dim``: a strided view where the grid is regular (size a multiple of ``step``:
-    every ``step``-th pixel from ``step // 2``), ``index_select`` otherwise (12x slower along W at 1920x1080)."""
-    size = image.shape[dim]
-    if size % step == 0:
-        return image.narrow(dim, step // 2, size - step // 2)[(slice(None),) * dim + (slice(None, None, step),)]
-    return image.index_select(dim, _subsample_grid(size, step, image.device))
 
 
 def gain_guided_denoise(
@@ -144,7 +132,6 @@ def gain_guided_denoise(
     gain_lowres: torch.Tensor,
     noise_sigma: torch.Tensor,
     amount: float = 1.0,
-    subsample: int = 2,
     *,
     out_dtype: Optional[torch.dtype] = None,
     in_place: bool = False,
@@ -157,25 +144,24 @@ def gain_guided_denoise(
         gain_lowres: :func:`curve_gain` ``[B, 1, h, w]`` on the factor's grid.
         noise_sigma: ``[B]`` noise of the input (:func:`estimate_noise_sigma`).
         amount: scales the regulariser's noise multiples; 0 returns the image unchanged (in ``out_dtype``).
-        subsample: the guided filter's coefficients are computed on every ``subsample``-th pixel (fast guided
-            filter) and interpolated back; 1 = exact.
         out_dtype: the result's dtype (uint8: rounded); the image's by default.
         in_place: write the result into ``image`` (when ``out_dtype`` is its dtype): no second full-size frame.
-        use_kernel: on the CPU the filter runs as one compiled pass per band of rows (:mod:`.kernel`); ``False``
-            forces the torch implementation (its reference, used on other devices and without numba).
+        use_kernel: on the CPU the filter runs as one compiled pass per band of rows (:mod:`.kernel`, 3x3
+            windows); ``False`` forces the torch implementation (its reference, used on other devices, without
+            numba and for other windows).
     """
     out_dtype = out_dtype or image.dtype
     if amount <= 0.0:
         return _to_unit_dtype(image, out_dtype)
-    if use_kernel and kernel.supports(image, out_dtype):
+    if use_kernel and _WINDOW == kernel.GUIDED_WINDOW and kernel.supports(image, out_dtype):
         source = _contiguous(image)
         out = _new_like(source, out_dtype)
         kernel.guided_filter_cpu(source, out, None, 0, gain_lowres,
-                                 **_kernel_arguments(source, noise_sigma, amount, subsample))
+                                 **_kernel_arguments(noise_sigma, amount))
         if in_place and out_dtype == image.dtype:
             return image.copy_(out)  # the compiled pass reads neighbouring rows: it cannot write over its input
         return out
-    return _guided_filter_torch(image, gain_lowres, noise_sigma, amount, subsample, out_dtype)
+    return _guided_filter_torch(image, gain_lowres, noise_sigma, amount, out_dtype)
 
 
 def enhance_denoised(
@@ -185,16 +171,16 @@ def enhance_denoised(
     gain_lowres: torch.Tensor,
     noise_sigma: torch.Tensor,
     amount: float = 1.0,
-    subsample: int = 2,
     *,
     out_dtype: Optional[torch.dtype] = None,
     what: str = "image",
     use_kernel: bool = True,
 ) -> torch.Tensor:
     """The curve (:func:`.model.enhance`) and then :func:`gain_guided_denoise`, without storing the curve's
-    output: on the CPU the compiled passes compute the curve where they read a pixel (the grid's pixels, then
-    each pixel once), so uint8 in gives uint8 out with no float frame in between. Elsewhere (``use_kernel=False``,
-    other devices, no numba) the curve's output as float32, then the torch filter: the reference.
+    output: on the CPU the compiled pass computes the curve where it reads a pixel (each pixel once), so uint8 in
+    gives uint8 out with no float frame in between. Elsewhere (``use_kernel=False``, other devices, no numba, or a
+    ``_WINDOW`` the pass is not written for) the curve's output as float32, then the torch filter: the
+    reference.
 
     ``image [B, 3, H, W]`` uint8 or float 0..1; ``factor_lowres [B, 3, h, w]``; ``out_dtype``: the image's by
     default. Raises ValueError naming ``what`` when a float image has NaN/inf or values outside 0..1.
@@ -203,31 +189,29 @@ def enhance_denoised(
     if amount <= 0.0 or recurrences == 0:
         return enhance(image, factor_lowres, recurrences, out_dtype=out_dtype, what=what, use_kernel=use_kernel)
     _check_enhance_arguments(image, factor_lowres, recurrences)
-    if use_kernel and kernel.supports(image, out_dtype) and factor_lowres.device.type == "cpu":
+    if (use_kernel and _WINDOW == kernel.GUIDED_WINDOW and kernel.supports(image, out_dtype)
+            and factor_lowres.device.type == "cpu"):
         image = _contiguous(image)
         out = _new_like(image, out_dtype)
         outside = kernel.guided_filter_cpu(image, out, factor_lowres, recurrences, gain_lowres,
-                                           **_kernel_arguments(image, noise_sigma, amount, subsample))
+                                           **_kernel_arguments(noise_sigma, amount))
         if outside:
             check_unit_range(image, what)  # the error path: a second pass only to report the range found
         return out
     enhanced = enhance(image, factor_lowres, recurrences, out_dtype=torch.float32, what=what, use_kernel=use_kernel)
-    return gain_guided_denoise(enhanced, gain_lowres, noise_sigma, amount, subsample, out_dtype=out_dtype,
+    return gain_guided_denoise(enhanced, gain_lowres, noise_sigma, amount, out_dtype=out_dtype,
                                in_place=True, use_kernel=use_kernel)
 
 
-def _kernel_arguments(image: torch.Tensor, noise_sigma: torch.Tensor, amount: float, subsample: int) -> dict:
+def _kernel_arguments(noise_sigma: torch.Tensor, amount: float) -> dict:
     """The filter's constants for :func:`.kernel.guided_filter_cpu` (the same values as the torch path's)."""
-    height, width = image.shape[-2:]
     return dict(
         noise_variance=_filtered_noise_variance(noise_sigma.detach().cpu()).numpy(),
         regulariser_scale=_regulariser_scale(amount).numpy(),
         regulariser_floor=_REGULARISER_FLOOR,
-        window=_grid_window(subsample),
+        window=_WINDOW,
         to_ycc=_RGB_TO_YCC.numpy(),
         to_rgb=torch.linalg.inv(_RGB_TO_YCC).numpy(),
-        grid_rows=_subsample_grid(height, subsample, torch.device("cpu")).numpy(),
-        grid_columns=_subsample_grid(width, subsample, torch.device("cpu")).numpy(),
     )
 
 
@@ -242,11 +226,6 @@ def _regulariser_scale(amount: float, device: Optional[torch.device] = None) -> 
     return (amount * multiples).square()
 
 
-def _grid_window(subsample: int) -> int:
-    """The box window on the subsampled grid: ``_WINDOW`` full-resolution pixels, odd, at least 3."""
-    return max(3, (_WINDOW - 1) // subsample + 1) | 1
-
-
 def _contiguous(image: torch.Tensor) -> torch.Tensor:
     return image.contiguous(memory_format=_layout(image))
 
@@ -255,23 +234,47 @@ def _new_like(image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty_like(image, dtype=dtype, memory_format=_layout(image))
 
 
-def _guided_filter_torch(image, gain_lowres, noise_sigma, amount, subsample, out_dtype) -> torch.Tensor:
-    """:func:`gain_guided_denoise` with torch ops (any device and dtype): the compiled passes' reference."""
-    height, width = image.shape[-2:]
-    with single_torch_thread(image.device.type == "cpu"):
-        coefficients = _rgb_coefficients(image, gain_lowres, noise_sigma, amount, subsample)
-    full = _to_unit_dtype(image, torch.float32)
-    if coefficients.shape[-2:] != (height, width):
-        coefficients = F.interpolate(coefficients, size=(height, width), mode="bilinear", align_corners=False)
-    full_luma = torch.einsum("c,bchw->bhw", _RGB_TO_YCC[0].to(image.device), full).unsqueeze(1)
-    result = torch.addcmul(coefficients[:, 3:], coefficients[:, :3], full_luma).clamp_(0.0, 1.0)
-    return _to_unit_dtype(result, out_dtype)
+def _guided_filter_torch(image, gain_lowres, noise_sigma, amount, out_dtype) -> torch.Tensor:
+    """:func:`gain_guided_denoise` with torch ops (any device and dtype): the compiled pass's reference.
+
+    One image at a time, intermediates released as soon as they are used: the filter needs about a dozen float
+    planes of the image's size at once (a batch of 4K frames at once took 1.5 GB per frame)."""
+    if image.shape[0] > 1:
+        return torch.cat([_guided_filter_torch(image[i : i + 1], gain_lowres[i : i + 1], noise_sigma[i : i + 1],
+                                               amount, out_dtype) for i in range(image.shape[0])])
+    ycc = torch.einsum("dc,bchw->bdhw", _RGB_TO_YCC.to(image.device), _to_unit_dtype(image, torch.float32))
+    luma = ycc[:, :1]
+    # All window means in two calls: (Y, Cb, Cr, Y*Y, Y*Cb, Y*Cr), then the coefficients (slopes, offsets).
+    box = functools.partial(_box_mean, size=_WINDOW)
+    statistics = torch.cat([ycc, luma * ycc], dim=1)
+    luma = luma.clone()
+    del ycc
+    means = box(statistics)
+    del statistics
+    mean_luma, mean_target, covariance = means[:, :1], means[:, :3], means[:, 3:]
+    covariance.addcmul_(mean_luma, mean_target, value=-1.0)  # from the correlations; channel 0: the luma variance
+    # Noise the curve added: the input's variance times (slope^2 - 1). Where the curve does not amplify (slope <= 1:
+    # bright regions, strength 0) nothing is filtered.
+    gain = F.interpolate(gain_lowres.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
+    noise_variance = gain.square_().sub_(1.0).clamp_(min=0.0).mul_(
+        _filtered_noise_variance(noise_sigma).view(-1, 1, 1, 1))
+    regulariser = noise_variance * _regulariser_scale(amount, image.device).view(1, 3, 1, 1) + _REGULARISER_FLOOR
+    del gain, noise_variance
+    slopes = covariance.div_(regulariser.add_(covariance[:, :1]))
+    del regulariser
+    coefficients = torch.cat([slopes, torch.addcmul(mean_target, slopes, mean_luma, value=-1.0)], dim=1)
+    del means, mean_luma, mean_target, covariance, slopes
+    coefficients = box(coefficients)
+    filtered = torch.addcmul(coefficients[:, 3:], coefficients[:, :3], luma)
+    del coefficients
+    result = torch.einsum("cd,bdhw->bchw", torch.linalg.inv(_RGB_TO_YCC).to(image.device), filtered)
+    return _to_unit_dtype(result.clamp_(0.0, 1.0), out_dtype)
 
 
 @contextlib.contextmanager
 def single_torch_thread(enabled: bool):
     """torch at one thread for the block (when ``enabled``). The filter's low-resolution ops (gain, noise
-    estimate, the subsampled grid) are a few ms each: OpenMP gains little on them and its barriers stall for whole
+    estimate, the exposure fit) are a few ms each: OpenMP gains little on them and its barriers stall for whole
     scheduler slices when other processes load the CPU (1920x1080 frame on 2 busy cores, 2 threads vs 1: the
     coefficients ~290 vs ~35 ms, the curve's gain ~600 vs ~5 ms, measured)."""
     threads = torch.get_num_threads()
@@ -298,38 +301,3 @@ def _to_unit_dtype(image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if image.dtype == torch.uint8:
         return image.to(dtype).div_(255.0)
     return image.to(dtype)
-
-
-def _rgb_coefficients(
-    image: torch.Tensor,
-    gain_lowres: torch.Tensor,
-    noise_sigma: torch.Tensor,
-    amount: float,
-    subsample: int,
-) -> torch.Tensor:
-    """The guided filter's coefficients on the subsampled grid, in RGB: ``[B, 6, h, w]`` (slopes, then offsets,
-    of ``rgb = a * Y + b``). Reads only the grid's pixels of ``image``."""
-    height, width = image.shape[-2:]
-    small = _to_unit_dtype(_subsample(_subsample(image, 2, subsample), 3, subsample), torch.float32).contiguous()
-    # Noise the curve added on the subsampled grid: the input's variance times (slope^2 - 1). Where the curve does
-    # not amplify (slope <= 1: bright regions, strength 0) nothing is filtered.
-    gain = F.interpolate(gain_lowres.float(), size=small.shape[-2:], mode="bilinear", align_corners=False)
-    noise_variance = gain.square_().sub_(1.0).clamp_(min=0.0).mul_(
-        _filtered_noise_variance(noise_sigma).view(-1, 1, 1, 1))
-    regulariser_scale = _regulariser_scale(amount, image.device)
-    window = _grid_window(subsample)
-    to_rgb = torch.linalg.inv(_RGB_TO_YCC).to(image.device)
-    ycc = torch.einsum("dc,bchw->bdhw", _RGB_TO_YCC.to(image.device), small)
-    luma = ycc[:, :1]
-
-    # All window means in two calls: (Y, Cb, Cr, Y*Y, Y*Cb, Y*Cr), then the coefficients (slopes, offsets).
-    box = functools.partial(_box_mean, size=window)
-    means = box(torch.cat([ycc, luma * ycc], dim=1))
-    mean_luma, mean_target, correlation = means[:, :1], means[:, :3], means[:, 3:]
-    covariance = torch.addcmul(correlation, mean_luma, mean_target, value=-1.0)  # channel 0: the luma variance
-    regulariser = noise_variance * regulariser_scale.view(1, 3, 1, 1) + _REGULARISER_FLOOR
-    slopes = covariance / regulariser.add_(covariance[:, :1])
-    offsets = torch.addcmul(mean_target, slopes, mean_luma, value=-1.0)
-    coefficients = box(torch.cat([slopes, offsets], dim=1))
-    # Back to RGB on the small grid (linear): the full-resolution step is then one multiply-add per value.
-    return torch.einsum("cd,bdhw->bchw", torch.block_diag(to_rgb, to_rgb), coefficients)

@@ -13,8 +13,8 @@ fewer chunks, and nothing spins at a barrier. The thread count is torch's (``tor
 host's settings (ComfyUI, ``OMP_NUM_THREADS``) apply.
 
 SGZ v2's noise filter has its own kernels here: ``guided_band`` runs the curve and the guided filter of
-:mod:`.denoise` in one pass per band of rows (grid statistics streamed down the rows in ring buffers, uint8 in,
-uint8 out, no float frame; :func:`guided_filter_cpu`), with small loops for the noise estimate, the curve's gain
+:mod:`.denoise` in one pass per band of rows (3x3 window statistics streamed down the rows in ring buffers of
+3 rows, uint8 in, uint8 out, no float frame; :func:`guided_filter_cpu`), with small loops for the noise estimate, the curve's gain
 and the exposure fit's candidate keys. The filter's constants stay in :mod:`.denoise` and come in as arguments.
 
 numba is imported and the kernels compiled on first use (cached on disk where numba can write its cache). Without
@@ -41,6 +41,9 @@ _BLOCK = 512
 #: Values per chunk of rows handed to a thread: large enough that Python's per-chunk cost (~20 us) is noise,
 #: small enough for dozens of chunks per frame (load balancing when a core is busy with something else).
 _CHUNK_VALUES = 1 << 17
+
+#: The box window of SGZ v2's guided filter the compiled pass is written for (pixels; see .denoise._WINDOW).
+GUIDED_WINDOW = 3
 
 #: Bands of image rows per thread in SGZ v2's filter pass (see guided_filter_cpu), and their least height.
 _BANDS_PER_THREAD = 8
@@ -161,136 +164,78 @@ def _compile():
                             wide[b * 3 + c, j, i] = value
 
     # ---------------------------------------------------------------- SGZ v2's noise filter (see .denoise)
-    def box_sum_row(source, target, window):
-        """``target`` <- sums over ``window`` neighbours along the row, ends replicated, added left to right (the
-        order of :func:`.denoise._box_mean`)."""
-        width = source.shape[0]
-        half = window // 2
-        inner = max(width - 2 * half, 0)
-        if inner > 0:  # the inside without index clamping: slices that vectorise
-            middle = target[half : half + inner]
-            leftmost = source[0:inner]
+    def widen_rows(source, columns_left, columns_right, column_weight, wide):
+        """``source [B, h, w]`` resized along W (given source positions) into ``wide [B, h, W]``."""
+        for b in range(source.shape[0]):
+            for j in range(source.shape[1]):
+                row, target = source[b, j], wide[b, j]
+                for i in range(target.shape[0]):
+                    a = row[columns_left[i]]
+                    target[i] = a + column_weight[i] * (row[columns_right[i]] - a)
+
+    # The guided filter's 3x3 window sums, as torch's (:func:`.denoise._box_mean`: borders replicated, sums along
+    # the row first, then down the column, each added in order). Each loop reads and writes few arrays: with more,
+    # LLVM's run-time overlap checks give up and the loop stays scalar (measured: 8x slower).
+    def sum3_with_products(luma, values, sums, product_sums):
+        """``sums`` <- 3-wide sums of ``values`` along the row, ``product_sums`` <- those of ``luma * values``."""
+        width = luma.shape[0]
+        inner = width - 2
+        if inner > 0:
+            y0, y1, y2 = luma[0:inner], luma[1 : inner + 1], luma[2:width]
+            v0, v1, v2 = values[0:inner], values[1 : inner + 1], values[2:width]
+            middle, product_middle = sums[1 : inner + 1], product_sums[1 : inner + 1]
             for k in range(inner):
-                middle[k] = leftmost[k]
-            for d in range(1, window):
-                shifted = source[d : d + inner]
-                for k in range(inner):
-                    middle[k] += shifted[k]
-        ends = min(half, width)
-        for end in range(2):  # the first and the last min(half, width) values, index clamped
-            for e in range(ends):
-                i = e if end == 0 else width - 1 - e
-                if half <= i < half + inner or (end == 1 and i < ends):
-                    continue
-                total = source[min(max(i - half, 0), width - 1)]
-                for d in range(1, window):
-                    total += source[min(max(i - half + d, 0), width - 1)]
-                target[i] = total
+                middle[k] = (v0[k] + v1[k]) + v2[k]
+                product_middle[k] = (y0[k] * v0[k] + y1[k] * v1[k]) + y2[k] * v2[k]
+        for i in (0, width - 1):  # replicated borders (a 1- or 2-pixel row is all border)
+            left, right = max(i - 1, 0), min(i + 1, width - 1)
+            sums[i] = (values[left] + values[i]) + values[right]
+            product_sums[i] = (luma[left] * values[left] + luma[i] * values[i]) + luma[right] * values[right]
 
-    box_sum_row = jit(box_sum_row)
+    sum3_with_products = jit(sum3_with_products)
 
-    def grid_rows_in(src, wide_grid, row_scale, recurrences, in_scale, height, channels_last, grid_rows,
-                     grid_columns, to_ycc, b, j, window, values, enhanced, f, work, sums, slot):
-        """Stage 1 of ``guided_grid`` for grid row ``j``: its pixels through the curve, then luma/chroma and the
-        products ``(Y, Cb, Cr, Y*Y, Y*Cb, Y*Cr)`` summed along the row into ``sums [6, window, gw]`` at ``slot``."""
-        grid_w = grid_columns.shape[0]
-        length = 3 * grid_w
-        small_h = wide_grid.shape[1]
-        y = grid_rows[j]
-        position = y * row_scale
-        upper = min(int(position), small_h - 1)
-        lower = min(upper + 1, small_h - 1)
-        weight = np.float32(position - upper)
-        if channels_last:
-            line = src[b * height + y]
-            for i in range(grid_w):
-                column = grid_columns[i] * 3
-                values[3 * i] = line[column]
-                values[3 * i + 1] = line[column + 1]
-                values[3 * i + 2] = line[column + 2]
-            curve_block(values, wide_grid[b, upper], wide_grid[b, lower], weight, length, in_scale, recurrences,
-                        enhanced, f)
-            for d in range(3):
-                target = work[d]
-                w0, w1, w2 = to_ycc[d, 0], to_ycc[d, 1], to_ycc[d, 2]
-                for i in range(grid_w):
-                    target[i] = w0 * enhanced[3 * i] + w1 * enhanced[3 * i + 1] + w2 * enhanced[3 * i + 2]
-        else:
-            for c in range(3):
-                line = src[(b * 3 + c) * height + y]
-                channel = values[c * grid_w : (c + 1) * grid_w]
-                for i in range(grid_w):
-                    channel[i] = line[grid_columns[i]]
-                curve_block(channel, wide_grid[b * 3 + c, upper], wide_grid[b * 3 + c, lower], weight, grid_w,
-                            in_scale, recurrences, enhanced[c * grid_w : (c + 1) * grid_w], f)
-            red, green, blue = enhanced[0:grid_w], enhanced[grid_w : 2 * grid_w], enhanced[2 * grid_w : length]
-            for d in range(3):
-                target = work[d]
-                w0, w1, w2 = to_ycc[d, 0], to_ycc[d, 1], to_ycc[d, 2]
-                for i in range(grid_w):
-                    target[i] = w0 * red[i] + w1 * green[i] + w2 * blue[i]
-        luma = work[0]
-        for d in range(3):
-            source, target = work[d], work[3 + d]
-            for i in range(grid_w):
-                target[i] = luma[i] * source[i]
-        for d in range(6):
-            box_sum_row(work[d], sums[d, slot], window)
+    def sum3_with_squares(luma, sums, square_sums):
+        """``sum3_with_products(luma, luma, ...)`` with half the loads."""
+        width = luma.shape[0]
+        inner = width - 2
+        if inner > 0:
+            y0, y1, y2 = luma[0:inner], luma[1 : inner + 1], luma[2:width]
+            middle, square_middle = sums[1 : inner + 1], square_sums[1 : inner + 1]
+            for k in range(inner):
+                a, b, c = y0[k], y1[k], y2[k]
+                middle[k] = (a + b) + c
+                square_middle[k] = (a * a + b * b) + c * c
+        for i in (0, width - 1):
+            left, right = max(i - 1, 0), min(i + 1, width - 1)
+            sums[i] = (luma[left] + luma[i]) + luma[right]
+            square_sums[i] = (luma[left] * luma[left] + luma[i] * luma[i]) + luma[right] * luma[right]
 
-    grid_rows_in = jit(grid_rows_in)
+    sum3_with_squares = jit(sum3_with_squares)
 
-    def box_mean_column(ring, row, count, window, target):
-        """``target`` <- mean of rows ``row - half .. row + half`` (clamped to ``0..count-1``, held in ``ring``
-        at ``index % window``), added top to bottom, divided by ``window^2`` (as :func:`.denoise._box_mean`)."""
-        half = window // 2
-        n = target.shape[0]
-        source = ring[min(max(row - half, 0), count - 1) % window]
-        for k in range(n):
-            target[k] = source[k]
-        for d in range(1, window):
-            source = ring[min(max(row - half + d, 0), count - 1) % window]
-            for k in range(n):
-                target[k] += source[k]
-        area = np.float32(window * window)  # divided like torch's box mean (x 1/9 moved float results by 1e-3)
-        for k in range(n):
-            target[k] = target[k] / area
+    def sum3_pair(first, second, first_sums, second_sums):
+        """3-wide sums along the row of two rows at once."""
+        width = first.shape[0]
+        inner = width - 2
+        if inner > 0:
+            a0, a1, a2 = first[0:inner], first[1 : inner + 1], first[2:width]
+            b0, b1, b2 = second[0:inner], second[1 : inner + 1], second[2:width]
+            first_middle, second_middle = first_sums[1 : inner + 1], second_sums[1 : inner + 1]
+            for k in range(inner):
+                first_middle[k] = (a0[k] + a1[k]) + a2[k]
+                second_middle[k] = (b0[k] + b1[k]) + b2[k]
+        for i in (0, width - 1):
+            left, right = max(i - 1, 0), min(i + 1, width - 1)
+            first_sums[i] = (first[left] + first[i]) + first[right]
+            second_sums[i] = (second[left] + second[i]) + second[right]
 
-    box_mean_column = jit(box_mean_column)
+    sum3_pair = jit(sum3_pair)
 
-    def widen_coefficients(coefficients, columns_left, columns_right, column_weight, wide):
-        """One grid row of the coefficients (``[6, gw]``) resampled along W (align_corners=False) into
-        ``wide [6, W]``. Exactly twice as wide (the default grid of even widths): fixed weights 1/4 and 3/4, loops
-        that vectorise; otherwise the given source positions."""
-        width = wide.shape[1]
-        grid_w = coefficients.shape[1]
-        if width == 2 * grid_w and grid_w > 1:
-            quarter, three_quarters = np.float32(0.25), np.float32(0.75)
-            for c in range(6):
-                source, target = coefficients[c], wide[c]
-                left, right = source[0 : grid_w - 1], source[1:grid_w]
-                inside = target[1 : width - 1]
-                for i in range(grid_w - 1):
-                    a = left[i]
-                    step = right[i] - a
-                    inside[2 * i] = a + quarter * step
-                    inside[2 * i + 1] = a + three_quarters * step
-                target[0] = source[0]
-                target[width - 1] = source[grid_w - 1]
-            return
-        for c in range(6):
-            source, target = coefficients[c], wide[c]
-            for x in range(width):
-                a = source[columns_left[x]]
-                target[x] = a + column_weight[x] * (source[columns_right[x]] - a)
-
-    widen_coefficients = jit(widen_coefficients)
-
-    def guided_row(src, wide, row_scale, recurrences, in_scale, check, low, high, luma_weights, dst, to_u8,
-                   channels_last, height, b, y, top, bottom, between, enhanced, luma, f):
-        """Image row ``y`` of image ``b`` through the curve (when ``recurrences > 0``) and the guided filter's
-        last step: ``dst = clamp(a * Y + b, 0, 1)`` of the enhanced pixel, ``a``/``b`` between the two widened
-        coefficient rows ``top``/``bottom`` (``[6, W]``: RGB slopes, then offsets). Returns the count of float
-        input values outside ``low..high`` or NaN."""
+    def statistics_row(src, wide, row_scale, recurrences, in_scale, check, low, high, height, channels_last,
+                       to_ycc, b, y, enhanced, f, luma, chroma, sums, slot):
+        """Stage 1 of ``guided_band`` for image row ``y``: its pixels through the curve, the luma into ``luma``
+        (kept for the last stage), Cb and Cr into ``chroma [2, W]``, and the 3-wide sums along the row of
+        ``(Y, Cb, Cr, Y*Y, Y*Cb, Y*Cr)`` into ``sums [6, 3, W]`` at ``slot``. Returns the count of float input
+        values outside ``low..high`` or NaN."""
         length = enhanced.shape[0]
         width = length // 3
         planes = 1 if channels_last else 3
@@ -306,148 +251,160 @@ def _compile():
             line = src[plane * height + y]
             for start in range(0, segment, block):
                 n = min(block, segment - start)
-                x = enhanced[p * segment + start : p * segment + start + n]
                 curve_block(line[start : start + n], wide[plane, upper, start : start + n],
-                            wide[plane, lower, start : start + n], weight, n, in_scale, recurrences, x, f)
+                            wide[plane, lower, start : start + n], weight, n, in_scale, recurrences,
+                            enhanced[p * segment + start : p * segment + start + n], f)
                 if check:
                     source = line[start : start + n]
                     for k in range(n):
                         v = np.float32(source[k])
                         outside += not (v >= low and v <= high)  # NaN compares false: counted too
-        wr, wg, wb = luma_weights[0], luma_weights[1], luma_weights[2]
-        scale, rounding = (u8_max, half) if to_u8 else (one, zero)  # uint8: truncated = rounded
-        for start in range(0, width, block):
-            n = min(block, width - start)
-            if channels_last:  # luma and the three channels of a pixel in one iteration (interleaved access)
-                # slopes (r, g, b) and offsets (p, q, u) of the two widened grid rows (0: above, 1: below)
-                r0, r1 = top[0, start : start + n], bottom[0, start : start + n]
-                g0, g1 = top[1, start : start + n], bottom[1, start : start + n]
-                b0, b1 = top[2, start : start + n], bottom[2, start : start + n]
-                p0, p1 = top[3, start : start + n], bottom[3, start : start + n]
-                q0, q1 = top[4, start : start + n], bottom[4, start : start + n]
-                u0, u1 = top[5, start : start + n], bottom[5, start : start + n]
-                pixels = enhanced[3 * start : 3 * (start + n)]
-                target = dst[b * height + y, 3 * start : 3 * (start + n)]
-                for k in range(n):
-                    v = wr * pixels[3 * k] + wg * pixels[3 * k + 1] + wb * pixels[3 * k + 2]
-                    red = (r0[k] + between * (r1[k] - r0[k])) * v + (p0[k] + between * (p1[k] - p0[k]))
-                    green = (g0[k] + between * (g1[k] - g0[k])) * v + (q0[k] + between * (q1[k] - q0[k]))
-                    blue = (b0[k] + between * (b1[k] - b0[k])) * v + (u0[k] + between * (u1[k] - u0[k]))
-                    target[3 * k] = min(max(red, zero), one) * scale + rounding
-                    target[3 * k + 1] = min(max(green, zero), one) * scale + rounding
-                    target[3 * k + 2] = min(max(blue, zero), one) * scale + rounding
-            else:
-                red = enhanced[start : start + n]
-                green = enhanced[width + start : width + start + n]
-                blue = enhanced[2 * width + start : 2 * width + start + n]
-                guide = luma[0:n]
-                for k in range(n):
-                    guide[k] = wr * red[k] + wg * green[k] + wb * blue[k]
-                for c in range(3):
-                    s0, s1 = top[c, start : start + n], bottom[c, start : start + n]
-                    o0, o1 = top[3 + c, start : start + n], bottom[3 + c, start : start + n]
-                    target = dst[(b * 3 + c) * height + y, start : start + n]
-                    for k in range(n):
-                        slope = s0[k] + between * (s1[k] - s0[k])
-                        offset = o0[k] + between * (o1[k] - o0[k])
-                        target[k] = min(max(slope * guide[k] + offset, zero), one) * scale + rounding
+        blue_cb, red_cr = chroma[0], chroma[1]
+        y0, y1, y2 = to_ycc[0, 0], to_ycc[0, 1], to_ycc[0, 2]
+        b0, b1, b2 = to_ycc[1, 0], to_ycc[1, 1], to_ycc[1, 2]
+        r0, r1, r2 = to_ycc[2, 0], to_ycc[2, 1], to_ycc[2, 2]
+        if channels_last:
+            for i in range(width):
+                red, green, blue = enhanced[3 * i], enhanced[3 * i + 1], enhanced[3 * i + 2]
+                luma[i] = y0 * red + y1 * green + y2 * blue
+                blue_cb[i] = b0 * red + b1 * green + b2 * blue
+                red_cr[i] = r0 * red + r1 * green + r2 * blue
+        else:
+            reds, greens, blues = enhanced[0:width], enhanced[width : 2 * width], enhanced[2 * width : length]
+            for i in range(width):
+                red, green, blue = reds[i], greens[i], blues[i]
+                luma[i] = y0 * red + y1 * green + y2 * blue
+                blue_cb[i] = b0 * red + b1 * green + b2 * blue
+                red_cr[i] = r0 * red + r1 * green + r2 * blue
+        sum3_with_squares(luma, sums[0, slot], sums[3, slot])
+        sum3_with_products(luma, blue_cb, sums[1, slot], sums[4, slot])
+        sum3_with_products(luma, red_cr, sums[2, slot], sums[5, slot])
         return outside
 
-    guided_row = jit(guided_row)
+    statistics_row = jit(statistics_row)
 
-    def guided_band(src, wide, wide_grid, row_scale, recurrences, in_scale, check, low, high, bad, height,
-                    channels_last, grid_rows, grid_columns, gain_wide, gain_top, gain_bottom, gain_row_weight,
-                    noise_variance, regulariser_scale, floor, window, to_ycc, to_rgb, rows_top, rows_bottom,
-                    row_weight, columns_left, columns_right, column_weight, dst, to_u8, b, first, stop):
+    def coefficients_row(sums, y, height, gain_upper, gain_lower, gain_weight, variance_scale, regulariser_scale,
+                         floor, column, noise, coefficient_sums, slot):
+        """Stage 2 of ``guided_band`` for image row ``y``: the 3x3 window means of its statistics (rows ``y - 1 ..
+        y + 1`` of ``sums``, clamped), the regulariser from the curve's gain (between the rows ``gain_upper`` /
+        ``gain_lower`` of the gain resized along W), the guided filter's slopes and offsets for Y, Cb, Cr (guided
+        by Y), summed along the row into ``coefficient_sums [6, 3, W]`` at ``slot``; ``column [6, W]`` and
+        ``noise [W]``: room. The window means are taken where they are used (fewer loads and stores: these loops
+        are bound by memory access, not by the divisions)."""
+        width = noise.shape[0]
+        for i in range(width):
+            g = gain_upper[i] + gain_weight * (gain_lower[i] - gain_upper[i])
+            noise[i] = max(g * g - one, zero) * variance_scale
+        above, centre, below = max(y - 1, 0) % 3, min(y, height - 1) % 3, min(y + 1, height - 1) % 3
+        area = np.float32(9.0)  # divided like torch's box mean
+        mean_luma, variance, slopes, offsets = column[0], column[1], column[2], column[3]
+        y0, y1, y2 = sums[0, above], sums[0, centre], sums[0, below]
+        q0, q1, q2 = sums[3, above], sums[3, centre], sums[3, below]
+        scale = regulariser_scale[0]
+        for i in range(width):
+            m = ((y0[i] + y1[i]) + y2[i]) / area
+            v = ((q0[i] + q1[i]) + q2[i]) / area - m * m
+            mean_luma[i] = m
+            variance[i] = v
+            slope = v / ((noise[i] * scale + floor) + v)
+            slopes[i] = slope
+            offsets[i] = m - slope * m
+        sum3_pair(slopes, offsets, coefficient_sums[0, slot], coefficient_sums[3, slot])
+        for d in (1, 2):
+            c0, c1, c2 = sums[d, above], sums[d, centre], sums[d, below]
+            p0, p1, p2 = sums[3 + d, above], sums[3 + d, centre], sums[3 + d, below]
+            scale = regulariser_scale[d]
+            for i in range(width):
+                m = mean_luma[i]
+                t = ((c0[i] + c1[i]) + c2[i]) / area
+                slope = (((p0[i] + p1[i]) + p2[i]) / area - m * t) / ((noise[i] * scale + floor) + variance[i])
+                slopes[i] = slope
+                offsets[i] = t - slope * m
+            sum3_pair(slopes, offsets, coefficient_sums[d, slot], coefficient_sums[3 + d, slot])
+
+    coefficients_row = jit(coefficients_row)
+
+    def filtered_row(coefficient_sums, y, height, column, luma, to_rgb, dst, to_u8, channels_last, b):
+        """Stage 3 of ``guided_band`` for image row ``y``: the 3x3 window means of the coefficients, the filtered
+        ``(Y, Cb, Cr) = a * Y + b`` of the row's own luma, to RGB, clamped to 0..1, stored into ``dst``."""
+        width = luma.shape[0]
+        above, centre, below = max(y - 1, 0) % 3, min(y, height - 1) % 3, min(y + 1, height - 1) % 3
+        area = np.float32(9.0)
+        for d in range(3):
+            a0, a1, a2 = coefficient_sums[d, above], coefficient_sums[d, centre], coefficient_sums[d, below]
+            b0, b1, b2 = (coefficient_sums[3 + d, above], coefficient_sums[3 + d, centre],
+                          coefficient_sums[3 + d, below])
+            target = column[d]
+            for i in range(width):
+                target[i] = ((a0[i] + a1[i]) + a2[i]) / area * luma[i] + ((b0[i] + b1[i]) + b2[i]) / area
+        filtered_y, filtered_cb, filtered_cr = column[0], column[1], column[2]
+        scale, rounding = (u8_max, half) if to_u8 else (one, zero)  # uint8: truncated = rounded
+        if channels_last:
+            target = dst[b * height + y]
+            r0, r1, r2 = to_rgb[0, 0], to_rgb[0, 1], to_rgb[0, 2]
+            g0, g1, g2 = to_rgb[1, 0], to_rgb[1, 1], to_rgb[1, 2]
+            b0, b1, b2 = to_rgb[2, 0], to_rgb[2, 1], to_rgb[2, 2]
+            for i in range(width):
+                v, p, q = filtered_y[i], filtered_cb[i], filtered_cr[i]
+                target[3 * i] = min(max(r0 * v + r1 * p + r2 * q, zero), one) * scale + rounding
+                target[3 * i + 1] = min(max(g0 * v + g1 * p + g2 * q, zero), one) * scale + rounding
+                target[3 * i + 2] = min(max(b0 * v + b1 * p + b2 * q, zero), one) * scale + rounding
+        else:
+            for c in range(3):
+                target = dst[(b * 3 + c) * height + y]
+                w0, w1, w2 = to_rgb[c, 0], to_rgb[c, 1], to_rgb[c, 2]
+                for i in range(width):
+                    value = w0 * filtered_y[i] + w1 * filtered_cb[i] + w2 * filtered_cr[i]
+                    target[i] = min(max(value, zero), one) * scale + rounding
+
+    filtered_row = jit(filtered_row)
+
+    def guided_band(src, wide, row_scale, recurrences, in_scale, check, low, high, bad, height, channels_last,
+                    gain_wide, gain_top, gain_bottom, gain_row_weight, noise_variance, regulariser_scale, floor,
+                    to_ycc, to_rgb, dst, to_u8, b, first, stop):
         """Rows ``first..stop`` of image ``b`` through SGZ v2's noise filter (and the curve before it when
-        ``recurrences > 0``): the math of :func:`.denoise.gain_guided_denoise` (``enhance`` first).
+        ``recurrences > 0``): the math of :func:`.denoise.gain_guided_denoise` (``enhance`` first), 3x3 windows.
 
-        The guided filter's coefficients are computed on the subsampled grid (pixels ``grid_rows`` x
-        ``grid_columns`` of ``src``, put through the curve here with the factor ``wide_grid``: ``widen``'s at the
-        grid's columns) in stages that stream down the grid rows, each ``window // 2`` rows behind the previous
-        one, with ``window`` rows of window sums in ring buffers: (1) luma/chroma and their products summed along
-        the row; (2) their means down the column, the coefficients in YCbCr (regulariser from the curve's gain,
-        ``gain_wide [B, h, gw]`` resized along W, rows interpolated here), summed along the row; (3) their means
-        down the column, to RGB, resampled along W to full width. As soon as grid row ``t`` is done, the image
-        rows between grid rows ``t - 1`` and ``t`` are written (curve, luma, ``a * Y + b``, clamp, store): no
-        frame-size buffer at all. Only the grid rows this band needs are computed (plus the stages' halos).
+        Three stages stream down the image rows, each a row behind the previous one, with 3 rows of row sums in
+        ring buffers: (1) the row through the curve, luma/chroma and their products summed along the row; (2)
+        their window means down the column, the coefficients in YCbCr (regulariser from the curve's gain,
+        ``gain_wide [B, h, W]`` resized along W, rows interpolated here), summed along the row; (3) their window
+        means down the column, ``a * Y + b`` with the row's luma, to RGB, clamp, store. Each pixel goes through
+        the curve once (plus the bands' halo rows), no frame-size buffer.
 
-        ``src``/``dst``: the image as rows of one plane, ``[B * H, W * 3]`` channels-last or ``[B * 3 * H, W]``
-        (possibly the same array: a row is read whole before it is written). Float input values outside
-        ``low..high`` or NaN are counted into ``bad`` per row."""
-        grid_h, grid_w = grid_rows.shape[0], grid_columns.shape[0]
-        half = window // 2
-        first3, stop3 = rows_top[first], rows_bottom[stop - 1] + 1  # the grid rows the image rows need
-        first1, stop1 = max(0, first3 - half), min(grid_h, stop3 + half)
-        first0, stop0 = max(0, first1 - half), min(grid_h, stop1 + half)
-        sums0 = np.empty((6, window, grid_w), np.float32)  # rings: Y, Cb, Cr, Y*Y, Y*Cb, Y*Cr summed along rows
-        sums1 = np.empty((6, window, grid_w), np.float32)  # rings: slopes, offsets (YCbCr) summed along rows
-        work = np.empty((6, grid_w), np.float32)
-        column = np.empty((6, grid_w), np.float32)
-        coefficients = np.empty((6, grid_w), np.float32)
-        length = 3 * grid_w
-        values = np.empty(length, np.float32)  # the grid row in the image's layout (x * 3 + c, or c * gw + x)
-        enhanced_grid = np.empty(length, np.float32)
-        f_grid = np.empty((2, length), np.float32)
-        noise = np.empty(grid_w, np.float32)
-        offsets = np.empty(grid_w, np.float32)
-        variance = np.empty(grid_w, np.float32)
-        width = columns_left.shape[0]
-        coefficients_wide = np.empty((2, 6, width), np.float32)  # ring of 2: grid rows resampled to full width
-        enhanced = np.empty(3 * width, np.float32)
-        luma = np.empty(width, np.float32)
+        ``src``/``dst``: the image as rows of one plane, ``[B * H, W * 3]`` channels-last or ``[B * 3 * H, W]``.
+        Float input values outside ``low..high`` or NaN are counted into ``bad`` per row."""
+        first2, stop2 = max(0, first - 1), min(height, stop + 1)  # the rows of stage 2 the band needs
+        first1, stop1 = max(0, first2 - 1), min(height, stop2 + 1)  # ... and of stage 1
+        length = src.shape[1] * (1 if channels_last else 3)  # values per image row
+        width = length // 3
+        sums = np.empty((6, 3, width), np.float32)  # ring: Y, Cb, Cr, Y*Y, Y*Cb, Y*Cr summed along rows
+        coefficient_sums = np.empty((6, 3, width), np.float32)  # ring: slopes, offsets summed along rows
+        lumas = np.empty((3, width), np.float32)  # ring: the rows' luma, for stage 3
+        chroma = np.empty((2, width), np.float32)
+        column = np.empty((6, width), np.float32)
+        noise = np.empty(width, np.float32)
+        enhanced = np.empty(length, np.float32)
         f = np.empty((2, block), np.float32)
         gain_plane = gain_wide[b]
         variance_scale = noise_variance[b]
-        y = first
-        for j in range(first0, stop3 + 2 * half):
-            if j < stop0:
-                grid_rows_in(src, wide_grid, row_scale, recurrences, in_scale, height, channels_last, grid_rows,
-                             grid_columns, to_ycc, b, j, window, values, enhanced_grid, f_grid, work, sums0,
-                             j % window)
-            s = j - half  # stage 2 for this grid row: its stage-1 rows up to s + half = j are done
-            if first1 <= s < stop1:
-                for d in range(6):
-                    box_mean_column(sums0[d], s, grid_h, window, column[d])
-                upper_gain, lower_gain = gain_plane[gain_top[s]], gain_plane[gain_bottom[s]]
-                weight = gain_row_weight[s]
-                for i in range(grid_w):
-                    g = upper_gain[i] + weight * (lower_gain[i] - upper_gain[i])
-                    noise[i] = max(g * g - one, zero) * variance_scale
-                mean_luma, mean_square = column[0], column[3]
-                for i in range(grid_w):
-                    variance[i] = mean_square[i] - mean_luma[i] * mean_luma[i]
-                slot = s % window
-                for d in range(3):
-                    mean_target, correlation = column[d], column[3 + d]
-                    scale = regulariser_scale[d]
-                    for i in range(grid_w):
-                        covariance = correlation[i] - mean_luma[i] * mean_target[i]  # channel 0: the variance
-                        slope = covariance / ((noise[i] * scale + floor) + variance[i])
-                        correlation[i] = slope  # column[3 + d]: the slope from here on
-                        offsets[i] = mean_target[i] - slope * mean_luma[i]
-                    box_sum_row(offsets, sums1[3 + d, slot], window)
-                for d in range(3):
-                    box_sum_row(column[3 + d], sums1[d, slot], window)
-            t = s - half  # stage 3 for this grid row, then the image rows up to it
-            if first3 <= t < stop3:
-                for d in range(6):
-                    box_mean_column(sums1[d], t, grid_h, window, column[d])
-                for part in range(2):  # slopes, then offsets: YCbCr -> RGB
-                    y_, cb, cr = column[3 * part], column[3 * part + 1], column[3 * part + 2]
-                    for c in range(3):
-                        w0, w1, w2 = to_rgb[c, 0], to_rgb[c, 1], to_rgb[c, 2]
-                        target = coefficients[3 * part + c]
-                        for i in range(grid_w):
-                            target[i] = w0 * y_[i] + w1 * cb[i] + w2 * cr[i]
-                widen_coefficients(coefficients, columns_left, columns_right, column_weight,
-                                   coefficients_wide[t % 2])
-                while y < stop and rows_bottom[y] == t:
-                    bad[b * height + y] = guided_row(
-                        src, wide, row_scale, recurrences, in_scale, check, low, high, to_ycc[0], dst, to_u8,
-                        channels_last, height, b, y, coefficients_wide[rows_top[y] % 2], coefficients_wide[t % 2],
-                        row_weight[y], enhanced, luma, f)
-                    y += 1
+        for r in range(first1, stop + 2):
+            if r < stop1:
+                outside = statistics_row(src, wide, row_scale, recurrences, in_scale, check, low, high, height,
+                                         channels_last, to_ycc, b, r, enhanced, f, lumas[r % 3], chroma, sums,
+                                         r % 3)
+                if first <= r < stop:
+                    bad[b * height + r] = outside
+            s = r - 1
+            if first2 <= s < stop2:
+                coefficients_row(sums, s, height, gain_plane[gain_top[s]], gain_plane[gain_bottom[s]],
+                                 gain_row_weight[s], variance_scale, regulariser_scale, floor, column, noise,
+                                 coefficient_sums, s % 3)
+            t = s - 1
+            if first <= t < stop:
+                filtered_row(coefficient_sums, t, height, column, lumas[t % 3], to_rgb, dst, to_u8, channels_last,
+                             b)
+
 
     def noise_responses(src, height, channels_last, starts, in_scale, luma_weights, b, out):
         """Absolute responses of Immerkaer's 3x3 Laplacian on the luma of 3-row strips of image ``b`` starting
@@ -565,7 +522,7 @@ def _compile():
             for k in range(size):
                 total[k] = max(total[k] / np.float32(channels), zero)
 
-    return {"rows": jit(rows), "widen": jit(widen), "guided_band": jit(guided_band),
+    return {"rows": jit(rows), "widen": jit(widen), "widen_rows": jit(widen_rows), "guided_band": jit(guided_band),
             "noise_responses": jit(noise_responses),
             "truncated_mean": jit(truncated_mean), "curve_gain": jit(curve_gain_planes),
             "curve_keys": jit(curve_keys)}
@@ -758,20 +715,15 @@ def _image_rows(image: torch.Tensor, out: torch.Tensor):
     return src, dst, channels_last
 
 
-def _widened_factor(factor_lowres: Optional[torch.Tensor], batch: int, width: int, channels_last: bool,
-                    columns: Optional[np.ndarray] = None):
-    """The factor clamped and resized along W (to ``width``) into the image's row layout (``widen``); only at
-    ``columns`` if given; without a factor, a zero map (the curve is then skipped)."""
-    count = width if columns is None else len(columns)
-    planes, length = (batch, count * 3) if channels_last else (batch * 3, count)
+def _widened_factor(factor_lowres: Optional[torch.Tensor], batch: int, width: int, channels_last: bool):
+    """The factor clamped and resized along W (to ``width``) into the image's row layout (``widen``); without a
+    factor, a zero map (the curve is then skipped)."""
+    planes, length = (batch, width * 3) if channels_last else (batch * 3, width)
     if factor_lowres is None:
         return np.zeros((planes, 1, length), np.float32)
     factor = np.ascontiguousarray(factor_lowres.detach().to(device="cpu", dtype=torch.float32).numpy())
     wide = np.empty((planes, factor.shape[2], length), np.float32)
-    source = _align_corners_source(width, factor.shape[3])
-    if columns is not None:
-        source = tuple(part[columns] for part in source)
-    _kernels["widen"](factor, *source, wide, channels_last)
+    _kernels["widen"](factor, *_align_corners_source(width, factor.shape[3]), wide, channels_last)
     return wide
 
 
@@ -787,55 +739,52 @@ def guided_filter_cpu(
     window: int,
     to_ycc: np.ndarray,
     to_rgb: np.ndarray,
-    grid_rows: np.ndarray,
-    grid_columns: np.ndarray,
     threads: Optional[int] = None,
 ) -> int:
     """SGZ v2's noise filter (:func:`.denoise.gain_guided_denoise`, same math) as one compiled pass over bands of
     image rows (``guided_band``), written into ``out``; with ``factor_lowres`` and ``recurrences > 0`` the curve
-    too (``enhance`` then the filter, without the enhanced frame ever being stored: the curve is computed where
-    the filter reads a pixel: the grid's pixels, then each pixel once).
+    too (``enhance`` then the filter, without the enhanced frame ever being stored: each pixel goes through the
+    curve once where the filter reads it).
 
     ``image`` ``[B, 3, H, W]`` CPU uint8 0..255 or float 0..1 (curve input, or the curve's output without a
     factor); ``out`` the same shape and memory layout, any supported dtype, not sharing memory with ``image``
-    (bands read grid rows of their neighbours);
+    (bands read their neighbours' rows);
     ``gain_lowres [B, 1, h, w]``; ``noise_variance [B]``: the input noise's variance; ``regulariser_scale [3]``
-    (luma, Cb, Cr multiples of it), ``regulariser_floor``, ``window`` (odd, on the grid), ``to_ycc``/``to_rgb``
-    3x3. Returns the number of float input values outside ``0..1`` (+ :data:`RANGE_SLACK`) or not finite.
+    (luma, Cb, Cr multiples of it), ``regulariser_floor``, ``window`` (must be :data:`GUIDED_WINDOW`),
+    ``to_ycc``/``to_rgb`` 3x3. Returns the number of float input values outside ``0..1`` (+ :data:`RANGE_SLACK`)
+    or not finite.
     """
     batch, _, height, width = image.shape
     if out.untyped_storage().data_ptr() == image.untyped_storage().data_ptr():
         raise ValueError("guided_filter_cpu: out must not share memory with image")
+    if window != GUIDED_WINDOW:
+        raise ValueError(f"guided_filter_cpu: the compiled pass has {GUIDED_WINDOW}x{GUIDED_WINDOW} windows, "
+                         f"got {window}")
     src, dst, channels_last = _image_rows(image, out)
     if factor_lowres is None or recurrences == 0:
         factor_lowres, recurrences = None, 0
-    grid_h, grid_w = len(grid_rows), len(grid_columns)
     wide = _widened_factor(factor_lowres, batch, width, channels_last)
-    wide_grid = _widened_factor(factor_lowres, batch, width, channels_last, grid_columns)
     row_scale = (wide.shape[1] - 1) / (height - 1) if height > 1 and wide.shape[1] > 1 else 0.0
     from_u8 = image.dtype == torch.uint8
     in_scale = np.float32(1.0 / 255.0 if from_u8 else 1.0)
     threads = torch.get_num_threads() if threads is None else threads
 
     gain = np.ascontiguousarray(gain_lowres.detach().to(device="cpu", dtype=torch.float32).numpy())[:, 0]
-    left, right, weight = _half_pixel_source(grid_w, gain.shape[2])
-    gain_wide = gain[:, :, left] + weight * (gain[:, :, right] - gain[:, :, left])  # [B, h, gw]
-    gain_rows = _half_pixel_source(grid_h, gain.shape[1])
-    rows = _half_pixel_source(height, grid_h)
-    columns = _half_pixel_source(width, grid_w)
+    gain_wide = np.empty((batch, gain.shape[1], width), np.float32)
+    _kernels["widen_rows"](gain, *_half_pixel_source(width, gain.shape[2]), gain_wide)
+    gain_rows = _half_pixel_source(height, gain.shape[1])
     bad = np.zeros(batch * height, np.int64)
-    # Bands of image rows: each recomputes the grid rows of the stages' halos (2 * (window // 2) + 1 grid rows), so
+    # Bands of image rows: each recomputes the rows of the stages' halos (2 rows on each side), so
     # one band per image at one thread; with more threads several per thread, so that a thread the scheduler
     # stops (other processes on the cores) holds up only a small part of the frame.
     wanted = 1 if threads == 1 else max(1, _BANDS_PER_THREAD * threads // batch)
     rows_per_band = max(_MIN_BAND_ROWS, math.ceil(height / wanted))
     bands = math.ceil(height / rows_per_band)
-    arguments = (src, wide, wide_grid, row_scale, recurrences, in_scale, not from_u8, np.float32(-RANGE_SLACK),
-                 np.float32(1.0 + RANGE_SLACK), bad, height, channels_last, grid_rows.astype(np.int64),
-                 grid_columns.astype(np.int64), gain_wide, *gain_rows, np.asarray(noise_variance, np.float32),
-                 np.asarray(regulariser_scale, np.float32), np.float32(regulariser_floor), window,
-                 np.asarray(to_ycc, np.float32), np.asarray(to_rgb, np.float32), *rows, *columns, dst,
-                 out.dtype == torch.uint8)
+    arguments = (src, wide, row_scale, recurrences, in_scale, not from_u8, np.float32(-RANGE_SLACK),
+                 np.float32(1.0 + RANGE_SLACK), bad, height, channels_last, gain_wide,
+                 *gain_rows, np.asarray(noise_variance, np.float32), np.asarray(regulariser_scale, np.float32),
+                 np.float32(regulariser_floor), np.asarray(to_ycc, np.float32),
+                 np.asarray(to_rgb, np.float32), dst, out.dtype == torch.uint8)
 
     def band(i):
         b, index = divmod(i, bands)
