@@ -10,10 +10,16 @@ One run prints, for 1200x900, 1920x1080 and 3840x2160 uint8 frames, 1 and 2 thre
 3. peak extra memory of one call (fresh subprocess per case: ``VmHWM`` after ``/proc/self/clear_refs`` minus the
    RSS before the call; torch allocations are invisible to tracemalloc).
 
+4. 2 threads vs 1, per stage, for plain SGZ and SGZ v2 (the defaults): the factor network (in bands of rows
+   on the caller's threads, with v2's noise estimate beside it), v2's low-resolution steps, the full-resolution
+   pass; each 2-thread run paired with the 1-thread run next to it (the order alternating), the median of the
+   pairs' ratios. ``--threads-detail`` prints only this table.
+
 Timings are medians of interleaved repetitions in one process; the thread count is ``torch.set_num_threads``
 (the kernel follows it).
 
     python benchmarks/bench_sgz_speed.py [--repeats 7] [--sizes 1200x900 1920x1080 3840x2160] [--threads 1 2]
+        [--conditions idle loaded] [--threads-detail]
 """
 
 from __future__ import annotations
@@ -187,6 +193,88 @@ def _of_threads(medians: dict, threads: int) -> dict:
     return result
 
 
+# Stages of SGZPipeline.__call__ timed by the per-stage table: pipeline functions wrapped while it runs.
+STAGES = {
+    "factor network": ("_estimate_factors",),
+    "v2 low-res steps": ("fit_exposure", "highlight_shoulder", "curve_gain", "estimate_noise_sigma"),
+    "full-res pass": ("enhance", "enhance_denoised"),
+}
+
+
+@contextlib.contextmanager
+def stage_clock(seconds: dict):
+    """Adds each stage's wall seconds into ``seconds`` while the block runs."""
+    from comfyui_lowlight.pipelines.sgz import pipeline
+
+    originals = {}
+
+    def timed(stage, function):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+        return run
+
+    for stage, names in STAGES.items():
+        for name in names:
+            originals[name] = getattr(pipeline, name)
+            setattr(pipeline, name, timed(stage, originals[name]))
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(pipeline, name, function)
+
+
+def thread_table(pipe, sizes, conditions, repeats: int) -> None:
+    """Section 4 (see the module docstring)."""
+    from comfyui_lowlight.pipelines.sgz.options import PLAIN_SGZ
+    from comfyui_lowlight.pipelines.sgz.pipeline import SGZPipeline  # the defaults (v2), not _package's PlainSGZ
+
+    variants = {"plain": PLAIN_SGZ, "v2": {}}
+    default_threads = torch.get_num_threads()
+    rows = []
+    for condition in conditions:
+        with neighbour(condition == "loaded"):
+            load = os.getloadavg()[0]
+            for width, height in sizes:
+                frame = make_frame(width, height)
+                for name, options in variants.items():
+                    runs = {threads: {"wall": [], "cpu": [], **{stage: [] for stage in STAGES}} for threads in (1, 2)}
+                    for threads in (1, 2):  # warm-up
+                        torch.set_num_threads(threads)
+                        SGZPipeline.__call__(pipe, frame, **options)
+                    for repeat in range(repeats):
+                        for threads in (1, 2) if repeat % 2 == 0 else (2, 1):
+                            torch.set_num_threads(threads)
+                            seconds = {}
+                            with stage_clock(seconds):
+                                start, cpu = time.perf_counter(), time.process_time()
+                                SGZPipeline.__call__(pipe, frame, **options)
+                                runs[threads]["wall"].append(1000 * (time.perf_counter() - start))
+                                runs[threads]["cpu"].append(1000 * (time.process_time() - cpu))
+                            for stage in STAGES:
+                                runs[threads][stage].append(1000 * seconds.get(stage, 0.0))
+                    ratio = float(np.median([b / a for a, b in zip(runs[1]["wall"], runs[2]["wall"])]))
+                    rows.append((condition, load, width, height, name, runs, ratio))
+                    print(f"  {condition} {width}x{height} {name}: 2 threads / 1 thread {ratio:.2f}", flush=True)
+    torch.set_num_threads(default_threads)
+    print("\n2 threads vs 1 thread, per stage (wall ms, medians; CPU = process CPU time; ratio = median of the "
+          "paired runs' ratios, < 1: 2 threads faster):\n")
+    print("| condition | size | variant | 1 thread ms (CPU) | 2 threads ms (CPU) | 2 thr / 1 thr | "
+          + " | ".join(f"{stage} 1 / 2 thr" for stage in STAGES) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(STAGES))
+    for condition, load, width, height, name, runs, ratio in rows:
+        med = {t: {k: float(np.median(v)) for k, v in runs[t].items()} for t in (1, 2)}
+        print(f"| {condition} (load {load:.1f}) | {width}x{height} | {name} "
+              f"| {med[1]['wall']:.1f} ({med[1]['cpu']:.1f}) | {med[2]['wall']:.1f} ({med[2]['cpu']:.1f}) "
+              f"| **{ratio:.2f}** | "
+              + " | ".join(f"{med[1][stage]:.1f} / {med[2][stage]:.1f}" if med[1][stage] else "-" for stage in STAGES)
+              + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -194,6 +282,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--conditions", nargs="+", default=["idle", "loaded"], choices=["idle", "loaded"])
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--threads-detail", action="store_true",
+                        help="only the per-stage table of 2 threads vs 1 (plain SGZ and v2)")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -205,6 +295,11 @@ def main() -> None:
     pipe = SGZPipeline.from_pretrained()
     default_threads = torch.get_num_threads()
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes]
+    if args.threads_detail:
+        print(f"CPU: {os.cpu_count()} cores; torch {torch.__version__}; shipped weights; {args.repeats} paired "
+              f"repetitions; load average (1 min) at start {os.getloadavg()[0]:.2f}")
+        thread_table(pipe, sizes, args.conditions, args.repeats)
+        return
     rate = l1_rate()
     print(f"CPU: {os.cpu_count()} cores; torch {torch.__version__}; shipped weights; {args.repeats} interleaved "
           f"repetitions, median; load average (1 min) at start {os.getloadavg()[0]:.2f}")
@@ -291,6 +386,7 @@ def main() -> None:
 
     print("\nAgreement with the unfused equations: " + "; ".join(
         f"{w}x{h}: float {d[0]:.1e}, uint8 {d[1]} level(s)" for (w, h), d in diffs.items()))
+    thread_table(pipe, sizes, args.conditions, args.repeats)
     if args.no_memory:
         return
     print("\nPeak extra memory of one call (1 thread, fresh process; limit: 2 float32 frames):\n")

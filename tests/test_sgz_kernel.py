@@ -102,7 +102,9 @@ def test_float_input_to_uint8_output_is_clamped_and_rounded():
     assert out.flatten().tolist() == [0, 255, 255, 0, 128, 128]
 
 
-def test_thread_count_does_not_change_the_result():
+def test_thread_count_does_not_change_the_result(monkeypatch):
+    assert kernel.available()  # compiles the kernels when this test runs alone
+    monkeypatch.setattr(kernel, "_MIN_CHUNKS_PER_THREAD", 1)  # share even this small frame's chunks
     image, factor = _case(2, 301, 257, (25, 21), seed=5)
     results = [kernel.enhance_cpu(image, factor, 8, torch.uint8, threads=n)[0] for n in (1, 2, 3)]
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
@@ -117,10 +119,11 @@ def test_kernel_follows_torch_thread_setting(monkeypatch):
     try:
         for setting in (1, 2):
             torch.set_num_threads(setting)
-            enhance(*_case(1, 40, 40, (4, 4), seed=1))
+            enhance(*_case(1, 1400, 1000, (8, 8), seed=1))  # 33 chunks of rows
+            enhance(*_case(1, 40, 40, (4, 4), seed=1))  # 1 chunk: no helper is worth waking
     finally:
         torch.set_num_threads(threads)
-    assert used == [1, 2]
+    assert used == [1, 1, 2, 1]
 
 
 def test_inside_inference_mode_and_from_read_only_numpy():
@@ -224,6 +227,94 @@ def test_batch_of_small_frames_shares_frames_among_threads_with_the_same_result(
         torch.set_num_threads(threads)
     assert batched == [(5, 1)] and seen == [(1, 1)] * 5
     assert np.abs(one.astype(int) - two.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "replicate"])
+@pytest.mark.parametrize("size, downscale", [((300, 200), 2), ((1080, 1920), 12), ((61, 47), 1), ((240, 320), 12)])
+def test_one_frames_factor_network_runs_in_bands_with_the_whole_frames_result(padding_mode, size, downscale):
+    """At 2+ threads one frame's factor network runs in bands of low-resolution rows (each with the network's
+    receptive radius of context): the whole frame's factor within float rounding (oneDNN's conv may round in
+    another order for another shape: 1 ulp seen) and the same resized image; the noise estimate runs as one more
+    piece beside it."""
+    from comfyui_lowlight.pipelines.sgz.denoise import estimate_noise_sigma
+    from comfyui_lowlight.pipelines.sgz.model import EnhancementFactorEstimator
+    from comfyui_lowlight.pipelines.sgz.pipeline import _estimate_factors
+
+    torch.manual_seed(4)
+    model = SGZPipeline.from_pretrained().model if padding_mode == "zeros" else (
+        EnhancementFactorEstimator(padding_mode="replicate").eval())
+    assert model.receptive_radius == 7
+    frame = torch.from_numpy(np.random.default_rng(2).integers(0, 120, (1, *size, 3), dtype=np.uint8))
+    batch = frame.permute(0, 3, 1, 2)  # channels-last uint8, as frames from numpy arrive
+    rows = []
+    original = model.forward
+    model.forward = lambda x: rows.append(x.shape[2]) or original(x)
+    with torch.no_grad():
+        whole, whole_lowres, none = _estimate_factors(model, batch, downscale, 1, True, True)
+        assert none is None and rows == [whole.shape[2]]
+        for threads in (2, 3):
+            rows.clear()
+            factor, lowres, noise = _estimate_factors(model, batch, downscale, threads, True, True)
+            torch.testing.assert_close(factor, whole, rtol=0, atol=1e-6)
+            assert torch.equal(lowres, whole_lowres)
+            bands = min(threads, whole.shape[2] // (4 * model.receptive_radius))  # tall enough to be worth cutting
+            if bands > 1:
+                assert len(rows) == bands and max(rows) < whole.shape[2]
+                assert torch.equal(noise, estimate_noise_sigma(batch))
+            else:
+                assert rows == [whole.shape[2]] and noise is None  # the caller computes the noise itself
+            factor, lowres, noise = _estimate_factors(model, batch.float() / 255, downscale, threads)
+            torch.testing.assert_close(factor, _estimate_factors(model, batch.float() / 255, downscale, 1)[0],
+                                       rtol=0, atol=1e-6)
+            assert lowres is None and noise is None
+
+
+def test_pool_threads_run_torch_at_one_thread_and_the_host_setting_is_kept():
+    """torch latches its thread count per thread on first use: a pool thread that once ran at another count must
+    still run the factor network at one thread (no OpenMP team of its own), and the caller's setting, also the
+    default that threads started later take, is what it was."""
+    import threading
+    import time
+
+    pipe = SGZPipeline.from_pretrained()
+    frame = np.random.default_rng(5).integers(0, 90, (720, 1280, 3), dtype=np.uint8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pipe(frame)  # creates the pool
+        workers = kernel._pool._max_workers
+        barrier = threading.Barrier(workers)
+
+        def latch_three():  # one task per pool thread (each waits for all the others)
+            torch.set_num_threads(3)
+            barrier.wait(timeout=10)
+
+        for future in [kernel._pool.submit(latch_three) for _ in range(workers)]:
+            future.result()
+        torch.set_num_threads(2)
+        seen = []
+        original = pipe.model.forward
+
+        def forward(x):
+            if threading.current_thread() is threading.main_thread():
+                time.sleep(0.05)  # let a pool thread take the other band
+            seen.append(torch.get_num_threads())
+            return original(x)
+
+        pipe.model.forward = forward
+        banded = pipe(frame)
+        del pipe.model.forward
+        assert len(seen) == 2 and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        later = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [2]
+        torch.set_num_threads(1)
+        assert np.abs(pipe(frame).astype(int) - banded).max() <= 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_cached_kernel_loads_under_another_import_name(tmp_path):

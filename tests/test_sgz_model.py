@@ -356,3 +356,17 @@ def test_fused_pass_with_two_threads_inside_inference_mode():
 def test_uint8_identity_with_zero_recurrences():
     image = torch.randint(0, 256, (1, 3, 9, 11), dtype=torch.uint8)
     assert torch.equal(enhance(image, torch.zeros(1, 3, 1, 1), recurrences=0, out_dtype=torch.uint8), image)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("shape, size", [((2, 3, 97, 61), (8, 5)), ((1, 3, 9, 40), (9, 7)), ((1, 3, 5, 5), (1, 1))])
+def test_downsample_bilinear_rows_are_the_rows_of_the_whole(dtype, shape, size):
+    from comfyui_lowlight.pipelines.sgz.model import downsample_bilinear
+
+    image = torch.randint(0, 256, shape, dtype=torch.uint8) if dtype == torch.uint8 else torch.rand(shape)
+    whole = downsample_bilinear(image, size)
+    torch.testing.assert_close(whole, F.interpolate(image.float() / (255.0 if dtype == torch.uint8 else 1.0), size,
+                                                    mode="bilinear", align_corners=False))
+    for first in range(size[0]):
+        for stop in range(first + 1, size[0] + 1):
+            assert torch.equal(downsample_bilinear(image, size, rows=(first, stop)), whole[:, :, first:stop])

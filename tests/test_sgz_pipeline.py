@@ -316,6 +316,40 @@ def test_pil_modes_round_trip_unchanged_at_strength_zero(pipe, mode):
     assert np.allclose(np.asarray(out), np.asarray(expected), rtol=0, atol=1e-6 if mode == "F" else 0)
 
 
+@pytest.mark.parametrize("options", [PLAIN_SGZ, {}, {"temporal_smoothing": 0.8}], ids=["plain", "v2", "video"])
+def test_no_torch_op_forks_openmp_threads_on_the_cpu(pipe, options):
+    """At 2 threads no torch op of a call works on enough values to fork OpenMP threads (torch's grain: 32768):
+    everything parallel runs on the kernel's pool, where a thread the scheduler stops only slows its own chunks.
+    An OpenMP team waits at its barrier for a stopped thread (a scheduler slice per op under load), and its idle
+    threads spin (OMP_WAIT_POLICY): the SGZ call must not depend on either."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    no_compute = {"lift_fresh", "permute", "detach", "empty_like", "empty", "alias", "view", "as_strided", "slice",
+                  "unsqueeze", "expand", "select", "t"}
+    forking = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            name = func.__name__.split(".")[0]
+            tensors = [a for a in (*args, result) if isinstance(a, torch.Tensor)]
+            if torch.get_num_threads() > 1 and name not in no_compute and max(
+                    (t.numel() for t in tensors), default=0) >= 32768:
+                forking.append((name, [tuple(t.shape) for t in tensors]))
+            return result
+
+    frame = np.random.default_rng(8).integers(0, 90, (2, 1080, 1920, 3), dtype=np.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with Recorder():
+            pipe(frame, **options)
+            pipe(frame[:1], **options)
+    finally:
+        torch.set_num_threads(threads)
+    assert forking == []
+
+
 def test_thread_count_is_restored(pipe):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -101,6 +101,23 @@ def test_denoise_removes_amplified_noise_and_keeps_edges(pipe):
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])
+def test_denoise_is_sized_for_at_most_the_capped_noise(use_kernel):
+    # Heavier noise than the cap is filtered as if it were at the cap (smoothing all of it away would flatten
+    # texture of the same contrast); below the cap the filter follows the estimate.
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.random((1, 3, 48, 64), dtype=np.float32) * 0.3 + 0.2)
+    gain = torch.full((1, 1, 6, 8), 6.0)
+    cap = sgz_denoise._MAX_FILTERED_SIGMA
+
+    def filtered(sigma):
+        return sgz_denoise.gain_guided_denoise(image, gain, torch.tensor([sigma]), use_kernel=use_kernel)
+
+    assert torch.equal(filtered(3.0 * cap), filtered(cap))
+    assert not torch.equal(filtered(0.5 * cap), filtered(cap))
+    assert not torch.equal(filtered(cap), image)
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
 def test_denoise_keeps_fine_luma_detail_at_full_resolution(use_kernel):
     # 1-pixel lines every 8 pixels (odd and even columns alike), 3 noise standard deviations above a flat card
     # (left), a flat card (right): the filter on a subsample-2 grid (~11 px support) kept 30 % of the lines'

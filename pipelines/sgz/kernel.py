@@ -41,6 +41,12 @@ _BLOCK = 512
 #: Values per chunk of rows handed to a thread: large enough that Python's per-chunk cost (~20 us) is noise,
 #: small enough for dozens of chunks per frame (load balancing when a core is busy with something else).
 _CHUNK_VALUES = 1 << 17
+#: A helper thread joins a pass only for at least this many chunks per thread (16 chunks: ~1.5 ms of work): below
+#: that the time a second thread saves is less than what the caller loses when it waits for a helper the scheduler
+#: has stopped mid-chunk (a scheduler slice, several ms, when other processes load the cores). Measured at 2 vs 1
+#: thread, machine at load 7.5, paired runs: 320x240 uint8 5.2 vs 0.3 ms; 1200x900 (25 chunks) 1.48x slower (1.14x
+#: with a core-burning neighbour); 1920x1080 (50 chunks) 1.20x / 0.97x; 2560x1440 (85 chunks) 1.11x / 0.80x.
+_MIN_CHUNKS_PER_THREAD = 16
 
 #: The box window of SGZ v2's guided filter the compiled pass is written for (pixels; see .denoise._WINDOW).
 GUIDED_WINDOW = 3
@@ -684,7 +690,8 @@ def enhance_cpu(
         rows_kernel(src, wide, dst, height, row_scale, first, min(total, first + rows_per_chunk), recurrences,
                     in_scale, to_u8, not from_u8, low, high, bad)
 
-    run_chunks(chunks, work, torch.get_num_threads() if threads is None else threads)
+    threads = torch.get_num_threads() if threads is None else threads
+    run_chunks(chunks, work, min(threads, max(1, chunks // _MIN_CHUNKS_PER_THREAD)))
     return out, int(bad.sum())
 
 

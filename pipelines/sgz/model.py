@@ -89,6 +89,14 @@ class EnhancementFactorEstimator(nn.Module):
         self.e_conv6 = DepthwiseSeparableConv(channels * 2, channels, padding_mode)
         self.e_conv7 = DepthwiseSeparableConv(channels * 2, 3, padding_mode)
 
+    @property
+    def receptive_radius(self) -> int:
+        """Rows (and columns) of context each output pixel sees on either side: one per 3x3 conv on the longest
+        path. An output row further than this from a band's cut edge is exactly what the whole image gives, so
+        the network can run in overlapping bands of rows (see ``pipeline._estimate_factors``)."""
+        return sum(conv.dilation[0] * (conv.kernel_size[0] - 1) // 2 for conv in self.modules()
+                   if isinstance(conv, nn.Conv2d))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1 = F.relu(self.e_conv1(x))
         x2 = F.relu(self.e_conv2(x1))
@@ -272,18 +280,24 @@ def _source_index(out_size: int, in_size: int, device: torch.device):
     return lower, upper, (src - lower).float()
 
 
-def downsample_bilinear(image: torch.Tensor, size: tuple) -> torch.Tensor:
+def downsample_bilinear(image: torch.Tensor, size: tuple, rows: Optional[tuple] = None) -> torch.Tensor:
     """``F.interpolate(image, size, mode="bilinear", align_corners=False)`` in float32, reading only the pixels used.
 
     Without antialiasing each output pixel reads 2x2 input pixels, so gathering those rows and columns first
     avoids converting the whole (possibly uint8, possibly huge) frame. ``image``: ``[B, 3, H, W]`` float 0..1 or
-    uint8 0..255. Returns ``[B, 3, *size]`` float32 0..1.
+    uint8 0..255. ``rows``: ``(first, stop)`` to compute only those output rows (a band of the result, equal to
+    the same rows of the whole). Returns ``[B, 3, *size]`` float32 0..1 (``stop - first`` rows with ``rows``).
     """
+    first, stop = (0, size[0]) if rows is None else rows
     x = image
     for dim, out_size in ((2, size[0]), (3, size[1])):
         if x.shape[dim] == out_size:
+            if dim == 2 and rows is not None:
+                x = x[:, :, first:stop]
             continue
         lower, upper, weight = _source_index(out_size, x.shape[dim], x.device)
+        if dim == 2:
+            lower, upper, weight = lower[first:stop], upper[first:stop], weight[first:stop]
         shape = [1, 1, 1, 1]
         shape[dim] = -1
         x = torch.lerp(x.index_select(dim, lower).float(), x.index_select(dim, upper).float(), weight.view(shape))

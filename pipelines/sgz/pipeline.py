@@ -204,11 +204,14 @@ class SGZPipeline:
         # Float values (finite, 0..1) are checked inside the full-resolution pass, not in a pass of their own.
         batch, restore = to_tensor_batch(images, keep_uint8=True, check_values=False)
         batch = batch.to(self.device)
+        filtered = denoise > 0.0 and recurrences > 0
+        noise_sigma = None
         with _serial_if_small(batch, downscale) as frame_threads:
-            small = None  # the image on the factor's grid: the factor network's input, used by v2's steps too
-            if auto_exposure > 0.0 or denoise > 0.0:
-                small = downsample_bilinear(batch, lowres_size(*batch.shape[-2:], downscale))
-            factor = _estimate_factors(self.model, batch, downscale, frame_threads, small).float()
+            # small: the image on the factor's grid, the factor network's input, used by v2's steps too. The noise
+            # estimate needs only the input: it runs beside the factor network when threads share the work.
+            factor, small, noise_sigma = _estimate_factors(
+                self.model, batch, downscale, frame_threads, auto_exposure > 0.0 or denoise > 0.0, filtered)
+            factor = factor.float()
             if auto_exposure > 0.0:
                 # Fitted for the model's own curve length: recurrences, like strength, stays the user's override.
                 factor, _ = fit_exposure(small, factor, RECURRENCES.default, auto_exposure)
@@ -218,7 +221,6 @@ class SGZPipeline:
                     factor = factor.mul_(strength).clamp_(-1.0, 1.0)
             else:
                 factor = _deflicker(batch, factor, strength, recurrences, temporal_smoothing, video_state)
-        filtered = denoise > 0.0 and recurrences > 0
         if filtered:
             # Low-resolution torch ops at one thread (see single_torch_thread): even the check below (~40K values
             # at 1080p) is above torch's parallel grain and took ~24 ms at 2 threads on a loaded machine.
@@ -226,7 +228,8 @@ class SGZPipeline:
                 filtered = bool(factor.abs().max() > 0)
                 if filtered:
                     gain = curve_gain(small, factor, recurrences)
-                    noise_sigma = estimate_noise_sigma(batch)
+                    if noise_sigma is None:
+                        noise_sigma = estimate_noise_sigma(batch)
         if filtered:
             # Curve and filter in one go (on the CPU no enhanced float frame is stored; quantising the curve's
             # output to uint8 before filtering would move the result by more than a level: the filter's slopes
@@ -246,14 +249,25 @@ class SGZPipeline:
 # Below this many low-resolution pixels per frame the factor network (and the deflicker) runs with one torch thread:
 # its ops are too small to gain from OpenMP, and OpenMP barriers stall for whole scheduler slices when other
 # processes load the CPU (a batch of 8 video frames at 2 threads: 3x slower than 1 thread, measured under load).
-# The frames of a batch are then shared among the caller's threads instead (see _estimate_factors).
+# The caller's threads then share the work instead (frames of a batch, or bands of rows of one frame: see
+# _estimate_factors), handed out one piece at a time by kernel.run_chunks.
 _SERIAL_EFE_PIXELS = 256 * 256
+# Bands of rows per thread for one frame's factor network. Each band recomputes the network's receptive radius
+# (7 low-resolution rows) on both sides, so more bands cost more work: 1920x1080 (90 low-resolution rows) in 2
+# bands does 16 % more, in 4 bands 47 % more. One band per thread was the fastest at 2 threads, both on its own and
+# with a core-burning neighbour (1080p, 2 threads / 1 thread: 0.76 vs 0.94 with 2 bands per thread).
+_EFE_BANDS_PER_THREAD = 1
+# A band has at least this many receptive radii of rows (28 at the shipped network: frames from about 640x480 at
+# downscale 12 stay whole). A smaller network call gains less from a second thread than the caller loses when it
+# has to wait for a helper the scheduler has stopped (a scheduler slice, several ms, when other processes load
+# the cores).
+_EFE_MIN_BAND_RADII = 4
 
 
 @contextlib.contextmanager
 def _serial_if_small(batch: torch.Tensor, downscale: int):
     """Set torch to one thread for the block when the frames are small at low resolution; yields the number of
-    threads to share the frames among (the caller's torch setting then, 1 otherwise)."""
+    threads to share the work among (the caller's torch setting then, 1 otherwise)."""
     height, width = lowres_size(*batch.shape[-2:], downscale)
     threads = torch.get_num_threads()
     serial = batch.device.type == "cpu" and threads > 1 and height * width <= _SERIAL_EFE_PIXELS
@@ -266,24 +280,63 @@ def _serial_if_small(batch: torch.Tensor, downscale: int):
             torch.set_num_threads(threads)
 
 
-def _estimate_factors(
-    model, batch: torch.Tensor, downscale: int, threads: int, lowres: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """:func:`estimate_factor_lowres` of the batch, frame by frame on up to ``threads`` threads (torch ops release
-    the GIL; frames are handed out one at a time, so a thread the CPU does not run leaves its frames to the others).
-    ``lowres``: the batch already resized for the factor network, if at hand.
+def _one_torch_thread() -> None:
+    """Keep torch at one thread on a pool thread: torch latches its thread count per thread when a thread first
+    uses it, so a pool thread that started while the host ran at N threads would open OpenMP teams of its own.
+    Called only inside a piece of :func:`.kernel.run_chunks`, so it happens before the caller restores its setting
+    (torch's default for threads created later is then the caller's again)."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+def _estimate_factors(model, batch: torch.Tensor, downscale: int, threads: int, want_lowres: bool = False,
+                      want_noise: bool = False):
+    """:func:`estimate_factor_lowres` of the batch, shared among up to ``threads`` threads: a batch frame by frame,
+    one frame in bands of rows (each with the network's receptive radius of context on both sides, so the result
+    is the whole frame's, within float rounding: oneDNN may sum in another order for another shape). torch ops
+    release the GIL; pieces are handed out one at a time (:func:`.kernel.run_chunks`), so a thread the CPU does not
+    run leaves its pieces to the others.
+
+    Returns ``(factor, lowres, noise_sigma)``: ``lowres``, the batch resized for the network, when
+    ``want_lowres`` (else None); ``noise_sigma`` (:func:`.denoise.estimate_noise_sigma`) computed as one more
+    piece beside the network when ``want_noise`` and threads share the work, else None (the caller computes it
+    when needed).
     """
-    if threads <= 1 or batch.shape[0] == 1:
-        return estimate_factor_lowres(model, batch, downscale, lowres=lowres)
-    frames = [None] * batch.shape[0]
+    size = lowres_size(*batch.shape[-2:], downscale)
+    radius = getattr(model, "receptive_radius", None)
+    if threads <= 1:
+        pieces = []
+    elif batch.shape[0] > 1 or radius is None:
+        pieces = [(i, 0, size[0]) for i in range(batch.shape[0])]
+    else:
+        bands = max(1, min(_EFE_BANDS_PER_THREAD * threads, size[0] // max(1, _EFE_MIN_BAND_RADII * radius)))
+        edges = [round(i * size[0] / bands) for i in range(bands + 1)]
+        pieces = [(0, first, stop) for first, stop in zip(edges, edges[1:])]
+    if len(pieces) <= 1:  # one thread, or one frame too small to cut: nothing to share
+        lowres = downsample_bilinear(batch, size) if want_lowres else None
+        return estimate_factor_lowres(model, batch, downscale, lowres=lowres), lowres, None
+    factors, lowres, noise = [None] * len(pieces), [None] * len(pieces), []
 
     def estimate(i: int) -> None:
+        _one_torch_thread()
+        if i == len(pieces):
+            noise.append(estimate_noise_sigma(batch))
+            return
+        frame, first, stop = pieces[i]
+        context = radius or 0
+        top, bottom = max(0, first - context), min(size[0], stop + context)
         with torch.no_grad():  # grad mode is per thread
-            frames[i] = estimate_factor_lowres(model, batch[i : i + 1], downscale,
-                                               lowres=None if lowres is None else lowres[i : i + 1])
+            small = downsample_bilinear(batch[frame : frame + 1], size, rows=(top, bottom))
+            factors[i] = estimate_factor_lowres(model, batch[frame : frame + 1], downscale, lowres=small)[
+                :, :, first - top : stop - top]
+        if want_lowres:
+            lowres[i] = small[:, :, first - top : stop - top]
 
-    run_chunks(batch.shape[0], estimate, threads)
-    return torch.cat(frames)
+    # The caller's thread takes pieces too, and it may be in inference mode: the results are joined here, on it.
+    run_chunks(len(pieces) + want_noise, estimate, threads)
+    join = 0 if batch.shape[0] > 1 else 2
+    factor = torch.cat(factors, dim=join)
+    return factor, torch.cat(lowres, dim=join) if want_lowres else None, noise[0] if noise else None
 
 
 # Deflicker bounds. A frame whose input brightness differs from its running level by more than this factor (either
