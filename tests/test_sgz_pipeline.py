@@ -116,6 +116,22 @@ def test_tiny_and_odd_sizes(pipe, size):
     assert (pipe(image[:1]) - out[:1]).abs().max() < 1e-6  # batch items are independent
 
 
+def test_an_image_with_nothing_to_lift_comes_out_the_same_in_any_batch(pipe):
+    # A bright image gets a zero factor (the highlight shoulder); batched with a dark one it used to go through the
+    # noise filter too (decided for the whole batch) and moved by up to 16 levels.
+    generator = torch.Generator().manual_seed(0)
+    bright = 0.9 + 0.1 * torch.rand(1, 3, 37, 53, generator=generator)
+    dark = 0.08 * torch.rand(1, 3, 37, 53, generator=generator)
+    batch = torch.cat([bright, dark])
+    out, factor = pipe(batch, return_factor=True)
+    assert factor[0].abs().max() == 0 and factor[1].abs().max() > 0
+    assert torch.equal(out[0], bright[0]) and torch.equal(pipe(bright)[0], bright[0])
+    assert (pipe(dark) - out[1:]).abs().max() < 1e-6
+    as_u8 = (batch * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out_u8 = pipe(as_u8)
+    assert (out_u8[0] == as_u8[0]).all() and (pipe(as_u8[1]) == out_u8[1]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs_and_models(pipe, low_u8, dtype):
     image = torch.from_numpy(low_u8).permute(2, 0, 1)[None].float() / 255

@@ -221,23 +221,34 @@ class SGZPipeline:
                     factor = factor.mul_(strength).clamp_(-1.0, 1.0)
             else:
                 factor = _deflicker(batch, factor, strength, recurrences, temporal_smoothing, video_state)
+        out_dtype = torch.uint8 if batch.dtype == torch.uint8 else None
         if filtered:
             # Low-resolution torch ops at one thread (see single_torch_thread): even the check below (~40K values
             # at 1080p) is above torch's parallel grain and took ~24 ms at 2 threads on a loaded machine.
             with single_torch_thread(batch.device.type == "cpu"):
-                filtered = bool(factor.abs().max() > 0)
-                if filtered:
+                # Per image: an image whose factor is zero (nothing to lift, e.g. a bright one) is left as it is,
+                # whatever else is in its batch (the filter is near, not exactly, the identity at gain 1).
+                lifted = factor.flatten(1).abs().amax(dim=1) > 0
+                if bool(lifted.any()):
                     gain = curve_gain(small, factor, recurrences)
                     if noise_sigma is None:
                         noise_sigma = estimate_noise_sigma(batch)
-        if filtered:
+        if filtered and bool(lifted.all()):
             # Curve and filter in one go (on the CPU no enhanced float frame is stored; quantising the curve's
             # output to uint8 before filtering would move the result by more than a level: the filter's slopes
             # amplify the rounding).
-            output = restore(enhance_denoised(batch, factor, recurrences, gain, noise_sigma, denoise, what="images"))
+            output = enhance_denoised(batch, factor, recurrences, gain, noise_sigma, denoise, what="images")
+        elif filtered and bool(lifted.any()):
+            # A mixed batch (rare): each image as it would go on its own.
+            output = torch.cat([
+                enhance_denoised(batch[i:i + 1], factor[i:i + 1], recurrences, gain[i:i + 1],
+                                 noise_sigma[i:i + 1], denoise, what="images")
+                if lifted[i] else
+                enhance(batch[i:i + 1], factor[i:i + 1], recurrences, out_dtype=out_dtype, what="images")
+                for i in range(batch.shape[0])])
         else:
-            out_dtype = torch.uint8 if batch.dtype == torch.uint8 else None
-            output = restore(enhance(batch, factor, recurrences, out_dtype=out_dtype, what="images"))
+            output = enhance(batch, factor, recurrences, out_dtype=out_dtype, what="images")
+        output = restore(output)
         if not return_factor:
             return output
         full = upsample_factor(factor, batch.shape[-2:])
