@@ -231,7 +231,8 @@ def test_batch_of_small_frames_shares_frames_among_threads_with_the_same_result(
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "replicate"])
 @pytest.mark.parametrize("size, downscale", [((300, 200), 2), ((1080, 1920), 12), ((61, 47), 1), ((240, 320), 12)])
-def test_one_frames_factor_network_runs_in_bands_with_the_whole_frames_result(padding_mode, size, downscale):
+def test_one_frames_factor_network_runs_in_bands_with_the_whole_frames_result(padding_mode, size, downscale,
+                                                                               monkeypatch):
     """At 2+ threads one frame's factor network runs in bands of low-resolution rows (each with the network's
     receptive radius of context): the whole frame's factor within float rounding (oneDNN's conv may round in
     another order for another shape: 1 ulp seen) and the same resized image; the noise estimate runs as one more
@@ -240,6 +241,7 @@ def test_one_frames_factor_network_runs_in_bands_with_the_whole_frames_result(pa
     from comfyui_lowlight.pipelines.sgz.model import EnhancementFactorEstimator
     from comfyui_lowlight.pipelines.sgz.pipeline import _estimate_factors
 
+    monkeypatch.setattr(kernel, "sharing_pays", lambda: True)  # whatever else loads the machine meanwhile
     torch.manual_seed(4)
     model = SGZPipeline.from_pretrained().model if padding_mode == "zeros" else (
         EnhancementFactorEstimator(padding_mode="replicate").eval())
@@ -267,6 +269,36 @@ def test_one_frames_factor_network_runs_in_bands_with_the_whole_frames_result(pa
             torch.testing.assert_close(factor, _estimate_factors(model, batch.float() / 255, downscale, 1)[0],
                                        rtol=0, atol=1e-6)
             assert lowres is None and noise is None
+
+
+def test_shared_calls_measure_the_cpu_they_get_and_bands_stop_when_it_is_one_core(monkeypatch):
+    """run_chunks records the cores its threads actually ran on (thread CPU time / wall time): chunks that wait
+    (as threads do that the scheduler leaves on one busy core) count as none, and once recent calls got less than
+    about one core and a third the factor network is no longer cut into overlapping bands (the overlap would be
+    pure extra work); the network's result is the same."""
+    import time
+    from comfyui_lowlight.pipelines.sgz.pipeline import _estimate_factors
+
+    monkeypatch.setattr(kernel, "_cores_in_use", 2.0)
+    assert kernel.sharing_pays()
+    for _ in range(4):
+        kernel.run_chunks(4, lambda i: time.sleep(0.003), 2)
+    assert not kernel.sharing_pays()
+
+    model = SGZPipeline.from_pretrained().model
+    batch = torch.from_numpy(np.random.default_rng(3).integers(0, 120, (1, 1080, 1920, 3), dtype=np.uint8))
+    batch = batch.permute(0, 3, 1, 2)
+    rows = []
+    original = model.forward
+    model.forward = lambda x: rows.append(x.shape[2]) or original(x)
+    with torch.no_grad():
+        factor, _, noise = _estimate_factors(model, batch, 12, 2, True, True)
+        assert rows == [90] and noise is None  # whole frame; the caller estimates the noise itself
+        monkeypatch.setattr(kernel, "_cores_in_use", 2.0)
+        rows.clear()
+        banded, _, noise = _estimate_factors(model, batch, 12, 2, True, True)
+        assert len(rows) == 2 and noise is not None
+    torch.testing.assert_close(banded, factor, rtol=0, atol=1e-6)
 
 
 def test_pool_threads_run_torch_at_one_thread_and_the_host_setting_is_kept():

@@ -27,6 +27,7 @@ import hashlib
 import math
 import os
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -572,6 +573,28 @@ def _align_corners_source(out_size: int, in_size: int):
     return left, right, (position - left).astype(np.float32)
 
 
+# Cores the last shared calls actually got (CPU time of their threads / wall time), a running average. On an idle
+# 2-core machine about 1.8; when another process keeps a core busy the scheduler often leaves both our threads on
+# the other one (measured: process CPU time = wall time at 2 threads), and about 1.0. Callers that pay extra work
+# for sharing (the factor network's overlapping bands) skip it below _SHARING_PAYS.
+_cores_in_use = 2.0
+_SHARING_PAYS = 1.3
+# Calls shorter than this say little (a scheduler slice decides them) and are not counted.
+_MIN_MEASURED_SECONDS = 2e-3
+_AVERAGING = 0.25
+
+
+def sharing_pays() -> bool:
+    """Whether recent calls of :func:`run_chunks` with helpers ran on more than one core's worth of CPU."""
+    return _cores_in_use >= _SHARING_PAYS
+
+
+def _record_cores(busy_seconds: float, wall_seconds: float) -> None:
+    global _cores_in_use
+    if wall_seconds >= _MIN_MEASURED_SECONDS:
+        _cores_in_use += _AVERAGING * (busy_seconds / wall_seconds - _cores_in_use)
+
+
 class _Chunks:
     """Chunks ``0..count`` of one call, handed out one at a time; tracks the ones helpers are still running."""
 
@@ -582,6 +605,7 @@ class _Chunks:
         self.stopped = False  # set when the caller is done or a chunk failed: no more chunks handed out
         self.error: Optional[BaseException] = None
         self.idle = threading.Condition()
+        self.busy_seconds = 0.0  # CPU time of the helpers' threads while they ran chunks
 
     def take(self, helper: bool) -> int:
         with self.idle:
@@ -597,12 +621,14 @@ class _Chunks:
             index = self.take(helper=True)
             if index < 0:
                 return
+            started = time.thread_time()
             try:
                 self.work(index)
             except BaseException as error:  # re-raised by the calling thread
                 self.error, self.stopped = error, True
             finally:
                 with self.idle:
+                    self.busy_seconds += time.thread_time() - started
                     self.running -= 1
                     self.idle.notify_all()
 
@@ -627,6 +653,7 @@ def run_chunks(chunks: int, work, threads: int) -> None:
                                        thread_name_prefix="sgz-kernel")
         pool = _pool
     state = _Chunks(chunks, work)
+    wall, cpu = time.perf_counter(), time.thread_time()
     for _ in range(threads - 1):
         pool.submit(state.run_as_helper)
     try:
@@ -642,6 +669,7 @@ def run_chunks(chunks: int, work, threads: int) -> None:
                 state.idle.wait()
     if state.error is not None:
         raise state.error
+    _record_cores(time.thread_time() - cpu + state.busy_seconds, time.perf_counter() - wall)
 
 
 def enhance_cpu(

@@ -28,6 +28,7 @@ import torch
 from ..media.image_convert import check_unit_range, to_tensor_batch
 from .denoise import curve_gain, enhance_denoised, estimate_noise_sigma, single_torch_thread
 from .exposure import fit_exposure, highlight_shoulder
+from . import kernel
 from .kernel import run_chunks
 from .options import (
     AUTO_EXPOSURE,
@@ -319,6 +320,9 @@ def _estimate_factors(model, batch: torch.Tensor, downscale: int, threads: int, 
         pieces = []
     elif batch.shape[0] > 1 or radius is None:
         pieces = [(i, 0, size[0]) for i in range(batch.shape[0])]
+    elif not kernel.sharing_pays():
+        # Recent shared calls got one core's worth of CPU (a busy neighbour): bands would only add their overlap.
+        pieces = []
     else:
         bands = max(1, min(_EFE_BANDS_PER_THREAD * threads, size[0] // max(1, _EFE_MIN_BAND_RADII * radius)))
         edges = [round(i * size[0] / bands) for i in range(bands + 1)]
