@@ -274,16 +274,29 @@ def test_one_frames_factor_network_runs_in_bands_with_the_whole_frames_result(pa
 def test_shared_calls_measure_the_cpu_they_get_and_bands_stop_when_it_is_one_core(monkeypatch):
     """run_chunks records the cores its threads actually ran on (thread CPU time / wall time): chunks that wait
     (as threads do that the scheduler leaves on one busy core) count as none, and once recent calls got less than
-    about one core and a third the factor network is no longer cut into overlapping bands (the overlap would be
-    pure extra work); the network's result is the same."""
+    about one core and a third, calls keep to the calling thread (but for probes) and the factor network is no
+    longer cut into overlapping bands (the overlap would be pure extra work); the network's result is the same."""
     import time
     from comfyui_lowlight.pipelines.sgz.pipeline import _estimate_factors
+
+    import threading
 
     monkeypatch.setattr(kernel, "_cores_in_use", 2.0)
     assert kernel.sharing_pays()
     for _ in range(4):
         kernel.run_chunks(4, lambda i: time.sleep(0.003), 2)
     assert not kernel.sharing_pays()
+    # Then calls keep to the calling thread, but for one in _PROBE_EVERY, which shares and measures again.
+    callers = []
+    for _ in range(2 * kernel._PROBE_EVERY):
+        ran_on = set()
+        kernel.run_chunks(4, lambda i: ran_on.add(threading.get_ident()) or time.sleep(0.003), 2)
+        callers.append(ran_on == {threading.get_ident()})
+    assert sum(callers) >= 2 * (kernel._PROBE_EVERY - 1) and not kernel.sharing_pays()
+    # A measurement older than a few seconds is forgotten.
+    monkeypatch.setattr(kernel, "_measured_at", time.monotonic() - 2 * kernel._STALE_SECONDS)
+    assert kernel.sharing_pays()
+    monkeypatch.setattr(kernel, "_measured_at", time.monotonic())
 
     model = SGZPipeline.from_pretrained().model
     batch = torch.from_numpy(np.random.default_rng(3).integers(0, 120, (1, 1080, 1920, 3), dtype=np.uint8))

@@ -575,24 +575,42 @@ def _align_corners_source(out_size: int, in_size: int):
 
 # Cores the last shared calls actually got (CPU time of their threads / wall time), a running average. On an idle
 # 2-core machine about 1.8; when another process keeps a core busy the scheduler often leaves both our threads on
-# the other one (measured: process CPU time = wall time at 2 threads), and about 1.0. Callers that pay extra work
-# for sharing (the factor network's overlapping bands) skip it below _SHARING_PAYS.
+# the other one (measured: process CPU time = wall time at 2 threads), and about 1.0. Below _SHARING_PAYS a second
+# thread only adds overhead: run_chunks keeps to the calling thread except for one call in _PROBE_EVERY (which
+# keeps measuring), and the factor network is not cut into overlapping bands. A measurement older than
+# _STALE_SECONDS is forgotten (the next calls share and measure afresh).
 _cores_in_use = 2.0
 _SHARING_PAYS = 1.3
+_PROBE_EVERY = 8
+_STALE_SECONDS = 5.0
 # Calls shorter than this say little (a scheduler slice decides them) and are not counted.
 _MIN_MEASURED_SECONDS = 2e-3
 _AVERAGING = 0.25
+_measured_at = 0.0
+_calls_kept_serial = 0
 
 
 def sharing_pays() -> bool:
     """Whether recent calls of :func:`run_chunks` with helpers ran on more than one core's worth of CPU."""
-    return _cores_in_use >= _SHARING_PAYS
+    return _cores_in_use >= _SHARING_PAYS or time.monotonic() - _measured_at > _STALE_SECONDS
+
+
+def _keep_serial() -> bool:
+    """Whether this call of :func:`run_chunks` stays on the calling thread (sharing does not pay; not a probe)."""
+    global _calls_kept_serial
+    if sharing_pays():
+        return False
+    _calls_kept_serial += 1
+    return _calls_kept_serial % _PROBE_EVERY != 0
 
 
 def _record_cores(busy_seconds: float, wall_seconds: float) -> None:
-    global _cores_in_use
+    global _cores_in_use, _measured_at
     if wall_seconds >= _MIN_MEASURED_SECONDS:
+        if time.monotonic() - _measured_at > _STALE_SECONDS:
+            _cores_in_use = 2.0  # start from the optimistic value again
         _cores_in_use += _AVERAGING * (busy_seconds / wall_seconds - _cores_in_use)
+        _measured_at = time.monotonic()
 
 
 class _Chunks:
@@ -643,7 +661,7 @@ def run_chunks(chunks: int, work, threads: int) -> None:
     """
     global _pool
     threads = max(1, min(threads, chunks))
-    if threads == 1:
+    if threads == 1 or _keep_serial():
         for i in range(chunks):
             work(i)
         return
@@ -803,6 +821,8 @@ def guided_filter_cpu(
     from_u8 = image.dtype == torch.uint8
     in_scale = np.float32(1.0 / 255.0 if from_u8 else 1.0)
     threads = torch.get_num_threads() if threads is None else threads
+    if threads > 1 and _keep_serial():  # decided here: one thread needs one band per image (no halo work)
+        threads = 1
 
     gain = np.ascontiguousarray(gain_lowres.detach().to(device="cpu", dtype=torch.float32).numpy())[:, 0]
     gain_wide = np.empty((batch, gain.shape[1], width), np.float32)
