@@ -153,7 +153,7 @@ def gain_guided_denoise(
     out_dtype = out_dtype or image.dtype
     if amount <= 0.0:
         return _to_unit_dtype(image, out_dtype)
-    if use_kernel and _WINDOW == kernel.GUIDED_WINDOW and kernel.supports(image, out_dtype):
+    if _compiled_filter_applies(use_kernel, image, out_dtype):
         source = _contiguous(image)
         out = _new_like(source, out_dtype)
         kernel.guided_filter_cpu(source, out, None, 0, gain_lowres,
@@ -189,8 +189,7 @@ def enhance_denoised(
     if amount <= 0.0 or recurrences == 0:
         return enhance(image, factor_lowres, recurrences, out_dtype=out_dtype, what=what, use_kernel=use_kernel)
     _check_enhance_arguments(image, factor_lowres, recurrences)
-    if (use_kernel and _WINDOW == kernel.GUIDED_WINDOW and kernel.supports(image, out_dtype)
-            and factor_lowres.device.type == "cpu"):
+    if _compiled_filter_applies(use_kernel, image, out_dtype) and factor_lowres.device.type == "cpu":
         image = _contiguous(image)
         out = _new_like(image, out_dtype)
         outside = kernel.guided_filter_cpu(image, out, factor_lowres, recurrences, gain_lowres,
@@ -201,6 +200,12 @@ def enhance_denoised(
     enhanced = enhance(image, factor_lowres, recurrences, out_dtype=torch.float32, what=what, use_kernel=use_kernel)
     return gain_guided_denoise(enhanced, gain_lowres, noise_sigma, amount, out_dtype=out_dtype,
                                in_place=True, use_kernel=use_kernel)
+
+
+def _compiled_filter_applies(use_kernel: bool, image: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether the compiled pass (:func:`.kernel.guided_filter_cpu`) can run: asked for, a CPU image it supports,
+    and the window it is written for."""
+    return use_kernel and _WINDOW == kernel.GUIDED_WINDOW and kernel.supports(image, out_dtype)
 
 
 def _kernel_arguments(noise_sigma: torch.Tensor, amount: float) -> dict:

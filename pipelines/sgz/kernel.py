@@ -579,7 +579,8 @@ def _align_corners_source(out_size: int, in_size: int):
 # thread only adds overhead: run_chunks keeps to the calling thread except for one call in _PROBE_EVERY (which
 # keeps measuring), and the factor network is not cut into overlapping bands. A measurement older than
 # _STALE_SECONDS is forgotten (the next calls share and measure afresh).
-_cores_in_use = 2.0
+_OPTIMISTIC_CORES = 2.0
+_cores_in_use = _OPTIMISTIC_CORES
 _SHARING_PAYS = 1.3
 _PROBE_EVERY = 8
 _STALE_SECONDS = 5.0
@@ -608,7 +609,7 @@ def _record_cores(busy_seconds: float, wall_seconds: float) -> None:
     global _cores_in_use, _measured_at
     if wall_seconds >= _MIN_MEASURED_SECONDS:
         if time.monotonic() - _measured_at > _STALE_SECONDS:
-            _cores_in_use = 2.0  # start from the optimistic value again
+            _cores_in_use = _OPTIMISTIC_CORES
         _cores_in_use += _AVERAGING * (busy_seconds / wall_seconds - _cores_in_use)
         _measured_at = time.monotonic()
 
